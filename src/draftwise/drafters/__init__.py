@@ -1,0 +1,44 @@
+"""Drafters by method name. Adding a method = one file plus one line here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from draftwise.drafters.base import DraftContext, Drafter, NoDraft, RoundResult
+from draftwise.drafters.draft_model import DraftModel
+from draftwise.drafters.pld import PromptLookup
+from draftwise.errors import DraftwiseError
+
+
+def _draft_model(engine, **options) -> Drafter:
+    from draftwise.models import load_model
+
+    name = options.pop("draft_model", None) or engine.model_name
+    dtype = options.pop("draft_dtype", "bf16")
+    model, _ = load_model(name, dtype=dtype, device=str(engine.target.device))
+    return DraftModel(model, vocab_size=engine.target.model.config.vocab_size, **options)
+
+
+METHODS: dict[str, Callable[..., Drafter]] = {
+    "ar": lambda engine, **options: NoDraft(),
+    "pld": lambda engine, **options: PromptLookup(**options),
+    "draft-model": _draft_model,
+}
+
+METHOD_HELP = {
+    "ar": "plain autoregressive decoding (the baseline), through the same engine",
+    "pld": "prompt lookup: n-gram matches in prompt and output, merged into a tree",
+    "draft-model": "an independent HF draft model (--draft-model, default: the target's weights in bf16)",
+}
+
+
+def make_drafter(method: str, engine, **options) -> Drafter:
+    if method not in METHODS:
+        raise DraftwiseError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
+    try:
+        return METHODS[method](engine, **options)
+    except TypeError as exc:
+        raise DraftwiseError(f"bad options for method '{method}': {exc}") from exc
+
+
+__all__ = ["METHODS", "METHOD_HELP", "DraftContext", "Drafter", "NoDraft", "RoundResult", "make_drafter"]

@@ -1,0 +1,151 @@
+"""The Python API: load a model once, generate many times, stream text, read the stats."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from draftwise.decode import GenerationStats, generate_tokens
+from draftwise.drafters import Drafter, make_drafter
+from draftwise.errors import DraftwiseError
+from draftwise.models import DEFAULT_MODEL, load_model
+from draftwise.target import TargetModel
+from draftwise.verify import Sampling
+
+Prompt = str | list[dict[str, str]]
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    stats: GenerationStats
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> Sampling:
+    """Validate decoding parameters with messages a user can act on."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1 or max_new_tokens > 1_000_000:
+        raise DraftwiseError(f"max_new_tokens must be an integer in [1, 1000000], got {max_new_tokens!r}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise DraftwiseError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if not (0 < top_p <= 1):
+        raise DraftwiseError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise DraftwiseError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    return Sampling(float(temperature), float(top_p), int(top_k))
+
+
+class TextStream:
+    """Iterates over text pieces as rounds are accepted; `.generation` holds the result once exhausted."""
+
+    def __init__(self, engine: Engine, token_chunks: Iterator[list[int]], stats: GenerationStats,
+                 stop: list[str]):
+        self._engine, self._chunks, self._stats, self._stop = engine, token_chunks, stats, stop
+        self.generation: Generation | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        decode = self._engine.tokenizer.decode
+        token_ids: list[int] = []
+        emitted = ""
+        for chunk in self._chunks:
+            token_ids.extend(chunk)
+            text = decode(token_ids, skip_special_tokens=True)
+            hit = min((i for i in (text.find(s) for s in self._stop) if i >= 0), default=-1)
+            if hit >= 0:
+                text = text[:hit]
+                self._stats.finish_reason = "stop"
+            elif text.endswith("\ufffd"):  # a multi-byte character is still incomplete
+                continue
+            if len(text) > len(emitted):
+                yield text[len(emitted):]
+                emitted = text
+            if hit >= 0:
+                self._chunks.close()
+                break
+        final = decode(token_ids, skip_special_tokens=True) if not self._stats.finish_reason == "stop" else emitted
+        if final.startswith(emitted) and len(final) > len(emitted):
+            yield final[len(emitted):]
+            emitted = final
+        self.generation = Generation(emitted, token_ids, self._stats)
+
+
+class Engine:
+    """A target model plus drafters, by method name. Drafters are built once and reused."""
+
+    def __init__(self, model, tokenizer, model_name: str = "custom", method: str = "pld", **method_options):
+        self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
+        self.target = TargetModel(model)
+        self.default_method = method
+        self._drafters: dict[str, Drafter] = {}
+        self._options = {method: method_options}
+        self.drafter(method)  # fail early on a bad method
+
+    @classmethod
+    def load(cls, model: str = DEFAULT_MODEL, method: str = "pld", dtype: str = "bf16", device: str = "cpu",
+             **method_options) -> Engine:
+        hf_model, tokenizer = load_model(model, dtype=dtype, device=device)
+        return cls(hf_model, tokenizer, model_name=model, method=method, **method_options)
+
+    def drafter(self, method: str) -> Drafter:
+        if method not in self._drafters:
+            self._drafters[method] = make_drafter(method, self, **self._options.get(method, {}))
+        return self._drafters[method]
+
+    @property
+    def stop_token_ids(self) -> frozenset[int]:
+        eos = self.model.generation_config.eos_token_id
+        ids = eos if isinstance(eos, list) else [eos]
+        return frozenset(i for i in [*ids, self.tokenizer.eos_token_id] if i is not None)
+
+    def encode(self, prompt: Prompt, chat_template: bool = True) -> list[int]:
+        """Token ids of a prompt: a string (wrapped in the chat template unless told not to) or chat messages."""
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise DraftwiseError("the prompt is empty")
+            messages = [{"role": "user", "content": prompt}]
+        else:
+            messages = prompt
+            if not messages or not any(str(m.get("content", "")).strip() for m in messages):
+                raise DraftwiseError("the messages are empty")
+        if (chat_template or not isinstance(prompt, str)) and self.tokenizer.chat_template:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        else:
+            ids = self.tokenizer(prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in messages),
+                                 add_special_tokens=True)["input_ids"]
+        if len(ids) >= self.target.max_length:
+            raise DraftwiseError(
+                f"the prompt is {len(ids)} tokens; the model's context window is {self.target.max_length}"
+            )
+        return list(ids)
+
+    def stream(self, prompt: Prompt, *, method: str | None = None, max_new_tokens: int = 256,
+               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+               chat_template: bool = True, stop: list[str] | None = None) -> TextStream:
+        """Start a generation; iterate the result for text pieces."""
+        sampling = check_sampling(max_new_tokens, temperature, top_p, top_k)
+        drafter = self.drafter(method or self.default_method)
+        prompt_ids = self.encode(prompt, chat_template)
+        generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+        self.target.feature_layers = drafter.feature_layers
+        stats = GenerationStats(method=drafter.name)
+        chunks = generate_tokens(self.target, drafter, prompt_ids, max_new_tokens=max_new_tokens,
+                                 sampling=sampling, stats=stats, stop_token_ids=self.stop_token_ids,
+                                 generator=generator)
+        return TextStream(self, chunks, stats, [s for s in (stop or []) if s])
+
+    def generate(self, prompt: Prompt, **kwargs) -> Generation:
+        stream = self.stream(prompt, **kwargs)
+        for _ in stream:
+            pass
+        assert stream.generation is not None
+        return stream.generation
+
+
+def load(model: str = DEFAULT_MODEL, method: str = "pld", dtype: str = "bf16", device: str = "cpu",
+         **method_options) -> Engine:
+    """Load a model and return an Engine (see Engine.generate / Engine.stream)."""
+    return Engine.load(model, method=method, dtype=dtype, device=device, **method_options)

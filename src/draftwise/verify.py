@@ -1,0 +1,96 @@
+"""Deciding which drafted tokens the target accepts: greedy and lossless sampling.
+
+Both functions take the tree and the target's logits at every node (logits[i] = the target's next-token
+scores after node i's path) and return the accepted node path (root first) and the bonus token the target
+contributes after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from draftwise.tree import DraftTree
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding parameters. temperature 0 means greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def target_probs(logits: Tensor, sampling: Sampling) -> Tensor:
+    """Softmax of the processed logits (temperature, then top-k, then top-p), as plain sampling would use."""
+    scores = logits.float() / sampling.temperature
+    if sampling.top_k > 0 and sampling.top_k < scores.shape[-1]:
+        kth = scores.topk(sampling.top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, -torch.inf)
+    if sampling.top_p < 1.0:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative - sorted_scores.softmax(-1) >= sampling.top_p  # keep the smallest set reaching p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, -torch.inf)
+    return scores.softmax(-1)
+
+
+def accept_greedy(tree: DraftTree, logits: Tensor) -> tuple[list[int], int]:
+    """Longest root path whose every token equals the target's argmax at its parent; ties go to the lower index."""
+    best_next = logits.argmax(-1)  # (N,)
+    correct = torch.ones(tree.size, dtype=torch.bool)
+    correct[1:] = tree.tokens[1:] == best_next[tree.parents[1:]]
+    on_good_path = ~(tree.ancestors & ~correct[None, :]).any(1)
+    depth = torch.where(on_good_path, tree.depths, -1)
+    deepest = int(depth.argmax())  # argmax returns the first maximum
+    path = tree.ancestors[deepest].nonzero().flatten().tolist()
+    return path, int(best_next[deepest])
+
+
+def accept_sampling(tree: DraftTree, probs: Tensor, generator: torch.Generator | None = None) -> tuple[list[int], int]:
+    """Multi-candidate recursive rejection sampling (SpecInfer; EAGLE-2 when proposals are one-hot).
+
+    At a node with target distribution p, children are tried in rank order: child x drawn from q is accepted
+    with probability min(1, p(x)/q(x)); on rejection p <- norm(max(p - q, 0)). For a deterministic child
+    q is one-hot, so this is "accept with p(x), else zero x and renormalise". If every child is rejected,
+    the bonus token is sampled from the residual p. The output has exactly the target's distribution.
+    """
+    children = tree.children()
+    node, path = 0, [0]
+    residual = probs[0].clone()
+    while True:
+        accepted = None
+        for child in children[node]:
+            token = int(tree.tokens[child])
+            if tree.proposals is None:
+                q = None
+                ratio = float(residual[token])
+            else:
+                q = tree.proposals[child].float()
+                ratio = min(1.0, float(residual[token] / q[token])) if q[token] > 0 else 0.0
+            if torch.rand((), generator=generator).item() < ratio:
+                accepted = child
+                break
+            if q is None:
+                residual[token] = 0.0
+            else:
+                residual = (residual - q).clamp_min(0.0)
+            total = residual.sum()
+            if total <= 0:  # only reachable through rounding; fall back to the unmodified target row
+                residual = probs[node].clone()
+            else:
+                residual /= total
+        if accepted is None:
+            bonus = int(torch.multinomial(residual, 1, generator=generator))
+            return path, bonus
+        node = accepted
+        path.append(node)
+        residual = probs[node].clone()
