@@ -84,7 +84,7 @@ class Engine:
         self.drafter(method)  # fail early on a bad method
 
     @classmethod
-    def load(cls, model: str = DEFAULT_MODEL, method: str = "pld", dtype: str = "bf16", device: str = "cpu",
+    def load(cls, model: str = DEFAULT_MODEL, method: str = "pld", dtype: str = "auto", device: str = "cpu",
              **method_options) -> Engine:
         hf_model, tokenizer = load_model(model, dtype=dtype, device=device)
         return cls(hf_model, tokenizer, model_name=model, method=method, **method_options)
@@ -145,7 +145,7 @@ class Engine:
         return stream.generation
 
 
-def load(model: str = DEFAULT_MODEL, method: str = "pld", dtype: str = "bf16", device: str = "cpu",
+def load(model: str = DEFAULT_MODEL, method: str = "pld", dtype: str = "auto", device: str = "cpu",
          **method_options) -> Engine:
     """Load a model and return an Engine (see Engine.generate / Engine.stream)."""
     return Engine.load(model, method=method, dtype=dtype, device=device, **method_options)

@@ -1,0 +1,168 @@
+"""The `draftwise` command line. Every user mistake ends in one `error:` line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from draftwise.drafters import METHOD_HELP
+from draftwise.errors import DraftwiseError
+from draftwise.models import DEFAULT_MODEL
+
+
+def add_model_args(parser: argparse.ArgumentParser, method_default: str = "pld") -> None:
+    """--model / --method / --dtype / --device and the drafter knobs, shared by every command that loads a model."""
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"embedded model name or local HF model directory (default: {DEFAULT_MODEL})")
+    parser.add_argument("--method", default=method_default,
+                        help="; ".join(f"{k}: {v}" for k, v in METHOD_HELP.items()) + f" (default: {method_default})")
+    parser.add_argument("--dtype", default="auto", help="auto | bf16 | fp32 | fp16 (auto: bf16 where the hardware "
+                        "multiplies it natively, else fp32)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--draft-model", default=None, help="draft model for --method draft-model")
+    parser.add_argument("--total-tokens", type=int, default=None, help="tree size verified per round")
+    parser.add_argument("--depth", type=int, default=None, help="draft depth (expansion calls)")
+    parser.add_argument("--top-k-draft", type=int, default=None, dest="top_k_draft",
+                        help="children per expanded node in dynamic trees")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def method_options(args: argparse.Namespace) -> dict:
+    options = {"total_tokens": args.total_tokens, "depth": args.depth, "top_k": args.top_k_draft}
+    if args.method == "draft-model":
+        options["draft_model"] = args.draft_model
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def load_engine(args: argparse.Namespace):
+    from draftwise.drafters import METHODS
+    from draftwise.engine import Engine
+
+    if args.method not in METHODS:  # before the slow load
+        raise DraftwiseError(f"unknown method '{args.method}'; choose one of {', '.join(METHODS)}")
+
+    return Engine.load(args.model, method=args.method, dtype=args.dtype, device=args.device, **method_options(args))
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, seed=args.seed)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from draftwise.engine import check_sampling
+
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)  # before the slow load
+    if not args.prompt.strip():
+        raise DraftwiseError("the prompt is empty")
+    engine = load_engine(args)
+    stream = engine.stream(args.prompt, chat_template=not args.no_chat_template, **sampling_kwargs(args))
+    for piece in stream:
+        if not args.json:
+            print(piece, end="", flush=True)
+    result = stream.generation
+    stats = result.stats
+    if args.json:
+        record = {"text": result.text, "model": args.model, "dtype": str(engine.model.dtype).removeprefix("torch."),
+                  **stats.summary()}
+        print(json.dumps(record, indent=2))
+    else:
+        print(f"\n--- {stats.new_tokens} tokens in {stats.total_s:.2f} s: {stats.tokens_per_s:.1f} tok/s | "
+              f"method {stats.method} | rounds {stats.rounds} | τ {stats.mean_accepted:.2f} | "
+              f"draft calls {stats.draft_calls} | verified {stats.verified_tokens}", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from draftwise.engine import check_sampling
+
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
+    engine = load_engine(args)
+    messages: list[dict[str, str]] = []
+    print("draftwise chat: empty line or Ctrl-D to quit, /reset to start over", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if not line.strip():
+            return 0
+        if line.strip() == "/reset":
+            messages = []
+            continue
+        messages.append({"role": "user", "content": line})
+        stream = engine.stream(messages, **sampling_kwargs(args))
+        try:
+            for piece in stream:
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            print("\n[interrupted]", file=sys.stderr)
+            messages.pop()
+            continue
+        stats = stream.generation.stats
+        print(f"\n[{stats.tokens_per_s:.1f} tok/s, τ {stats.mean_accepted:.2f}]", file=sys.stderr)
+        messages.append({"role": "assistant", "content": stream.generation.text})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="draftwise", description="Lossless speculative decoding with draft trees.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate a reply to one prompt, streaming it")
+    gen.add_argument("prompt")
+    add_model_args(gen)
+    add_sampling_args(gen)
+    gen.add_argument("--json", action="store_true", help="print one JSON object with the text and stats")
+    gen.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    gen.set_defaults(func=cmd_generate)
+
+    chat = commands.add_parser("chat", help="interactive multi-turn chat in the terminal")
+    add_model_args(chat)
+    add_sampling_args(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    for module in EXTRA_COMMANDS:
+        module.register(commands)
+    return parser
+
+
+EXTRA_COMMANDS: list = []  # modules with register(subparsers): bench, serve, training
+
+
+def _load_extra_commands() -> None:
+    import importlib
+
+    for name in ("draftwise.bench", "draftwise.serve"):
+        try:
+            EXTRA_COMMANDS.append(importlib.import_module(name))
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _load_extra_commands()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DraftwiseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
