@@ -1,0 +1,114 @@
+"""Benchmark metrics from per-prompt records: Spec-Bench's tokens/s, speedup and τ; the losslessness check.
+
+A record is one (question, method) pair as stored in results.json: `{"index", "question_id", "category",
+"method", "error", "verdict", "peak_rss_mb", "peak_gpu_mb", "turns": [turn, ...]}`, where a turn has
+`new_tokens`, `wall_s`, `token_ids`, `text`, `margins` and `stats` (both from the engine's GenerationStats,
+`accepted` included; None for peers that run outside the engine).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+Verdict = Literal["identical", "near_tie", "mismatch"]
+VERDICTS: tuple[Verdict, ...] = ("identical", "near_tie", "mismatch")
+BASELINE = "ar"
+
+
+def tie_epsilon(dtype: str) -> float:
+    """Logit margin below which two exact decoders may legitimately disagree: bf16/fp16 matmuls summed in
+    another order move logits by tenths, fp32 by far less than 1e-3."""
+    return 1e-3 if dtype in ("float32", "fp32") else 0.5
+
+
+def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """Index of the first position where the sequences differ (a length difference counts), else None."""
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def compare_to_reference(ref_tokens: Sequence[int], ref_margins: Sequence[float], tokens: Sequence[int],
+                         epsilon: float) -> Verdict:
+    """Classify a greedy output against the `ar` reference. Outputs that part where the reference's top-2
+    logits were within `epsilon` are near-ties (numerics, not a bug); any other difference is a mismatch."""
+    i = first_difference(ref_tokens, tokens)
+    if i is None:
+        return "identical"
+    if i < len(ref_margins) and ref_margins[i] < epsilon:
+        return "near_tie"
+    return "mismatch"
+
+
+def assign_verdicts(records: list[dict], epsilon: float) -> None:
+    """Set `verdict` (and `divergence`: turn, token position, the reference's margin there) on every
+    successful non-baseline record whose question the baseline answered. The first turn that differs decides:
+    later turns are asked after different answers."""
+    reference = {r["index"]: r for r in records if r["method"] == BASELINE and not r["error"]}
+    for record in records:
+        ref = reference.get(record["index"])
+        if record["method"] == BASELINE or record["error"] or ref is None:
+            continue
+        record["verdict"] = "identical"
+        for turn_index, (ref_turn, turn) in enumerate(zip(ref["turns"], record["turns"], strict=True)):
+            verdict = compare_to_reference(ref_turn["token_ids"], ref_turn["margins"], turn["token_ids"],
+                                           epsilon)
+            if verdict != "identical":
+                position = first_difference(ref_turn["token_ids"], turn["token_ids"])
+                margins = ref_turn["margins"]
+                record["verdict"] = verdict
+                record["divergence"] = {"turn": turn_index, "position": position,
+                                        "ref_margin": margins[position] if position < len(margins) else None}
+                break
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den > 0 else None
+
+
+def summarize(records: list[dict]) -> dict:
+    """One method's numbers over a set of records (one category, or all)."""
+    ok = [r for r in records if not r["error"]]
+    turns = [t for r in ok for t in r["turns"]]
+    new_tokens = sum(t["new_tokens"] for t in turns)
+    wall_s = sum(t["wall_s"] for t in turns)
+    per_question = [_ratio(sum(t["new_tokens"] for t in r["turns"]), sum(t["wall_s"] for t in r["turns"]))
+                    for r in ok]
+    per_question = [x for x in per_question if x is not None]
+    stats = [t["stats"] for t in turns if t["stats"] is not None]
+    rounds = sum(s["rounds"] for s in stats)
+    accepted = [a for s in stats for a in s["accepted"]]
+    split = {k: sum(s[k] for s in stats) for k in ("prefill_s", "draft_s", "verify_s", "overhead_s")}
+    verdicts = [r["verdict"] for r in ok if r.get("verdict")]
+    return {
+        "questions": len(ok),
+        "errors": len(records) - len(ok),
+        "new_tokens": new_tokens,
+        "wall_s": wall_s,
+        "tokens_per_s": _ratio(new_tokens, wall_s),  # Spec-Bench: total tokens / total time
+        "tokens_per_s_mean": sum(per_question) / len(per_question) if per_question else None,
+        "tau": sum(accepted) / len(accepted) if accepted else None,  # bonus token included
+        "draft_calls_per_round": _ratio(sum(s["draft_calls"] for s in stats), rounds),
+        "verified_per_round": _ratio(sum(s["verified_tokens"] for s in stats), rounds),
+        "time_split_s": split if stats else None,
+        "peak_rss_mb": max((r["peak_rss_mb"] for r in ok if r.get("peak_rss_mb")), default=None),
+        "peak_gpu_mb": max((r["peak_gpu_mb"] for r in ok if r.get("peak_gpu_mb")), default=None),
+        **{v: verdicts.count(v) for v in VERDICTS},
+    }
+
+
+def aggregate(records: list[dict], methods: list[str]) -> dict:
+    """Per method, overall and per category, with speedup = tokens/s over the baseline's in the same scope."""
+
+    def scope(subset: list[dict]) -> dict[str, dict]:
+        rows = {m: summarize([r for r in subset if r["method"] == m]) for m in methods}
+        base = rows.get(BASELINE, {}).get("tokens_per_s")
+        for row in rows.values():
+            row["speedup"] = row["tokens_per_s"] / base if base and row["tokens_per_s"] is not None else None
+        return rows
+
+    categories = list(dict.fromkeys(r["category"] for r in records))
+    return {"overall": scope(records),
+            "categories": {c: scope([r for r in records if r["category"] == c]) for c in categories}}

@@ -1,0 +1,169 @@
+"""What a benchmark run leaves behind: results.json (everything, to recompute any number) and report.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from draftwise.bench.metrics import BASELINE
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(model_name: str, model, options: dict) -> dict:
+    """Enough about the machine and software to know whether two runs can be compared."""
+    import transformers
+
+    import draftwise
+
+    device = next(model.parameters()).device
+    return {
+        "draftwise": draftwise.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "model": model_name,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "device": str(device),
+        "command": sys.argv,
+        "options": options,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_results(path: Path, env: dict, settings: dict, methods: list[str], unavailable: dict[str, str],
+                  summary: dict, records: list[dict]) -> None:
+    payload = {"environment": env, "settings": settings, "methods": methods, "unavailable": unavailable,
+               "summary": summary, "records": records}
+    path.write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
+    return "–" if value is None else f"{value:{spec}}{suffix}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def time_split_cells(split: dict | None) -> list[str]:
+    if not split:
+        return ["–"] * 4
+    total = sum(split.values())
+    return [fmt(100 * split[k] / total if total else None, ".0f", "%")
+            for k in ("prefill_s", "draft_s", "verify_s", "overhead_s")]
+
+
+def overall_table(summary: dict, methods: list[str], unavailable: dict[str, str], greedy: bool) -> str:
+    header = ["method", "tok/s", "tok/s (mean per q)", "speedup", "τ", "draft calls/round", "verified/round",
+              "prefill", "draft", "verify", "overhead", "peak RSS MiB"]
+    header += ["identical", "near-tie", "MISMATCH"] if greedy else []
+    header += ["errors"]
+    rows = []
+    for method in methods:
+        if method in unavailable:
+            rows.append([method, f"**unavailable:** {unavailable[method]}"] + [""] * (len(header) - 2))
+            continue
+        row = summary["overall"][method]
+        cells = [method, fmt(row["tokens_per_s"], ".1f"), fmt(row["tokens_per_s_mean"], ".1f"),
+                 fmt(row["speedup"], ".2f", "×"), fmt(row["tau"]), fmt(row["draft_calls_per_round"]),
+                 fmt(row["verified_per_round"], ".1f"), *time_split_cells(row["time_split_s"]),
+                 fmt(row["peak_rss_mb"], ".0f")]
+        if greedy:
+            reference = method == BASELINE
+            mismatch = f"**{row['mismatch']}**" if row["mismatch"] else "0"
+            cells += ["ref", "", ""] if reference else [str(row["identical"]), str(row["near_tie"]), mismatch]
+        rows.append(cells + [str(row["errors"])])
+    return table(header, rows)
+
+
+def category_table(summary: dict, methods: list[str], key: str, spec: str, suffix: str = "") -> str:
+    rows = []
+    scopes = {**summary["categories"], "**overall**": summary["overall"]}
+    for category, rows_by_method in scopes.items():
+        count = max((r["questions"] for r in rows_by_method.values()), default=0)
+        rows.append([category, str(count)] + [fmt(rows_by_method[m][key], spec, suffix) for m in methods])
+    return table(["category", "n", *methods], rows)
+
+
+def losslessness_section(records: list[dict], epsilon: float) -> str:
+    """Greedy outputs against `ar`: a real mismatch means a method is not lossless, so it heads the report."""
+    compared = [r for r in records if r.get("verdict")]
+    mismatches = [r for r in compared if r["verdict"] == "mismatch"]
+    near_ties = [r for r in compared if r["verdict"] == "near_tie"]
+    if mismatches:
+        head = (f"> [!CAUTION]\n> # ❌ LOSSLESSNESS FAILURE: {len(mismatches)} of {len(compared)} greedy "
+                f"outputs differ from `{BASELINE}` where `{BASELINE}`'s top-2 logit margin was ≥ ε = "
+                f"{epsilon:g}.\n> A lossless method must reproduce greedy decoding token for token. "
+                f"Investigate before using any number below.")
+    else:
+        head = (f"✅ Lossless: all {len(compared)} greedy outputs match `{BASELINE}` "
+                f"({len(near_ties)} near-ties below ε = {epsilon:g}).")
+    details = [[r["method"], str(r["question_id"]), r["category"], r["verdict"].upper().replace("_", "-"),
+                str(r["divergence"]["turn"] + 1), str(r["divergence"]["position"]),
+                fmt(r["divergence"]["ref_margin"], ".4g")]
+               for r in mismatches + near_ties]
+    if details:
+        head += ("\n\nOutputs that differ (turn and token position of the first difference, "
+                 "`ar`'s margin there):\n\n")
+        head += table(["method", "question", "category", "verdict", "turn", "token", "ar margin"], details)
+    return head
+
+
+def render_report(env: dict, settings: dict, methods: list[str], unavailable: dict[str, str], summary: dict,
+                  records: list[dict], epsilon: float, plots: list[str]) -> str:
+    greedy = settings["temperature"] == 0
+    errors = [r for r in records if r["error"]]
+    gpu = f", {env['gpu']}" if env["gpu"] else ""
+    parts = [
+        "# draftwise bench",
+        f"{env['model']} ({env['dtype']}, {env['device']}{gpu}) on {env['cpu']}, {env['torch_threads']} "
+        f"threads; torch {env['torch']}, transformers {env['transformers']}, draftwise {env['draftwise']}.",
+        f"Prompts `{settings['prompts']}`: {settings['questions']} questions, max "
+        f"{settings['max_new_tokens']} new tokens, temperature {settings['temperature']:g}, seed "
+        f"{settings['seed']}. Methods alternate per question, after a warm-up. Tokens/s = total new tokens / "
+        f"total wall time (Spec-Bench); speedup is against `{BASELINE}` in the same run; τ counts the bonus "
+        "token.",
+        "## Losslessness" if greedy else "## Losslessness\n\nSampling run: outputs are not compared.",
+    ]
+    if greedy:
+        parts.append(losslessness_section(records, epsilon))
+    parts += [
+        "## Overall",
+        "Time split: share of the engine's own generation time (prefill, drafting, verification, the rest). "
+        "Peers outside the engine report only wall time. Peak RSS is the process high-water mark during a "
+        "question (weights included).",
+        overall_table(summary, methods, unavailable, greedy),
+        "## Speedup by category",
+        category_table(summary, [m for m in methods if m not in unavailable], "speedup", ".2f", "×"),
+        "## Tokens/s by category",
+        category_table(summary, [m for m in methods if m not in unavailable], "tokens_per_s", ".1f"),
+        "## τ (mean accepted length) by category",
+        category_table(summary, [m for m in methods if m not in unavailable], "tau", ".2f"),
+    ]
+    if errors:
+        parts += ["## Errors", table(["method", "question", "error"],
+                                     [[r["method"], str(r["question_id"]), r["error"]] for r in errors])]
+    if plots:
+        parts += ["## Plots", "\n\n".join(f"![{Path(p).stem}]({p})" for p in plots)]
+    return "\n\n".join(parts) + "\n"

@@ -1,0 +1,187 @@
+"""Running methods over questions: draftwise's own methods through the engine, peers through their own code.
+
+Every method is a runner, `(messages, settings, seed) -> turn`, timed by the bench's own wall clock around the
+whole call (tokenising and detokenising included), so engine methods and peers are measured alike. A peer is
+one function in PEERS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from draftwise.bench.datasets import Question
+from draftwise.drafters import METHODS
+from draftwise.engine import Engine
+from draftwise.errors import DraftwiseError
+
+Messages = list[dict[str, str]]
+WARMUP_TOKENS = 16  # enough to touch every code path (prefill, drafting, verification) once
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every method gets alike."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+Runner = Callable[[Messages, Settings, int], dict]
+
+
+def turn_record(text: str, token_ids: list[int], wall_s: float, margins: list[float] | None = None,
+                stats: dict | None = None) -> dict:
+    return {"new_tokens": len(token_ids), "wall_s": wall_s, "token_ids": token_ids, "text": text,
+            "margins": [round(m, 5) for m in margins] if margins is not None else None, "stats": stats}
+
+
+def run_engine(engine: Engine, messages: Messages, settings: Settings, seed: int) -> dict:
+    start = time.perf_counter()
+    generation = engine.generate(messages, max_new_tokens=settings.max_new_tokens,
+                                 temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+                                 seed=seed)
+    wall_s = time.perf_counter() - start
+    stats = generation.stats
+    return turn_record(generation.text, generation.token_ids, wall_s, stats.margins,
+                       {**stats.summary(), "accepted": stats.accepted})
+
+
+def run_hf_generate(engine: Engine, messages: Messages, settings: Settings, seed: int,
+                    **generate_options) -> dict:
+    """transformers' own `model.generate` on the same weights and chat template."""
+    from transformers import GenerationConfig
+
+    start = time.perf_counter()
+    prompt_ids = engine.encode(messages)
+    stop = sorted(engine.stop_token_ids)
+    # Explicit neutral values: None would be filled from the model's generation_config, whose penalties or
+    # sampling defaults draftwise does not apply, and the peers must decode the same distribution.
+    config = GenerationConfig(
+        max_new_tokens=settings.max_new_tokens, do_sample=settings.temperature > 0,
+        temperature=settings.temperature or 1.0, top_p=settings.top_p, top_k=settings.top_k, num_beams=1,
+        min_length=0, repetition_penalty=1.0, no_repeat_ngram_size=0, typical_p=1.0,
+        eos_token_id=stop, pad_token_id=stop[0], **generate_options,
+    )
+    input_ids = torch.tensor([prompt_ids], device=engine.target.device)
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        output = engine.model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                                       generation_config=config)
+    token_ids = output[0, len(prompt_ids):].tolist()
+    text = engine.tokenizer.decode(token_ids, skip_special_tokens=True)
+    return turn_record(text, token_ids, time.perf_counter() - start)
+
+
+# Methods outside draftwise's engine: name -> function(engine, messages, settings, seed) -> turn record.
+# The engine is the plain `ar` one: peers use its model, tokenizer, chat template and stop tokens.
+PEERS: dict[str, Callable[..., dict]] = {
+    "hf": run_hf_generate,
+    "hf-pld": partial(run_hf_generate, prompt_lookup_num_tokens=10),
+}
+
+
+def known_methods() -> list[str]:
+    return [*METHODS, *PEERS]
+
+
+def build_runners(names: list[str], model, tokenizer, model_name: str,
+                  options: dict[str, dict]) -> tuple[dict[str, Runner], dict[str, str]]:
+    """A runner per method sharing one set of weights, and the reason for each method that cannot be built."""
+    baseline = Engine(model, tokenizer, model_name=model_name, method="ar")
+    runners: dict[str, Runner] = {}
+    unavailable: dict[str, str] = {}
+    for name in names:
+        try:
+            if name in PEERS:
+                runners[name] = partial(PEERS[name], baseline)
+            elif name == "ar":
+                runners[name] = partial(run_engine, baseline)
+            else:
+                engine = Engine(model, tokenizer, model_name=model_name, method=name, **options.get(name, {}))
+                runners[name] = partial(run_engine, engine)
+        except Exception as exc:  # a method that cannot run is reported, not dropped
+            unavailable[name] = describe(exc)
+    return runners, unavailable
+
+
+def describe(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, DraftwiseError) else f"{type(exc).__name__}: {exc}"
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak: Linux lets a process reset its high-water mark (VmHWM) through clear_refs."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory() -> dict[str, float | None]:
+    """Peak resident memory (MiB) since the last reset on Linux, since the process started elsewhere; and the
+    peak GPU memory allocated by torch when a GPU is in use."""
+    try:
+        rss = next(int(line.split()[1]) / 1024 for line in Path("/proc/self/status").read_text().splitlines()
+                   if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss = peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    return {"peak_rss_mb": rss, "peak_gpu_mb": gpu}
+
+
+def run_question(runner: Runner, question: Question, settings: Settings,
+                 seed: int) -> tuple[list[dict], dict]:
+    """All turns of a question as one conversation: turn k is asked after the method's own earlier answers."""
+    messages: Messages = []
+    turns = []
+    reset_peak_memory()
+    for content in question.turns:
+        messages.append({"role": "user", "content": content})
+        turn = runner(list(messages), settings, seed)
+        turns.append(turn)
+        messages.append({"role": "assistant", "content": turn["text"]})
+    return turns, peak_memory()
+
+
+def warm_up(runners: dict[str, Runner], question: Question, settings: Settings, seed: int) -> dict[str, str]:
+    """One short generation per method before timing; returns the methods that failed, with the reason."""
+    short = replace(settings, max_new_tokens=min(settings.max_new_tokens, WARMUP_TOKENS))
+    failed = {}
+    for name, runner in runners.items():
+        try:
+            runner([{"role": "user", "content": question.turns[0]}], short, seed)
+        except Exception as exc:
+            failed[name] = describe(exc)
+    return failed
+
+
+def run_benchmark(runners: dict[str, Runner], questions: list[Question], settings: Settings, seed: int,
+                  on_record: Callable[[dict], None] = lambda record: None) -> list[dict]:
+    """Every question through every method. The method order rotates per question, so slow drift (thermal,
+    other load) and order effects hit all methods alike. Every method samples question i with seed + i."""
+    names = list(runners)
+    records = []
+    for index, question in enumerate(questions):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            record = {"index": index, "question_id": question.question_id, "category": question.category,
+                      "method": name, "error": None, "verdict": None, "turns": []}
+            try:
+                record["turns"], memory = run_question(runners[name], question, settings, seed + index)
+                record.update(memory)
+            except Exception as exc:
+                record["error"] = describe(exc)
+            records.append(record)
+            on_record(record)
+    return records

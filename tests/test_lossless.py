@@ -1,0 +1,195 @@
+"""Losslessness on tiny random llamas: greedy output equals plain decoding for every drafter, adversarial ones
+included; sampled output has the target's distribution; the KV cache after a commit equals plain decoding's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import greedy_reference, run, tiny_llama
+from scipy.stats import chisquare
+
+from draftwise.drafters.base import DraftContext, Drafter, NoDraft
+from draftwise.drafters.draft_model import DraftModel
+from draftwise.drafters.pld import PromptLookup
+from draftwise.target import TargetModel
+from draftwise.tree import DraftTree
+from draftwise.verify import Sampling
+
+
+class RandomDrafter(Drafter):
+    """Random tokens in a random tree: nearly everything is rejected."""
+
+    name = "random"
+
+    def __init__(self, vocab: int, nodes: int = 12, seed: int = 0):
+        super().__init__()
+        self.vocab, self.nodes, self.gen = vocab, nodes, torch.Generator().manual_seed(seed)
+
+    def propose(self, context: DraftContext) -> DraftTree:
+        n = min(self.nodes, context.budget)
+        parents = [-1] + [int(torch.randint(0, i, (1,), generator=self.gen)) for i in range(1, n)]
+        tokens = torch.randint(0, self.vocab, (n,), generator=self.gen)
+        tokens[0] = context.tokens[-1]
+        return DraftTree(tokens, torch.tensor(parents), torch.zeros(n))
+
+
+class OracleDrafter(Drafter):
+    """Knows the true continuation; `error_rate` corrupts tokens, `width` adds wrong siblings at every level
+    (the true one at a random rank), `depth` sets the chain length: deep-narrow and wide-shallow adversaries."""
+
+    name = "oracle"
+
+    def __init__(self, prompt: list[int], truth: list[int], vocab: int, depth: int = 8, width: int = 1,
+                 error_rate: float = 0.0, seed: int = 0):
+        super().__init__()
+        self.full = prompt + truth
+        self.vocab, self.depth, self.width, self.error_rate = vocab, depth, width, error_rate
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def propose(self, context: DraftContext) -> DraftTree:
+        pos = context.tokens.numel()
+        tokens, parents, parent = [int(context.tokens[-1])], [-1], 0
+        for step in range(self.depth):
+            true_next = self.full[pos + step] if pos + step < len(self.full) else 0
+            if torch.rand((), generator=self.gen) < self.error_rate:
+                true_next = (true_next + 1) % self.vocab
+            wrong = [(true_next + k) % self.vocab for k in range(1, self.width)]
+            order = wrong[:]
+            order.insert(int(torch.randint(0, self.width, (1,), generator=self.gen)), true_next)
+            for tok in order:
+                if len(tokens) >= context.budget:
+                    break
+                tokens.append(tok)
+                parents.append(parent)
+                if tok == true_next:
+                    chosen = len(tokens) - 1
+            if len(tokens) >= context.budget:
+                break
+            parent = chosen
+        return DraftTree(torch.tensor(tokens), torch.tensor(parents), torch.zeros(len(tokens)))
+
+
+PROMPTS = [[5, 17, 3], [1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3], [42] * 6, list(range(30, 70))]
+
+
+def drafters_for(model, prompt: list[int], truth: list[int]) -> list[Drafter]:
+    vocab = model.config.vocab_size
+    return [
+        PromptLookup(),
+        PromptLookup(max_ngram=1, num_pred_tokens=20, max_matches=8, total_tokens=64),
+        RandomDrafter(vocab),
+        OracleDrafter(prompt, truth, vocab, depth=12),  # exact continuation
+        OracleDrafter(prompt, truth, vocab, depth=24, error_rate=0.15),  # deep and narrow
+        OracleDrafter(prompt, truth, vocab, depth=2, width=16),  # wide and shallow
+        OracleDrafter(prompt, truth, vocab, depth=6, width=3, error_rate=0.3),
+        DraftModel(tiny_llama(vocab, seed=7), top_k=3, depth=3, total_tokens=12),  # a different model
+        DraftModel(model, top_k=2, depth=5, total_tokens=10),  # the same model: accepts almost everything
+    ]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+@pytest.mark.parametrize("max_new_tokens", [1, 7, 40])
+def test_greedy_output_equals_plain_decoding_for_every_drafter(tiny_model, prompt, max_new_tokens):
+    truth = greedy_reference(tiny_model, prompt, max_new_tokens + 30)
+    reference = truth[:max_new_tokens]
+    for drafter in drafters_for(tiny_model, prompt, truth):
+        out, stats = run(tiny_model, drafter, prompt, max_new_tokens)
+        assert out == reference, f"{drafter.name} diverged from plain decoding"
+        assert stats.new_tokens == max_new_tokens
+        assert sum(stats.accepted) >= max_new_tokens
+
+
+def test_oracle_is_accepted_in_full_and_random_mostly_rejected(tiny_model):
+    prompt = PROMPTS[0]
+    truth = greedy_reference(tiny_model, prompt, 60)
+    _, oracle = run(tiny_model, OracleDrafter(prompt, truth, 96, depth=9), prompt, 40)
+    assert oracle.mean_accepted == pytest.approx(10.0, abs=0.5)
+    _, rand = run(tiny_model, RandomDrafter(96), prompt, 40)
+    assert rand.mean_accepted < 1.5
+
+
+def test_plain_loop_matches_transformers_generate(tiny_model):
+    prompt = PROMPTS[1]
+    ours = greedy_reference(tiny_model, prompt, 30)
+    hf = tiny_model.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False, min_new_tokens=30,
+                             pad_token_id=0)
+    assert ours == hf[0, len(prompt):].tolist()
+
+
+def test_cache_after_commit_equals_plain_decoding(tiny_model):
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    target = TargetModel(tiny_model)
+    target.prefill(torch.tensor(prompt[:-1]))
+    past = target.length
+    # root, then two branches; accept the second branch (non-contiguous node indices 0, 2, 4)
+    tree = DraftTree(torch.tensor([prompt[-1], 11, 12, 13, 14]), torch.tensor([-1, 0, 0, 1, 2]), torch.zeros(5))
+    out = target.forward_tree(tree)
+    target.commit(past, [0, 2, 4])
+    plain = TargetModel(tiny_model)
+    plain.prefill(torch.tensor(prompt + [12, 14]))
+    assert target.length == plain.length
+    for ours, ref in zip(target.cache.layers, plain.cache.layers, strict=True):
+        torch.testing.assert_close(ours.keys, ref.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.values, ref.values, atol=1e-5, rtol=1e-5)
+    # the tree forward's logits at node 4 equal plain decoding's next-token logits there
+    nxt = plain.forward_tree(DraftTree.root_only(7))
+    ref_logits = TargetModel(tiny_model)
+    ref_logits.prefill(torch.tensor(prompt + [12]))
+    torch.testing.assert_close(out.logits[4], ref_logits.forward_tree(DraftTree.root_only(14)).logits[0],
+                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(target.forward_tree(DraftTree.root_only(7)).logits, nxt.logits, atol=1e-4, rtol=1e-4)
+
+
+SAMPLING_CASES = [Sampling(1.0), Sampling(0.7, top_k=5), Sampling(1.3, top_p=0.8)]
+
+
+def exact_two_token_law(model, prompt: list[int], sampling: Sampling) -> torch.Tensor:
+    """P(first two new tokens) under plain sampling, by enumeration over the (small) vocabulary."""
+    from draftwise.verify import target_probs
+
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        first = target_probs(model(torch.tensor([prompt])).logits[0, -1], sampling)
+        contexts = torch.tensor([prompt + [t] for t in range(vocab)])
+        second = target_probs(model(contexts).logits[:, -1], sampling)
+    return (first[:, None] * second).flatten()
+
+
+SAMPLING_MAKERS = {
+    "ar": lambda prompt, vocab: NoDraft(),
+    "wide": lambda prompt, vocab: OracleDrafter(prompt, [1, 2, 3] * 4, vocab, depth=2, width=4),
+    "random": lambda prompt, vocab: RandomDrafter(vocab, nodes=6),
+    "draft-model": lambda prompt, vocab: DraftModel(tiny_llama(vocab, seed=9), top_k=2, depth=2, total_tokens=6),
+    "pld": lambda prompt, vocab: PromptLookup(),
+}
+CASES = [(SAMPLING_CASES[0], name) for name in SAMPLING_MAKERS] + [
+    (sampling, name) for sampling in SAMPLING_CASES[1:] for name in ("wide", "draft-model")
+]
+
+
+@pytest.mark.parametrize(("sampling", "name"), CASES, ids=lambda v: str(v))
+def test_sampling_preserves_the_target_distribution(sampling, name):
+    """Chi-square goodness of fit of the first two sampled tokens against the exact law (p > 1e-4)."""
+    vocab, trials = 8, 1200
+    model = tiny_llama(vocab, seed=3)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.25)  # spread the mass so many outcomes are exercised
+    prompt = [1, 2, 3, 1, 2]
+    law = exact_two_token_law(model, prompt, sampling)
+    drafter = SAMPLING_MAKERS[name](prompt, vocab)
+    counts = torch.zeros(vocab * vocab)
+    for seed in range(trials):
+        out, _ = run(model, drafter, prompt, max_new_tokens=2, sampling=sampling, seed=seed)
+        counts[out[0] * vocab + out[1]] += 1
+    support = law > 0
+    assert counts[~support].sum() == 0, f"{name}: sampled a token outside the target's support"
+    expected = law[support] * trials
+    # merge rare cells so the chi-square approximation holds (expected >= 5)
+    observed = counts[support]
+    rare = expected < 5
+    obs = torch.cat([observed[~rare], observed[rare].sum().view(1)]).numpy()
+    exp = torch.cat([expected[~rare], expected[rare].sum().view(1)]).numpy()
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    p_value = chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
+    assert p_value > 1e-4, f"{name}: sampled distribution differs from the target (p={p_value:.2g})"
