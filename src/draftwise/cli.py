@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -131,28 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
 
-    for module in EXTRA_COMMANDS:
-        module.register(commands)
+    for name in EXTRA_COMMANDS:
+        importlib.import_module(name).register(commands)
     return parser
 
 
-EXTRA_COMMANDS: list = []  # modules with register(subparsers): bench, serve, training
-
-
-def _load_extra_commands() -> None:
-    import importlib
-
-    for name in ("draftwise.bench", "draftwise.serve"):
-        try:
-            EXTRA_COMMANDS.append(importlib.import_module(name))
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
+EXTRA_COMMANDS = ("draftwise.bench", "draftwise.serve")  # modules with register(subparsers)
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    _load_extra_commands()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

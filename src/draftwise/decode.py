@@ -47,7 +47,7 @@ class GenerationStats:
     def summary(self) -> dict:
         """The headline numbers (no per-round lists)."""
         out = {k: v for k, v in asdict(self).items() if k not in ("accepted", "margins")}
-        out.update(mean_accepted=self.mean_accepted, tokens_per_s=self.tokens_per_s, overhead_s=self.overhead_s)
+        out.update(wall_s=self.total_s, mean_accepted=self.mean_accepted, tokens_per_s=self.tokens_per_s, overhead_s=self.overhead_s)
         return out
 
 

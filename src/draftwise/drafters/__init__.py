@@ -14,7 +14,7 @@ def _draft_model(engine, **options) -> Drafter:
     from draftwise.models import load_model
 
     name = options.pop("draft_model", None) or engine.model_name
-    dtype = options.pop("draft_dtype", "bf16")
+    dtype = options.pop("draft_dtype", "auto")
     model, _ = load_model(name, dtype=dtype, device=str(engine.target.device))
     return DraftModel(model, vocab_size=engine.target.model.config.vocab_size, **options)
 
@@ -28,7 +28,7 @@ METHODS: dict[str, Callable[..., Drafter]] = {
 METHOD_HELP = {
     "ar": "plain autoregressive decoding (the baseline), through the same engine",
     "pld": "prompt lookup: n-gram matches in prompt and output, merged into a tree",
-    "draft-model": "an independent HF draft model (--draft-model, default: the target's weights in bf16)",
+    "draft-model": "an independent HF draft model (--draft-model, default: the target's own weights)",
 }
 
 

