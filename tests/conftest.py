@@ -16,23 +16,43 @@ def tiny_llama(vocab_size: int = 96, seed: int = 0, layers: int = 2, dtype=torch
     """A random llama small enough that thousands of forwards take seconds. Logits are scaled up so the
     model is peaked enough to be predictable, like a real LM."""
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config).to(dtype).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)
     return model.requires_grad_(False)
 
 
-def run(model, drafter: Drafter, prompt: list[int], max_new_tokens: int = 24, sampling: Sampling | None = None,
-        seed: int = 0) -> tuple[list[int], GenerationStats]:
+def run(
+    model,
+    drafter: Drafter,
+    prompt: list[int],
+    max_new_tokens: int = 24,
+    sampling: Sampling | None = None,
+    seed: int = 0,
+) -> tuple[list[int], GenerationStats]:
     """Generate with the engine's loop; returns (new tokens, stats)."""
     stats = GenerationStats(method=drafter.name)
     generator = torch.Generator().manual_seed(seed)
     tokens: list[int] = []
-    for chunk in generate_tokens(TargetModel(model), drafter, prompt, max_new_tokens=max_new_tokens,
-                                 sampling=sampling or Sampling(), stats=stats, generator=generator):
+    for chunk in generate_tokens(
+        TargetModel(model),
+        drafter,
+        prompt,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling or Sampling(),
+        stats=stats,
+        generator=generator,
+    ):
         tokens.extend(chunk)
     return tokens, stats
 

@@ -28,21 +28,24 @@ def error_of(capsys, argv: list[str]) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["generate", ""], "prompt is empty"),
-    (["generate", "   "], "prompt is empty"),
-    (["generate", "hi", "--method", "nope"], "unknown method"),
-    (["generate", "hi", "--max-new-tokens", "-1"], "max_new_tokens"),
-    (["generate", "hi", "--max-new-tokens", "0"], "max_new_tokens"),
-    (["generate", "hi", "--max-new-tokens", "1000000000"], "max_new_tokens"),
-    (["generate", "hi", "--temperature", "-0.5"], "temperature"),
-    (["generate", "hi", "--temperature", "nan"], "temperature"),
-    (["generate", "hi", "--top-p", "0"], "top_p"),
-    (["generate", "hi", "--top-p", "1.5"], "top_p"),
-    (["generate", "hi", "--top-k", "-2"], "top_k"),
-    (["generate", "hi", "--model", "no-such-model"], "unknown model"),
-    (["generate", "hi", "--dtype", "int3"], "unknown dtype"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", ""], "prompt is empty"),
+        (["generate", "   "], "prompt is empty"),
+        (["generate", "hi", "--method", "nope"], "unknown method"),
+        (["generate", "hi", "--max-new-tokens", "-1"], "max_new_tokens"),
+        (["generate", "hi", "--max-new-tokens", "0"], "max_new_tokens"),
+        (["generate", "hi", "--max-new-tokens", "1000000000"], "max_new_tokens"),
+        (["generate", "hi", "--temperature", "-0.5"], "temperature"),
+        (["generate", "hi", "--temperature", "nan"], "temperature"),
+        (["generate", "hi", "--top-p", "0"], "top_p"),
+        (["generate", "hi", "--top-p", "1.5"], "top_p"),
+        (["generate", "hi", "--top-k", "-2"], "top_k"),
+        (["generate", "hi", "--model", "no-such-model"], "unknown model"),
+        (["generate", "hi", "--dtype", "int3"], "unknown dtype"),
+    ],
+)
 def test_bad_arguments(capsys, argv, message):
     assert message in error_of(capsys, argv)
 
@@ -57,8 +60,22 @@ def test_prompt_longer_than_the_context_window(capsys, tiny_model_dir):
 
 
 def test_tiny_model_directory_generates(capsys, tiny_model_dir):
-    assert main(["generate", "hello there", "--model", str(tiny_model_dir), "--dtype", "fp32",
-                 "--max-new-tokens", "5", "--json"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "hello there",
+                "--model",
+                str(tiny_model_dir),
+                "--dtype",
+                "fp32",
+                "--max-new-tokens",
+                "5",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert '"new_tokens": 5' in capsys.readouterr().out
 
 

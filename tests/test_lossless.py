@@ -39,8 +39,16 @@ class OracleDrafter(Drafter):
 
     name = "oracle"
 
-    def __init__(self, prompt: list[int], truth: list[int], vocab: int, depth: int = 8, width: int = 1,
-                 error_rate: float = 0.0, seed: int = 0):
+    def __init__(
+        self,
+        prompt: list[int],
+        truth: list[int],
+        vocab: int,
+        depth: int = 8,
+        width: int = 1,
+        error_rate: float = 0.0,
+        seed: int = 0,
+    ):
         super().__init__()
         self.full = prompt + truth
         self.vocab, self.depth, self.width, self.error_rate = vocab, depth, width, error_rate
@@ -111,9 +119,10 @@ def test_oracle_is_accepted_in_full_and_random_mostly_rejected(tiny_model):
 def test_plain_loop_matches_transformers_generate(tiny_model):
     prompt = PROMPTS[1]
     ours = greedy_reference(tiny_model, prompt, 30)
-    hf = tiny_model.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False, min_new_tokens=30,
-                             pad_token_id=0)
-    assert ours == hf[0, len(prompt):].tolist()
+    hf = tiny_model.generate(
+        torch.tensor([prompt]), max_new_tokens=30, do_sample=False, min_new_tokens=30, pad_token_id=0
+    )
+    assert ours == hf[0, len(prompt) :].tolist()
 
 
 def test_cache_after_commit_equals_plain_decoding(tiny_model):
@@ -135,8 +144,9 @@ def test_cache_after_commit_equals_plain_decoding(tiny_model):
     nxt = plain.forward_tree(DraftTree.root_only(7))
     ref_logits = TargetModel(tiny_model)
     ref_logits.prefill(torch.tensor(prompt + [12]))
-    torch.testing.assert_close(out.logits[4], ref_logits.forward_tree(DraftTree.root_only(14)).logits[0],
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        out.logits[4], ref_logits.forward_tree(DraftTree.root_only(14)).logits[0], atol=1e-4, rtol=1e-4
+    )
     torch.testing.assert_close(target.forward_tree(DraftTree.root_only(7)).logits, nxt.logits, atol=1e-4, rtol=1e-4)
 
 

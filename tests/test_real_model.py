@@ -12,10 +12,16 @@ from draftwise.verify import NEAR_TIE_EPSILON, compare_greedy
 
 pytestmark = pytest.mark.real_model
 
-SUMMARIZE = ("Summarize in two sentences: The city council met on Tuesday to discuss the new park. The new park "
-             "will have a playground, a pond and a garden. The council voted to fund the park with a budget of two "
-             "million dollars. Construction of the park starts in May and the park opens next spring.")
-PROMPTS = [SUMMARIZE, "Write a Python function that returns the n-th Fibonacci number.", "What is the capital of France?"]
+SUMMARIZE = (
+    "Summarize in two sentences: The city council met on Tuesday to discuss the new park. The new park "
+    "will have a playground, a pond and a garden. The council voted to fund the park with a budget of two "
+    "million dollars. Construction of the park starts in May and the park opens next spring."
+)
+PROMPTS = [
+    SUMMARIZE,
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "What is the capital of France?",
+]
 
 
 def test_fp32_greedy_is_identical_for_every_method(real_engine_fp32):
@@ -37,8 +43,7 @@ def test_bf16_differences_are_only_near_ties():
     for prompt in PROMPTS[:2]:
         reference = engine.generate(prompt, method="ar", max_new_tokens=24)
         out = engine.generate(prompt, method="pld", max_new_tokens=24)
-        verdict = compare_greedy(reference.token_ids, reference.stats.margins, out.token_ids,
-                                 NEAR_TIE_EPSILON["bf16"])
+        verdict = compare_greedy(reference.token_ids, reference.stats.margins, out.token_ids, NEAR_TIE_EPSILON["bf16"])
         assert verdict in ("identical", "near_tie")
 
 
@@ -51,11 +56,23 @@ def test_stream_pieces_add_up_to_the_text(real_engine_fp32):
 def test_cli_json_pld_equals_ar(capsys):
     outputs = {}
     for method in ("ar", "pld"):
-        assert main(["generate", SUMMARIZE, "--json", "--dtype", "fp32", "--method", method,
-                     "--max-new-tokens", "32"]) == 0
+        assert (
+            main(["generate", SUMMARIZE, "--json", "--dtype", "fp32", "--method", method, "--max-new-tokens", "32"])
+            == 0
+        )
         outputs[method] = json.loads(capsys.readouterr().out)
-    for key in ("text", "new_tokens", "wall_s", "tokens_per_s", "rounds", "mean_accepted", "draft_calls",
-                "verified_tokens", "method", "model"):
+    for key in (
+        "text",
+        "new_tokens",
+        "wall_s",
+        "tokens_per_s",
+        "rounds",
+        "mean_accepted",
+        "draft_calls",
+        "verified_tokens",
+        "method",
+        "model",
+    ):
         assert key in outputs["pld"], key
     assert outputs["pld"]["text"] == outputs["ar"]["text"]
     assert outputs["pld"]["mean_accepted"] > 1.5  # summarisation copies from the prompt

@@ -15,18 +15,28 @@ from draftwise.models import DEFAULT_MODEL
 
 def add_model_args(parser: argparse.ArgumentParser, method_default: str = "pld") -> None:
     """--model / --method / --dtype / --device and the drafter knobs, shared by every command that loads a model."""
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"embedded model name or local HF model directory (default: {DEFAULT_MODEL})")
-    parser.add_argument("--method", default=method_default,
-                        help="; ".join(f"{k}: {v}" for k, v in METHOD_HELP.items()) + f" (default: {method_default})")
-    parser.add_argument("--dtype", default="auto", help="auto | bf16 | fp32 | fp16 (auto: bf16 where the hardware "
-                        "multiplies it natively, else fp32)")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"embedded model name or local HF model directory (default: {DEFAULT_MODEL})",
+    )
+    parser.add_argument(
+        "--method",
+        default=method_default,
+        help="; ".join(f"{k}: {v}" for k, v in METHOD_HELP.items()) + f" (default: {method_default})",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto | bf16 | fp32 | fp16 (auto: bf16 where the hardware multiplies it natively, else fp32)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--draft-model", default=None, help="draft model for --method draft-model")
     parser.add_argument("--total-tokens", type=int, default=None, help="tree size verified per round")
     parser.add_argument("--depth", type=int, default=None, help="draft depth (expansion calls)")
-    parser.add_argument("--top-k-draft", type=int, default=None, dest="top_k_draft",
-                        help="children per expanded node in dynamic trees")
+    parser.add_argument(
+        "--top-k-draft", type=int, default=None, dest="top_k_draft", help="children per expanded node in dynamic trees"
+    )
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -55,8 +65,13 @@ def load_engine(args: argparse.Namespace):
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k, seed=args.seed)
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -73,13 +88,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     result = stream.generation
     stats = result.stats
     if args.json:
-        record = {"text": result.text, "model": args.model, "dtype": str(engine.model.dtype).removeprefix("torch."),
-                  **stats.summary()}
+        record = {
+            "text": result.text,
+            "model": args.model,
+            "dtype": str(engine.model.dtype).removeprefix("torch."),
+            **stats.summary(),
+        }
         print(json.dumps(record, indent=2))
     else:
-        print(f"\n--- {stats.new_tokens} tokens in {stats.total_s:.2f} s: {stats.tokens_per_s:.1f} tok/s | "
-              f"method {stats.method} | rounds {stats.rounds} | τ {stats.mean_accepted:.2f} | "
-              f"draft calls {stats.draft_calls} | verified {stats.verified_tokens}", file=sys.stderr)
+        print(
+            f"\n--- {stats.new_tokens} tokens in {stats.total_s:.2f} s: {stats.tokens_per_s:.1f} tok/s | "
+            f"method {stats.method} | rounds {stats.rounds} | τ {stats.mean_accepted:.2f} | "
+            f"draft calls {stats.draft_calls} | verified {stats.verified_tokens}",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -47,13 +47,26 @@ class GenerationStats:
     def summary(self) -> dict:
         """The headline numbers (no per-round lists)."""
         out = {k: v for k, v in asdict(self).items() if k not in ("accepted", "margins")}
-        out.update(wall_s=self.total_s, mean_accepted=self.mean_accepted, tokens_per_s=self.tokens_per_s, overhead_s=self.overhead_s)
+        out.update(
+            wall_s=self.total_s,
+            mean_accepted=self.mean_accepted,
+            tokens_per_s=self.tokens_per_s,
+            overhead_s=self.overhead_s,
+        )
         return out
 
 
-def generate_tokens(target: TargetModel, drafter: Drafter, prompt_ids: list[int], *, max_new_tokens: int,
-                    sampling: Sampling, stats: GenerationStats, stop_token_ids: frozenset[int] = frozenset(),
-                    generator: torch.Generator | None = None) -> Iterator[list[int]]:
+def generate_tokens(
+    target: TargetModel,
+    drafter: Drafter,
+    prompt_ids: list[int],
+    *,
+    max_new_tokens: int,
+    sampling: Sampling,
+    stats: GenerationStats,
+    stop_token_ids: frozenset[int] = frozenset(),
+    generator: torch.Generator | None = None,
+) -> Iterator[list[int]]:
     """Yield the newly committed tokens of every round. `stats` is filled in as it goes.
 
     The target's cache holds all committed tokens but the newest, which roots the next tree; so the prompt's
@@ -72,8 +85,9 @@ def generate_tokens(target: TargetModel, drafter: Drafter, prompt_ids: list[int]
             break
         t0 = time.perf_counter()
         calls_before = drafter.draft_calls
-        context = DraftContext(tokens, len(prompt_ids), sampling, budget=min(room, max_new_tokens - stats.new_tokens),
-                               generator=generator)
+        context = DraftContext(
+            tokens, len(prompt_ids), sampling, budget=min(room, max_new_tokens - stats.new_tokens), generator=generator
+        )
         tree = drafter.propose(context)
         if tree.size > context.budget:
             tree = tree.select_top(context.budget)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -41,35 +41,41 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k:
 class TextStream:
     """Iterates over text pieces as rounds are accepted; `.generation` holds the result once exhausted."""
 
-    def __init__(self, engine: Engine, token_chunks: Iterator[list[int]], stats: GenerationStats,
-                 stop: list[str]):
+    def __init__(
+        self, engine: Engine, token_chunks: Generator[list[int], None, None], stats: GenerationStats, stop: list[str]
+    ):
         self._engine, self._chunks, self._stats, self._stop = engine, token_chunks, stats, stop
         self.generation: Generation | None = None
 
     def __iter__(self) -> Iterator[str]:
         decode = self._engine.tokenizer.decode
         token_ids: list[int] = []
-        emitted = ""
+        emitted, stopped = "", False
         for chunk in self._chunks:
             token_ids.extend(chunk)
             text = decode(token_ids, skip_special_tokens=True)
             hit = min((i for i in (text.find(s) for s in self._stop) if i >= 0), default=-1)
             if hit >= 0:
-                text = text[:hit]
+                text, stopped = text[:hit], True
                 self._stats.finish_reason = "stop"
             elif text.endswith("\ufffd"):  # a multi-byte character is still incomplete
                 continue
             if len(text) > len(emitted):
-                yield text[len(emitted):]
+                yield text[len(emitted) :]
                 emitted = text
-            if hit >= 0:
-                self._chunks.close()
+            if stopped:
+                self.close()
                 break
-        final = decode(token_ids, skip_special_tokens=True) if not self._stats.finish_reason == "stop" else emitted
-        if final.startswith(emitted) and len(final) > len(emitted):
-            yield final[len(emitted):]
-            emitted = final
+        if not stopped:
+            text = decode(token_ids, skip_special_tokens=True)
+            if len(text) > len(emitted):
+                yield text[len(emitted) :]
+                emitted = text
         self.generation = Generation(emitted, token_ids, self._stats)
+
+    def close(self) -> None:
+        """Stop generating (a client went away); the model is free again at once."""
+        self._chunks.close()
 
 
 class Engine:
@@ -84,8 +90,9 @@ class Engine:
         self.drafter(method)  # fail early on a bad method
 
     @classmethod
-    def load(cls, model: str = DEFAULT_MODEL, method: str = "pld", dtype: str = "auto", device: str = "cpu",
-             **method_options) -> Engine:
+    def load(
+        cls, model: str = DEFAULT_MODEL, method: str = "pld", dtype: str = "auto", device: str = "cpu", **method_options
+    ) -> Engine:
         hf_model, tokenizer = load_model(model, dtype=dtype, device=device)
         return cls(hf_model, tokenizer, model_name=model, method=method, **method_options)
 
@@ -114,17 +121,29 @@ class Engine:
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
             ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
         else:
-            ids = self.tokenizer(prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in messages),
-                                 add_special_tokens=True)["input_ids"]
+            ids = self.tokenizer(
+                prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in messages),
+                add_special_tokens=True,
+            )["input_ids"]
         if len(ids) >= self.target.max_length:
             raise DraftwiseError(
                 f"the prompt is {len(ids)} tokens; the model's context window is {self.target.max_length}"
             )
         return list(ids)
 
-    def stream(self, prompt: Prompt, *, method: str | None = None, max_new_tokens: int = 256,
-               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-               chat_template: bool = True, stop: list[str] | None = None) -> TextStream:
+    def stream(
+        self,
+        prompt: Prompt,
+        *,
+        method: str | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        chat_template: bool = True,
+        stop: list[str] | None = None,
+    ) -> TextStream:
         """Start a generation; iterate the result for text pieces."""
         sampling = check_sampling(max_new_tokens, temperature, top_p, top_k)
         drafter = self.drafter(method or self.default_method)
@@ -132,9 +151,16 @@ class Engine:
         generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
         self.target.feature_layers = drafter.feature_layers
         stats = GenerationStats(method=drafter.name)
-        chunks = generate_tokens(self.target, drafter, prompt_ids, max_new_tokens=max_new_tokens,
-                                 sampling=sampling, stats=stats, stop_token_ids=self.stop_token_ids,
-                                 generator=generator)
+        chunks = generate_tokens(
+            self.target,
+            drafter,
+            prompt_ids,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            stats=stats,
+            stop_token_ids=self.stop_token_ids,
+            generator=generator,
+        )
         return TextStream(self, chunks, stats, [s for s in (stop or []) if s])
 
     def generate(self, prompt: Prompt, **kwargs) -> Generation:
@@ -145,7 +171,8 @@ class Engine:
         return stream.generation
 
 
-def load(model: str = DEFAULT_MODEL, method: str = "pld", dtype: str = "auto", device: str = "cpu",
-         **method_options) -> Engine:
+def load(
+    model: str = DEFAULT_MODEL, method: str = "pld", dtype: str = "auto", device: str = "cpu", **method_options
+) -> Engine:
     """Load a model and return an Engine (see Engine.generate / Engine.stream)."""
     return Engine.load(model, method=method, dtype=dtype, device=device, **method_options)

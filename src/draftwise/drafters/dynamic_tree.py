@@ -18,8 +18,9 @@ from draftwise.tree import DraftTree
 ExpandStep = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
-def grow_dynamic_tree(root: int, root_logprobs: Tensor, step: ExpandStep, top_k: int, depth: int,
-                      total_tokens: int) -> DraftTree:
+def grow_dynamic_tree(
+    root: int, root_logprobs: Tensor, step: ExpandStep, top_k: int, depth: int, total_tokens: int
+) -> DraftTree:
     """Build the candidate tree with `depth` expansion calls after the root, then keep the best
     `total_tokens` nodes (root included). `step` receives node ids of the returned tree's numbering."""
     scores, tokens = root_logprobs.float().topk(top_k)

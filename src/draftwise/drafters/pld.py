@@ -8,8 +8,9 @@ from draftwise.drafters.base import DraftContext, Drafter
 from draftwise.tree import DraftTree
 
 
-def lookup_continuations(tokens: torch.Tensor, max_ngram: int, min_ngram: int, length: int,
-                         max_matches: int) -> list[list[int]]:
+def lookup_continuations(
+    tokens: torch.Tensor, max_ngram: int, min_ngram: int, length: int, max_matches: int
+) -> list[list[int]]:
     """Continuations of earlier occurrences of the trailing n-gram, longest n first (stop at the first n that
     matches), most recent occurrence first."""
     total = tokens.numel()
@@ -29,14 +30,21 @@ class PromptLookup(Drafter):
 
     name = "pld"
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, num_pred_tokens: int = 10,
-                 max_matches: int = 4, total_tokens: int = 24):
+    def __init__(
+        self,
+        max_ngram: int = 3,
+        min_ngram: int = 1,
+        num_pred_tokens: int = 10,
+        max_matches: int = 4,
+        total_tokens: int = 24,
+    ):
         super().__init__()
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.num_pred_tokens, self.max_matches, self.total_tokens = num_pred_tokens, max_matches, total_tokens
 
     def propose(self, context: DraftContext) -> DraftTree:
-        spans = lookup_continuations(context.tokens, self.max_ngram, self.min_ngram, self.num_pred_tokens,
-                                     self.max_matches)
+        spans = lookup_continuations(
+            context.tokens, self.max_ngram, self.min_ngram, self.num_pred_tokens, self.max_matches
+        )
         tree = DraftTree.from_sequences(int(context.tokens[-1]), spans)
         return tree.select_top(min(self.total_tokens, context.budget))
