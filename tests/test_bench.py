@@ -11,18 +11,13 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from draftwise.bench import parse_method_options, parse_methods
 from draftwise.bench.datasets import Question, interleave_categories, load_questions
-from draftwise.bench.metrics import (
-    aggregate,
-    assign_verdicts,
-    compare_to_reference,
-    first_difference,
-    tie_epsilon,
-)
+from draftwise.bench.metrics import aggregate, assign_verdicts, first_difference, tie_epsilon
 from draftwise.bench.plots import load_profile
 from draftwise.bench.report import render_report
 from draftwise.bench.runner import PEERS, Settings, run_benchmark, run_engine, run_question, turn_record
 from draftwise.cli import main
 from draftwise.errors import DraftwiseError
+from draftwise.verify import compare_greedy
 
 
 def test_first_difference():
@@ -32,19 +27,20 @@ def test_first_difference():
     assert first_difference([], []) is None
 
 
-def test_compare_to_reference():
+def test_greedy_comparison_against_ar():
+    """The classifier the bench applies (verify.compare_greedy), on the cases a benchmark run meets."""
     ref, margins = [5, 6, 7, 8], [2.0, 0.0001, 3.0, 1.0]
-    assert compare_to_reference(ref, margins, [5, 6, 7, 8], 1e-3) == "identical"
-    assert compare_to_reference(ref, margins, [5, 9, 1, 1], 1e-3) == "near_tie"  # ar itself nearly chose 9
-    assert compare_to_reference(ref, margins, [5, 6, 9, 8], 1e-3) == "mismatch"
-    assert compare_to_reference(ref, margins, [5, 6, 9, 8], 3.5) == "near_tie"  # bf16-sized epsilon
-    assert compare_to_reference(ref, margins, [5, 6, 9, 8], 3.0) == "mismatch"  # the bound is strict
-    assert compare_to_reference(ref, margins, [5, 6], 1e-3) == "mismatch"  # stopped early where ar was sure
-    assert compare_to_reference(ref, margins, [5, 6, 7, 8, 2], 1e-3) == "mismatch"  # ran on past ar's end
+    assert compare_greedy(ref, margins, [5, 6, 7, 8], 1e-3) == "identical"
+    assert compare_greedy(ref, margins, [5, 9, 1, 1], 1e-3) == "near_tie"  # ar itself nearly chose 9
+    assert compare_greedy(ref, margins, [5, 6, 9, 8], 1e-3) == "mismatch"
+    assert compare_greedy(ref, margins, [5, 6, 9, 8], 3.5) == "near_tie"  # bf16-sized epsilon
+    assert compare_greedy(ref, margins, [5, 6, 9, 8], 3.0) == "mismatch"  # the bound is strict
+    assert compare_greedy(ref, margins, [5, 6], 1e-3) == "mismatch"  # stopped early where ar was sure
+    assert compare_greedy(ref, margins, [5, 6, 7, 8, 2], 1e-3) == "mismatch"  # ran on past ar's end
 
 
 def test_tie_epsilon_by_dtype():
-    assert tie_epsilon("float32") == 1e-3
+    assert tie_epsilon("float32") == tie_epsilon("fp32") == 1e-3
     assert tie_epsilon("bfloat16") == tie_epsilon("float16") == 0.5
 
 

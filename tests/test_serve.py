@@ -23,9 +23,10 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from draftwise.cli import build_parser, main
 from draftwise.engine import Engine
 from draftwise.models import resolve_model
-from draftwise.serve import APIError, Job, Metrics, Worker, create_app, finished, listen, register
+from draftwise.serve import APIError, Job, Metrics, Worker, create_app, finished, listen
 
 MAX_QUEUE = 3
 MESSAGES = [{"role": "user", "content": "List the days of the week, then list them again."}]
@@ -181,6 +182,7 @@ def test_stop_as_string_and_list(client: openai.OpenAI, engine: Engine) -> None:
 
 
 def test_models_health_and_metrics(client: openai.OpenAI, server: Server) -> None:
+    client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3)
     assert [m.id for m in client.models.list()] == ["tiny"]
     status, health = call(server, "GET", "/health")
     assert status == 200 and health["status"] == "ok" and health["model"] == "tiny"
@@ -323,7 +325,7 @@ def test_load_every_request_is_answered_200_or_429(server: Server) -> None:
     assert statuses.count(200) >= MAX_QUEUE
     refused_now = metric(server, "draftwise_requests_total", endpoint=CHAT, status="429")
     assert refused_now == refused + statuses.count(429)
-    assert idle(server)
+    wait_until(lambda: idle(server))
 
 
 def refuses_connections(port: int) -> bool:
@@ -351,17 +353,14 @@ def test_shutdown_finishes_the_stream_in_flight(engine: Engine) -> None:
     assert rest[-1].choices[0].finish_reason == "length"
 
 
-def test_serve_command_line(tmp_path) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["serve", "--port", "0", "--max-queue", "2", "--method", "ar"])
+def test_serve_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser().parse_args(["serve", "--port", "0", "--max-queue", "2", "--method", "ar"])
     assert (args.host, args.port, args.max_queue, args.method) == ("127.0.0.1", 0, 2, "ar")
-    with socket.create_server(("127.0.0.1", 0)) as taken:
-        busy = parser.parse_args(["serve", "--port", str(taken.getsockname()[1])])
-        with pytest.raises(Exception, match="cannot listen on 127.0.0.1"):
-            busy.func(busy)  # fails before loading any model
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # a busy port fails at once, before the model loads
+        assert main(["serve", "--port", str(taken.getsockname()[1])]) == 2
+    assert main(["serve", "--max-queue", "0"]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert errors[0].startswith("error: cannot listen on 127.0.0.1:") and errors[1].startswith("error: --max-queue")
 
 
 @pytest.mark.real_model

@@ -25,6 +25,7 @@ class GenerationStats:
     draft_calls: int = 0
     verified_tokens: int = 0
     accepted: list[int] = field(default_factory=list)  # tokens committed per round, bonus included
+    round_draft_calls: list[int] = field(default_factory=list)  # draft-network forwards per round
     margins: list[float] = field(default_factory=list)  # target top-1 minus top-2 logit at each new token
     prefill_s: float = 0.0
     draft_s: float = 0.0
@@ -46,7 +47,7 @@ class GenerationStats:
 
     def summary(self) -> dict:
         """The headline numbers (no per-round lists)."""
-        out = {k: v for k, v in asdict(self).items() if k not in ("accepted", "margins")}
+        out = {k: v for k, v in asdict(self).items() if k not in ("accepted", "round_draft_calls", "margins")}
         out.update(
             wall_s=self.total_s,
             mean_accepted=self.mean_accepted,
@@ -114,7 +115,8 @@ def generate_tokens(
         drafter.observe(RoundResult(tree, path, bonus, feats))
         t4 = time.perf_counter()
         stats.rounds += 1
-        stats.draft_calls += drafter.draft_calls - calls_before
+        stats.round_draft_calls.append(drafter.draft_calls - calls_before)
+        stats.draft_calls += stats.round_draft_calls[-1]
         stats.verified_tokens += tree.size
         stats.accepted.append(len(path))
         stats.margins.extend(margins[: len(new)])

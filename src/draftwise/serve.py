@@ -126,15 +126,19 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
-def validation_error(exc: RequestValidationError) -> APIError:
-    """Malformed JSON is a 400; well-formed JSON with wrong fields is a 422 naming the first bad field."""
+def validation_error(exc: RequestValidationError, content_type: str) -> APIError:
+    """Malformed JSON is a 400. Well-formed JSON with wrong fields is a 422 whose `param` is the first bad
+    top-level field, as in OpenAI's errors, and whose message gives the full path of every problem."""
+    if content_type and "json" not in content_type:  # FastAPI left the body unparsed; `curl -d` without -H
+        return APIError(400, "send the request body as JSON, with the header Content-Type: application/json")
     errors = exc.errors()
     bad_json = [e for e in errors if e["type"] == "json_invalid"]
     if bad_json:
         return APIError(400, f"the request body is not valid JSON: {bad_json[0].get('ctx', {}).get('error')}")
-    fields = [".".join(str(p) for p in e["loc"] if p != "body") for e in errors]
-    message = "; ".join(f"{f or 'request body'}: {e['msg']}" for f, e in zip(fields, errors, strict=True))
-    return APIError(422, message, param=fields[0] or None)
+    paths = [[str(p) for p in e["loc"][1:]] for e in errors]  # loc starts with "body"
+    problems = zip(paths, errors, strict=True)
+    message = "; ".join(f"{'.'.join(path) or 'request body'}: {e['msg']}" for path, e in problems)
+    return APIError(422, message, param=paths[0][0] if paths[0] else None)
 
 
 # --- the worker
@@ -283,7 +287,7 @@ class Worker:
             log.exception("generation failed")
             job.emit("error", APIError(500, f"internal error: {exc}", "server_error"))
         finally:
-            pieces.close()  # the decode loop is never resumed, so a cancelled generation does no more work
+            stream.close()  # the decode loop is never resumed, so a cancelled generation does no more work
 
 
 # --- responses
@@ -452,7 +456,7 @@ def create_app(engine: Engine, max_queue: int = 16) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
-        return validation_error(exc).response()
+        return validation_error(exc, request.headers.get("content-type", "")).response()
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:  # unknown path, wrong HTTP method

@@ -113,7 +113,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     settings = runner.Settings(max_new_tokens, args.temperature, args.top_p, args.top_k)
     runners, unavailable = runner.build_runners(names, model, tokenizer, args.model, options)
     print(f"[draftwise] warming up {', '.join(runners)}", file=sys.stderr, flush=True)
-    unavailable.update(runner.warm_up(runners, questions[0], settings, args.seed))
+    unavailable.update(runner.warm_up(runners, settings, args.seed))
     runners = {n: r for n, r in runners.items() if n not in unavailable}
     for name, reason in unavailable.items():
         print(f"[draftwise] {name} cannot run: {reason}", file=sys.stderr)
@@ -129,17 +129,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if settings.temperature == 0:
         metrics.assign_verdicts(records, epsilon)
     summary = metrics.aggregate(records, available)
-    env = report.environment(args.model, model, {k: str(v) for k, v in vars(args).items() if k != "func"})
+    given = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
+    env = report.environment(args.model, model, given)
     run_settings = {"prompts": args.prompts, "categories": categories, "questions": len(questions),
                     "max_new_tokens": max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                     "top_k": args.top_k, "seed": args.seed, "tie_epsilon": epsilon, "options": options}
     report.write_results(args.out / "results.json", env, run_settings, names, unavailable, summary, records)
-    try:
-        plot_files = plots.write_plots(args.out, summary, records, available, profile)
-    except ModuleNotFoundError as exc:
-        print(f"[draftwise] plots skipped: {exc.name} is not installed (pip install matplotlib)",
-              file=sys.stderr)
-        plot_files = []
+    plot_files = plots.write_plots(args.out, summary, records, available, profile)
     text = report.render_report(env, run_settings, names, unavailable, summary, records, epsilon, plot_files)
     (args.out / "report.md").write_text(text, encoding="utf-8")
 

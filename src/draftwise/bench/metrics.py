@@ -9,17 +9,17 @@ A record is one (question, method) pair as stored in results.json: `{"index", "q
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
-Verdict = Literal["identical", "near_tie", "mismatch"]
-VERDICTS: tuple[Verdict, ...] = ("identical", "near_tie", "mismatch")
+from draftwise.verify import NEAR_TIE_EPSILON, compare_greedy
+
+VERDICTS = ("identical", "near_tie", "mismatch")  # what compare_greedy answers
 BASELINE = "ar"
+TORCH_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def tie_epsilon(dtype: str) -> float:
-    """Logit margin below which two exact decoders may legitimately disagree: bf16/fp16 matmuls summed in
-    another order move logits by tenths, fp32 by far less than 1e-3."""
-    return 1e-3 if dtype in ("float32", "fp32") else 0.5
+    """The near-tie threshold for a model dtype, by torch name ("bfloat16") or ours ("bf16")."""
+    return NEAR_TIE_EPSILON[TORCH_DTYPES.get(dtype, dtype)]
 
 
 def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
@@ -30,22 +30,10 @@ def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def compare_to_reference(ref_tokens: Sequence[int], ref_margins: Sequence[float], tokens: Sequence[int],
-                         epsilon: float) -> Verdict:
-    """Classify a greedy output against the `ar` reference. Outputs that part where the reference's top-2
-    logits were within `epsilon` are near-ties (numerics, not a bug); any other difference is a mismatch."""
-    i = first_difference(ref_tokens, tokens)
-    if i is None:
-        return "identical"
-    if i < len(ref_margins) and ref_margins[i] < epsilon:
-        return "near_tie"
-    return "mismatch"
-
-
 def assign_verdicts(records: list[dict], epsilon: float) -> None:
-    """Set `verdict` (and `divergence`: turn, token position, the reference's margin there) on every
-    successful non-baseline record whose question the baseline answered. The first turn that differs decides:
-    later turns are asked after different answers."""
+    """Set `verdict` (verify.compare_greedy against `ar`) and `divergence` (turn, token position, ar's margin
+    there) on every successful non-baseline record whose question `ar` answered. The first turn that differs
+    decides: later turns are asked after different answers."""
     reference = {r["index"]: r for r in records if r["method"] == BASELINE and not r["error"]}
     for record in records:
         ref = reference.get(record["index"])
@@ -53,8 +41,7 @@ def assign_verdicts(records: list[dict], epsilon: float) -> None:
             continue
         record["verdict"] = "identical"
         for turn_index, (ref_turn, turn) in enumerate(zip(ref["turns"], record["turns"], strict=True)):
-            verdict = compare_to_reference(ref_turn["token_ids"], ref_turn["margins"], turn["token_ids"],
-                                           epsilon)
+            verdict = compare_greedy(ref_turn["token_ids"], ref_turn["margins"], turn["token_ids"], epsilon)
             if verdict != "identical":
                 position = first_difference(ref_turn["token_ids"], turn["token_ids"])
                 margins = ref_turn["margins"]

@@ -52,10 +52,10 @@ def plot_speedup(plt, summary: dict, methods: list[str], path: Path) -> None:
 def plot_tau(plt, summary: dict, methods: list[str], path: Path) -> None:
     shown = [m for m in methods if summary["overall"][m]["tau"] is not None]
     values = [summary["overall"][m]["tau"] for m in shown]
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(shown) + 1.5), 4))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.1 * len(shown) + 2), 4))
     bars = ax.bar(shown, values, color="tab:green")
     ax.bar_label(bars, fmt="%.2f")
-    ax.set_ylabel("τ: tokens committed per round (bonus included)")
+    ax.set_ylabel("τ (tokens per round, bonus included)")
     ax.set_title("Mean accepted length by method")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -63,15 +63,20 @@ def plot_tau(plt, summary: dict, methods: list[str], path: Path) -> None:
 
 
 def plot_draft_calls(plt, records: list[dict], methods: list[str], path: Path) -> None:
-    """Per prompt turn, draft calls / rounds: the decode loop reports totals per generation, not per round."""
-    shown = [m for m in methods if _engine_turn_stats(records, m)]
-    values = [[s["draft_calls"] / s["rounds"] for s in _engine_turn_stats(records, m)] for m in shown]
+    """Histogram of draft calls per round. Methods that never call a draft network (ar, pld, peers) are left out."""
+    values = {m: [c for s in _engine_turn_stats(records, m) for c in s["round_draft_calls"]] for m in methods}
+    values = {m: v for m, v in values.items() if any(v)}
     fig, ax = plt.subplots(figsize=(6, 4))
-    if shown:
-        ax.hist(values, bins=min(20, max(5, sum(map(len, values)) // 2)), label=shown)
+    if values:
+        ax.hist(list(values.values()), bins=min(20, max(5, sum(map(len, values.values())) // 2)),
+                label=list(values))
         ax.legend(fontsize="small")
-    ax.set_xlabel("draft calls per round (mean over one generated turn)")
-    ax.set_ylabel("turns")
+    else:
+        ax.text(0.5, 0.5, "no method in this run calls a draft network", ha="center", va="center",
+                transform=ax.transAxes)
+    ax.set_xlabel("draft calls per round")
+    ax.set_ylabel("rounds")
+    ax.yaxis.get_major_locator().set_params(integer=True)
     ax.set_title("Draft calls per round")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -81,22 +86,30 @@ def plot_draft_calls(plt, records: list[dict], methods: list[str], path: Path) -
 def plot_time_split(plt, summary: dict, methods: list[str], path: Path) -> None:
     """Milliseconds per new token, split where the engine measured it; the bars' length is the wall time."""
     rows = [(m, summary["overall"][m]) for m in methods if summary["overall"][m]["new_tokens"]]
-    fig, ax = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.8))
+    fig, ax = plt.subplots(figsize=(7.5, 0.6 * len(rows) + 2.6))
     labels = [m for m, _ in rows]
     left = [0.0] * len(rows)
-    segments = [(label, [1000 * (row["time_split_s"] or {}).get(key, 0.0) / row["new_tokens"]
-                         for _, row in rows])
+
+    def per_token_ms(seconds: list[float]) -> list[float]:
+        return [1000 * s / row["new_tokens"] for s, (_, row) in zip(seconds, rows, strict=True)]
+
+    segments = [(label, per_token_ms([(row["time_split_s"] or {}).get(key, 0.0) for _, row in rows]))
                 for key, label in SPLIT]
-    segments.append(("outside the engine (chat template, detokenise) or unsplit (peers)",
-                     [1000 * (row["wall_s"] - sum((row["time_split_s"] or {}).values())) / row["new_tokens"]
-                      for _, row in rows]))
-    for label, widths in segments:
-        ax.barh(labels, widths, left=left, label=label)
+    segments += [
+        ("outside the engine (chat template, detokenise)",
+         per_token_ms([row["wall_s"] - sum(row["time_split_s"].values()) if row["time_split_s"] else 0.0
+                       for _, row in rows])),
+        ("not split (peer)",
+         per_token_ms([0.0 if row["time_split_s"] else row["wall_s"] for _, row in rows])),
+    ]
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:gray"]
+    for (label, widths), color in zip(segments, colors, strict=True):
+        ax.barh(labels, widths, left=left, label=label, color=color)
         left = [a + b for a, b in zip(left, widths, strict=True)]
     ax.invert_yaxis()
     ax.set_xlabel("ms per new token")
     ax.set_title("Where the time goes")
-    ax.legend(fontsize="x-small", loc="lower right")
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -25,6 +25,8 @@ from draftwise.errors import DraftwiseError
 
 Messages = list[dict[str, str]]
 WARMUP_TOKENS = 16  # enough to touch every code path (prefill, drafting, verification) once
+# A fixed short prompt, so a question the model cannot take (too long) is not mistaken for a broken method.
+WARMUP_PROMPT = "Repeat after me: the quick brown fox jumps over the lazy dog, the quick brown fox."
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ def run_engine(engine: Engine, messages: Messages, settings: Settings, seed: int
     wall_s = time.perf_counter() - start
     stats = generation.stats
     return turn_record(generation.text, generation.token_ids, wall_s, stats.margins,
-                       {**stats.summary(), "accepted": stats.accepted})
+                       {**stats.summary(), "accepted": stats.accepted, "round_draft_calls": stats.round_draft_calls})
 
 
 def run_hf_generate(engine: Engine, messages: Messages, settings: Settings, seed: int,
@@ -67,12 +69,12 @@ def run_hf_generate(engine: Engine, messages: Messages, settings: Settings, seed
     stop = sorted(engine.stop_token_ids)
     # Explicit neutral values: None would be filled from the model's generation_config, whose penalties or
     # sampling defaults draftwise does not apply, and the peers must decode the same distribution.
-    config = GenerationConfig(
-        max_new_tokens=settings.max_new_tokens, do_sample=settings.temperature > 0,
-        temperature=settings.temperature or 1.0, top_p=settings.top_p, top_k=settings.top_k, num_beams=1,
-        min_length=0, repetition_penalty=1.0, no_repeat_ngram_size=0, typical_p=1.0,
-        eos_token_id=stop, pad_token_id=stop[0], **generate_options,
-    )
+    sampling = settings.temperature > 0
+    warpers = {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k}
+    config = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=sampling,
+                              **(warpers if sampling else {}), num_beams=1, min_length=0,
+                              repetition_penalty=1.0, no_repeat_ngram_size=0, typical_p=1.0,
+                              eos_token_id=stop, pad_token_id=stop[0], **generate_options)
     input_ids = torch.tensor([prompt_ids], device=engine.target.device)
     torch.manual_seed(seed)
     with torch.inference_mode():
@@ -154,13 +156,13 @@ def run_question(runner: Runner, question: Question, settings: Settings,
     return turns, peak_memory()
 
 
-def warm_up(runners: dict[str, Runner], question: Question, settings: Settings, seed: int) -> dict[str, str]:
+def warm_up(runners: dict[str, Runner], settings: Settings, seed: int) -> dict[str, str]:
     """One short generation per method before timing; returns the methods that failed, with the reason."""
     short = replace(settings, max_new_tokens=min(settings.max_new_tokens, WARMUP_TOKENS))
     failed = {}
     for name, runner in runners.items():
         try:
-            runner([{"role": "user", "content": question.turns[0]}], short, seed)
+            runner([{"role": "user", "content": WARMUP_PROMPT}], short, seed)
         except Exception as exc:
             failed[name] = describe(exc)
     return failed
