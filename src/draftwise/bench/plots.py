@@ -34,7 +34,7 @@ def plot_speedup(plt, summary: dict, methods: list[str], path: Path) -> None:
     scopes = {**summary["categories"], "overall": summary["overall"]}
     shown = [m for m in methods if m != BASELINE]
     width = 0.8 / max(len(shown), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(scopes) * max(len(shown), 1) + 2), 4.5))
+    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.25 * len(scopes) * max(len(shown), 1) + 2)), 5.5))
     for k, method in enumerate(shown):
         values = [rows[method]["speedup"] or 0.0 for rows in scopes.values()]
         offset = (k - (len(shown) - 1) / 2) * width
