@@ -148,7 +148,11 @@ class Engine:
         sampling = check_sampling(max_new_tokens, temperature, top_p, top_k)
         drafter = self.drafter(method or self.default_method)
         prompt_ids = self.encode(prompt, chat_template)
-        generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+        generator = torch.Generator()  # per generation, so the global RNG is never touched
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
         self.target.feature_layers = drafter.feature_layers
         stats = GenerationStats(method=drafter.name)
         chunks = generate_tokens(

@@ -62,7 +62,6 @@ class DraftModel(Drafter):
             parent_list = parents.tolist()
             mask = torch.zeros(k, past + k, dtype=torch.bool)
             mask[:, :committed] = True
-            depth = 1
             for row, node in enumerate(frontier.tolist()):
                 mask[row, past + row] = True
                 slot_of[node] = past + row
