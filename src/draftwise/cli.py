@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-EXTRA_COMMANDS = ("draftwise.bench", "draftwise.serve")  # modules with register(subparsers)
+# modules with register(subparsers)
+EXTRA_COMMANDS = ("draftwise.bench", "draftwise.serve", "draftwise.training.distill")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,1 @@
+"""Training: self-distilled data for draft heads, and the draft-head training loop."""

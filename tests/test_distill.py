@@ -1,0 +1,50 @@
+"""Self-distilled data building: truncated-JSON recovery, and a resumable build/load round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import tiny_llama
+from transformers import AutoTokenizer
+
+from draftwise import models
+from draftwise.cli import main
+from draftwise.training.distill import _decode_truncated_json_array, build_distill_data, load_distill_data
+
+
+def test_truncated_json_array_keeps_every_complete_item():
+    raw = json.dumps([{"a": 1}, {"b": [2, 3]}, {"c": "x"}])[:-8]  # cut inside the last item
+    assert _decode_truncated_json_array(raw) == [{"a": 1}, {"b": [2, 3]}]
+
+
+@pytest.fixture(scope="module")
+def tiny_and_tokenizer():
+    return tiny_llama(vocab_size=49152), AutoTokenizer.from_pretrained(models.resolve_model("smollm2-135m"))
+
+
+def test_build_is_resumable_and_loads_back(tmp_path, tiny_and_tokenizer):
+    model, tokenizer = tiny_and_tokenizer
+    prompts = ["hello there", "what is two plus two?", "name a colour"]
+    assert (
+        build_distill_data(model, tokenizer, prompts, tmp_path, (0, 1, 2), max_new_tokens=5, batch_size=2, shard_size=2)
+        == 3
+    )
+    shards = sorted(tmp_path.glob("shard_*.safetensors"))
+    stamps = [p.stat().st_mtime_ns for p in shards]
+    assert (
+        build_distill_data(model, tokenizer, prompts, tmp_path, (0, 1, 2), max_new_tokens=5, batch_size=2, shard_size=2)
+        == 3
+    )
+    assert [p.stat().st_mtime_ns for p in shards] == stamps  # finished shards are not redone
+    for sample in load_distill_data(tmp_path):
+        n = sample["ids"].numel()
+        assert sample["features"].shape == (n, 3, 64)
+        assert 0 < int(sample["response_from"]) < n
+
+
+def test_distill_command_rejects_bad_input(capsys, tmp_path):
+    assert main(["distill", "--prompts", str(tmp_path / "missing.jsonl")]) == 2
+    assert main(["distill", "--feature-layers", "a,b"]) == 2
+    assert main(["distill", "--limit", "0"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
