@@ -55,7 +55,7 @@ class DraftModel(Drafter):
             self.runner.truncate(committed)
 
     def _tree(self, root: int, root_logits: Tensor, committed: int, budget: int) -> DraftTree:
-        slot_of = {0: committed - 1}  # draft node id -> draft cache slot; the root is the last committed token
+        slot_of: dict[int, int] = {}  # draft node id -> draft cache slot (the root sits in the committed part)
 
         def step(frontier: Tensor, frontier_tokens: Tensor, parents: Tensor) -> Tensor:
             past, k = self.runner.length, frontier.numel()
