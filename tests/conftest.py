@@ -45,7 +45,7 @@ def run(
     generator = torch.Generator().manual_seed(seed)
     tokens: list[int] = []
     for chunk in generate_tokens(
-        TargetModel(model),
+        TargetModel(model, drafter.feature_layers),
         drafter,
         prompt,
         max_new_tokens=max_new_tokens,
@@ -55,6 +55,22 @@ def run(
     ):
         tokens.extend(chunk)
     return tokens, stats
+
+
+def tiny_eagle(model, draft_vocab: int | None = None, seed: int = 0, **options):
+    """An EagleDrafter with a random head over the target's layers 0, 1 and final; a reduced draft vocabulary
+    (every other token) exercises the id mapping and q's zeros outside it."""
+    from draftwise.draft_head import DraftHead, DraftHeadConfig
+    from draftwise.drafters.eagle import EagleDrafter
+
+    torch.manual_seed(seed)
+    vocab = model.config.vocab_size
+    layers = (0, 1, model.config.num_hidden_layers)
+    head = DraftHead(DraftHeadConfig.from_target(model.config, layers, draft_vocab or vocab))
+    if draft_vocab:
+        head.draft_to_target.copy_(torch.arange(0, 2 * draft_vocab, 2) % vocab)
+    head.attach_embedding(model.get_input_embeddings().weight)
+    return EagleDrafter(head.eval(), **options)
 
 
 def greedy_reference(model, prompt: list[int], max_new_tokens: int) -> list[int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import greedy_reference, run, tiny_llama
+from conftest import greedy_reference, run, tiny_eagle, tiny_llama
 from scipy.stats import chisquare
 
 from draftwise.drafters.base import DraftContext, Drafter, NoDraft
@@ -92,6 +92,8 @@ def drafters_for(model, prompt: list[int], truth: list[int]) -> list[Drafter]:
         OracleDrafter(prompt, truth, vocab, depth=6, width=3, error_rate=0.3),
         DraftModel(tiny_llama(vocab, seed=7), top_k=3, depth=3, total_tokens=12),  # a different model
         DraftModel(model, top_k=2, depth=5, total_tokens=10),  # the same model: accepts almost everything
+        tiny_eagle(model, top_k=3, depth=4, total_tokens=12),  # an untrained draft head
+        tiny_eagle(model, draft_vocab=40, top_k=1, depth=6, total_tokens=8),  # chain, reduced vocabulary
     ]
 
 
@@ -171,9 +173,10 @@ SAMPLING_MAKERS = {
     "random": lambda prompt, vocab: RandomDrafter(vocab, nodes=6),
     "draft-model": lambda prompt, vocab: DraftModel(tiny_llama(vocab, seed=9), top_k=2, depth=2, total_tokens=6),
     "pld": lambda prompt, vocab: PromptLookup(),
+    "eagle": lambda prompt, vocab: tiny_eagle(tiny_llama(vocab, seed=3), draft_vocab=5, depth=2),
 }
 CASES = [(SAMPLING_CASES[0], name) for name in SAMPLING_MAKERS] + [
-    (sampling, name) for sampling in SAMPLING_CASES[1:] for name in ("wide", "draft-model")
+    (sampling, name) for sampling in SAMPLING_CASES[1:] for name in ("wide", "draft-model", "eagle")
 ]
 
 

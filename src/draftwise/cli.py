@@ -32,6 +32,8 @@ def add_model_args(parser: argparse.ArgumentParser, method_default: str = "pld")
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--draft-model", default=None, help="draft model for --method draft-model")
+    parser.add_argument("--draft-head", default=None, help="draft head directory for --method eagle (default: shipped)")
+    parser.add_argument("--datastore", default=None, help="retrieval datastore name or directory for --method rest")
     parser.add_argument("--total-tokens", type=int, default=None, help="tree size verified per round")
     parser.add_argument("--depth", type=int, default=None, help="draft depth (expansion calls)")
     parser.add_argument(
@@ -51,6 +53,10 @@ def method_options(args: argparse.Namespace) -> dict:
     options = {"total_tokens": args.total_tokens, "depth": args.depth, "top_k": args.top_k_draft}
     if args.method == "draft-model":
         options["draft_model"] = args.draft_model
+    if args.draft_head is not None:
+        options["draft_head"] = args.draft_head
+    if args.datastore is not None:
+        options["datastore"] = args.datastore
     return {k: v for k, v in options.items() if v is not None}
 
 
@@ -160,7 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # modules with register(subparsers)
-EXTRA_COMMANDS = ("draftwise.bench", "draftwise.serve", "draftwise.training.distill")
+EXTRA_COMMANDS = (
+    "draftwise.bench",
+    "draftwise.serve",
+    "draftwise.training.distill",
+    "draftwise.training.train_draft",
+    "draftwise.retrieval",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,9 @@ from collections.abc import Callable
 
 from draftwise.drafters.base import DraftContext, Drafter, NoDraft, RoundResult
 from draftwise.drafters.draft_model import DraftModel
+from draftwise.drafters.eagle import load_eagle
 from draftwise.drafters.pld import PromptLookup
+from draftwise.drafters.rest import RestDrafter
 from draftwise.errors import DraftwiseError
 
 
@@ -23,12 +25,16 @@ METHODS: dict[str, Callable[..., Drafter]] = {
     "ar": lambda engine, **options: NoDraft(),
     "pld": lambda engine, **options: PromptLookup(**options),
     "draft-model": _draft_model,
+    "eagle": lambda engine, **options: load_eagle(engine, **options),
+    "rest": lambda engine, **options: RestDrafter(vocab_size=engine.target.model.config.vocab_size, **options),
 }
 
 METHOD_HELP = {
     "ar": "plain autoregressive decoding (the baseline), through the same engine",
     "pld": "prompt lookup: n-gram matches in prompt and output, merged into a tree",
+    "eagle": "EAGLE-3-style draft head on the target's features, EAGLE-2 dynamic tree (--draft-head, default: shipped)",
     "draft-model": "an independent HF draft model (--draft-model, default: the target's own weights)",
+    "rest": "REST retrieval: continuations of the context's longest suffix in a datastore (--datastore, default chat)",
 }
 
 

@@ -11,10 +11,9 @@ import torch
 from torch import Tensor
 
 from draftwise.drafters.base import DraftContext, Drafter
-from draftwise.drafters.dynamic_tree import grow_dynamic_tree
+from draftwise.drafters.dynamic_tree import TreeSlots, grow_dynamic_tree, sample_chain
 from draftwise.target import TargetModel
 from draftwise.tree import DraftTree
-from draftwise.verify import target_probs
 
 
 class DraftModel(Drafter):
@@ -55,21 +54,12 @@ class DraftModel(Drafter):
             self.runner.truncate(committed)
 
     def _tree(self, root: int, root_logits: Tensor, committed: int, budget: int) -> DraftTree:
-        slot_of: dict[int, int] = {}  # draft node id -> draft cache slot (the root sits in the committed part)
+        slots = TreeSlots(committed)
 
         def step(frontier: Tensor, frontier_tokens: Tensor, parents: Tensor) -> Tensor:
-            past, k = self.runner.length, frontier.numel()
-            parent_list = parents.tolist()
-            mask = torch.zeros(k, past + k, dtype=torch.bool)
-            mask[:, :committed] = True
-            for row, node in enumerate(frontier.tolist()):
-                mask[row, past + row] = True
-                slot_of[node] = past + row
-                ancestor, depth = parent_list[node], 1
-                while ancestor > 0:
-                    mask[row, slot_of[ancestor]] = True
-                    ancestor, depth = parent_list[ancestor], depth + 1
-            positions = torch.full((1, k), committed - 1 + depth)  # the frontier shares one depth
+            past = self.runner.length
+            mask, depth = slots.frontier_mask(frontier, parents, past)
+            positions = torch.full((1, frontier.numel()), committed - 1 + depth)  # the frontier shares one depth
             self.draft_calls += 1
             return self._trim(self.runner.forward(frontier_tokens, positions, mask[None, None]).logits).log_softmax(-1)
 
@@ -78,18 +68,11 @@ class DraftModel(Drafter):
     def _sampled_chain(
         self, root: int, root_logits: Tensor, committed: int, budget: int, context: DraftContext
     ) -> DraftTree:
-        """depth+1 tokens sampled one after another from q, each q kept for verification."""
-        tokens, proposals = [root], [torch.nn.functional.one_hot(torch.tensor(root), root_logits.numel()).float()]
-        logits, n_draft = root_logits, min(self.depth + 1, budget - 1)
-        for i in range(n_draft):
-            q = target_probs(logits, context.sampling)
-            token = int(torch.multinomial(q, 1, generator=context.generator))
-            tokens.append(token)
-            proposals.append(q)
-            if i + 1 < n_draft:
-                past = self.runner.length
-                mask = torch.ones(1, 1, 1, past + 1, dtype=torch.bool)
-                self.draft_calls += 1
-                logits = self._trim(self.runner.forward(torch.tensor([token]), torch.tensor([[past]]), mask).logits[0])
-        n = len(tokens)
-        return DraftTree(torch.tensor(tokens), torch.arange(-1, n - 1), torch.zeros(n), torch.stack(proposals))
+        def next_logits(token: int) -> Tensor:
+            past = self.runner.length
+            mask = torch.ones(1, 1, 1, past + 1, dtype=torch.bool)
+            self.draft_calls += 1
+            return self._trim(self.runner.forward(torch.tensor([token]), torch.tensor([[past]]), mask).logits[0])
+
+        length = min(self.depth + 1, budget - 1)
+        return sample_chain(root, root_logits, next_logits, length, context.sampling, context.generator)

@@ -19,11 +19,20 @@ ExpandStep = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 def grow_dynamic_tree(
-    root: int, root_logprobs: Tensor, step: ExpandStep, top_k: int, depth: int, total_tokens: int
+    root: int,
+    root_logprobs: Tensor,
+    step: ExpandStep,
+    top_k: int,
+    depth: int,
+    total_tokens: int,
+    vocab_map: Tensor | None = None,
 ) -> DraftTree:
     """Build the candidate tree with `depth` expansion calls after the root, then keep the best
-    `total_tokens` nodes (root included). `step` receives node ids of the returned tree's numbering."""
+    `total_tokens` nodes (root included). `step` receives node ids of the returned tree's numbering.
+    `vocab_map` turns column indices of the log-probs into token ids (a reduced draft vocabulary)."""
     scores, tokens = root_logprobs.float().topk(top_k)
+    if vocab_map is not None:
+        tokens = vocab_map[tokens]
     all_tokens = [torch.tensor([root]), tokens]
     all_parents = [torch.tensor([-1]), torch.zeros(top_k, dtype=torch.long)]
     all_scores = [torch.zeros(1), scores]
@@ -35,7 +44,7 @@ def grow_dynamic_tree(
         child_lp, child_tok = logprobs.topk(top_k, dim=-1)  # (k, k)
         cand_scores = (frontier_scores[:, None] + child_lp).flatten()
         cand_parents = frontier.repeat_interleave(top_k)
-        cand_tokens = child_tok.flatten()
+        cand_tokens = child_tok.flatten() if vocab_map is None else vocab_map[child_tok.flatten()]
         all_tokens.append(cand_tokens)
         all_parents.append(cand_parents)
         all_scores.append(cand_scores)
@@ -45,3 +54,48 @@ def grow_dynamic_tree(
         count += cand_tokens.numel()
     tree = DraftTree(torch.cat(all_tokens), torch.cat(all_parents), torch.cat(all_scores))
     return tree.select_top(total_tokens)
+
+
+class TreeSlots:
+    """Where each expanded node's key sits in a draft cache, so a frontier can attend to the committed
+    context plus its own ancestors (EAGLE-2's draft-side tree mask)."""
+
+    def __init__(self, committed: int):
+        self.committed = committed
+        self.slot_of: dict[int, int] = {}
+
+    def frontier_mask(self, frontier: Tensor, parents: Tensor, past: int) -> tuple[Tensor, int]:
+        """Bool mask (k, past + k) for the frontier about to be appended at `past`, and the frontier's depth."""
+        k, parent_list = frontier.numel(), parents.tolist()
+        mask = torch.zeros(k, past + k, dtype=torch.bool)
+        mask[:, : self.committed] = True
+        depth = 1
+        for row, node in enumerate(frontier.tolist()):
+            mask[row, past + row] = True
+            self.slot_of[node] = past + row
+            ancestor, depth = parent_list[node], 1
+            while ancestor > 0:
+                mask[row, self.slot_of[ancestor]] = True
+                ancestor, depth = parent_list[ancestor], depth + 1
+        return mask, depth
+
+
+def sample_chain(
+    root: int, root_logits: Tensor, next_logits: Callable[[int], Tensor], length: int, sampling, generator
+) -> DraftTree:
+    """`length` tokens sampled one after another from the drafter's q, each q kept so verification can
+    accept with min(1, p/q) and stay lossless. `next_logits(token)` feeds a sampled token to the drafter."""
+    from draftwise.verify import target_probs
+
+    vocab = root_logits.numel()
+    tokens, proposals = [root], [torch.nn.functional.one_hot(torch.tensor(root), vocab).float()]
+    logits = root_logits
+    for i in range(length):
+        q = target_probs(logits, sampling)
+        token = int(torch.multinomial(q, 1, generator=generator))
+        tokens.append(token)
+        proposals.append(q)
+        if i + 1 < length:
+            logits = next_logits(token)
+    n = len(tokens)
+    return DraftTree(torch.tensor(tokens), torch.arange(-1, n - 1), torch.zeros(n), torch.stack(proposals))

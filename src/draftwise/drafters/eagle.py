@@ -1,0 +1,147 @@
+"""EAGLE drafting with a trained draft head (draft_head.py).
+
+The head keeps its own KV cache of committed pairs (target feature at t, token t+1). Each round it first
+catches up on the pairs the last verification committed (one call), then grows an EAGLE-2 dynamic tree
+(`depth` more calls, each over the top-k frontier) whose expansion keys are dropped afterwards. With
+`top_k=1` the tree is a chain. In sampling mode it drafts a sampled chain carrying q, so verification stays
+lossless.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from draftwise.draft_head import DraftHead, KVCache
+from draftwise.drafters.base import DraftContext, Drafter, RoundResult
+from draftwise.drafters.dynamic_tree import TreeSlots, grow_dynamic_tree, sample_chain
+from draftwise.errors import DraftwiseError
+from draftwise.tree import DraftTree
+
+HEADS_DIR = Path(__file__).resolve().parent.parent / "data" / "heads"
+
+# Chosen by the grid in benchmarks/RESULTS.md (fp32 target on the 2-core CPU).
+DEFAULT_TOP_K, DEFAULT_DEPTH, DEFAULT_TOTAL_TOKENS = 8, 5, 16
+
+
+def shipped_head_dir(model_name: str) -> Path | None:
+    path = HEADS_DIR / model_name
+    return path if (path / "head.safetensors").exists() else None
+
+
+class EagleDrafter(Drafter):
+    name = "eagle"
+
+    def __init__(
+        self,
+        head: DraftHead,
+        top_k: int = DEFAULT_TOP_K,
+        depth: int = DEFAULT_DEPTH,
+        total_tokens: int = DEFAULT_TOTAL_TOKENS,
+    ):
+        super().__init__()
+        if top_k < 1 or depth < 0 or total_tokens < 1:
+            raise DraftwiseError("eagle needs top_k >= 1, depth >= 0 and total_tokens >= 1")
+        self.head = head
+        self.feature_layers = head.config.feature_layers
+        self.top_k, self.depth, self.total_tokens = top_k, depth, total_tokens
+        weight = head.lm_head.weight
+        c = head.config
+        self.cache = KVCache(c.num_kv_heads, c.head_dim, 1024, weight.dtype, weight.device)
+        self.pending: list[Tensor] = []  # target features of committed tokens not yet paired into the cache
+
+    def begin(self, prompt_ids: Tensor, features: Tensor | None) -> None:
+        self.cache.length = 0
+        self.pending = [features] if features is not None else []
+
+    def observe(self, result: RoundResult) -> None:
+        self.pending.append(result.features)
+
+    def _call(self, hidden: Tensor, tokens: Tensor, positions: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        self.draft_calls += 1
+        return self.head.step(hidden, tokens.to(hidden.device), positions.to(hidden.device), self.cache, mask)
+
+    @torch.inference_mode()
+    def _catch_up(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """Pair every new target feature with the token after it; returns the root's logits and hidden."""
+        features = torch.cat(self.pending)
+        self.pending = []
+        start, n = self.cache.length, features.shape[0]
+        if start + n != tokens.numel() - 1:
+            raise RuntimeError(f"draft head out of step: {start} + {n} pairs for {tokens.numel()} tokens")
+        positions = torch.arange(start, start + n)
+        mask = torch.ones(n, start + n, dtype=torch.bool).tril(start).to(features.device)
+        logits, hidden = self._call(self.head.fuse(features), tokens[start + 1 :], positions, mask)
+        return logits[-1], hidden[-1]
+
+    @torch.inference_mode()
+    def propose(self, context: DraftContext) -> DraftTree:
+        root = int(context.tokens[-1])
+        if not self.pending:  # nothing to condition on yet (a one-token prompt)
+            return DraftTree.root_only(root)
+        root_logits, root_hidden = self._catch_up(context.tokens)
+        committed = self.cache.length
+        budget = min(self.total_tokens, context.budget)
+        try:
+            if context.sampling.greedy:
+                return self._tree(root, root_logits, root_hidden, committed, budget)
+            return self._sampled_chain(root, root_logits, root_hidden, committed, budget, context)
+        finally:
+            self.cache.length = committed
+
+    def _tree(self, root: int, root_logits: Tensor, root_hidden: Tensor, committed: int, budget: int) -> DraftTree:
+        slots, hidden_of = TreeSlots(committed), {0: root_hidden}
+
+        def step(frontier: Tensor, frontier_tokens: Tensor, parents: Tensor) -> Tensor:
+            mask, depth = slots.frontier_mask(frontier, parents, self.cache.length)
+            hidden = torch.stack([hidden_of[p] for p in parents[frontier].tolist()])
+            positions = torch.full((frontier.numel(),), committed - 1 + depth)
+            logits, out = self._call(hidden, frontier_tokens, positions, mask.to(hidden.device))
+            hidden_of.update(zip(frontier.tolist(), out, strict=True))
+            return logits.float().log_softmax(-1).cpu()
+
+        vocab_map = self.head.draft_to_target.cpu()
+        lp = root_logits.float().log_softmax(-1).cpu()
+        return grow_dynamic_tree(root, lp, step, self.top_k, self.depth, budget, vocab_map)
+
+    def _sampled_chain(
+        self, root: int, root_logits: Tensor, root_hidden: Tensor, committed: int, budget: int, context: DraftContext
+    ) -> DraftTree:
+        state = {"hidden": root_hidden}
+
+        def full_vocab(draft_logits: Tensor) -> Tensor:
+            logits = torch.full((self.head.config.target_vocab_size,), float("-inf"))
+            logits[self.head.draft_to_target.cpu()] = draft_logits.float().cpu()
+            return logits
+
+        def next_logits(token: int) -> Tensor:
+            position = torch.tensor([self.cache.length])
+            mask = torch.ones(1, self.cache.length + 1, dtype=torch.bool, device=root_hidden.device)
+            logits, hidden = self._call(state["hidden"][None], torch.tensor([token]), position, mask)
+            state["hidden"] = hidden[0]
+            return full_vocab(logits[0])
+
+        length = min(self.depth + 1, budget - 1)
+        return sample_chain(root, full_vocab(root_logits), next_logits, length, context.sampling, context.generator)
+
+
+def load_eagle(engine, draft_head: str | None = None, **options) -> EagleDrafter:
+    """The head at `draft_head`, or the one shipped for the engine's model."""
+    directory = Path(draft_head) if draft_head else shipped_head_dir(engine.model_name)
+    if directory is None:
+        raise DraftwiseError(
+            f"no draft head ships for model '{engine.model_name}'; train one (`draftwise distill` then "
+            "`draftwise train-draft`) and pass --draft-head DIR"
+        )
+    target = engine.target.model
+    dtype = next(target.parameters()).dtype
+    head = DraftHead.load(directory, dtype=dtype, device=engine.target.device)
+    c = head.config
+    if c.target_vocab_size != target.config.vocab_size or c.hidden_size != target.config.hidden_size:
+        raise DraftwiseError(f"the draft head in {directory} was trained for another model (vocab/hidden size differ)")
+    if max(c.feature_layers) > target.config.num_hidden_layers:
+        raise DraftwiseError(f"the draft head in {directory} reads layers the model does not have")
+    head.attach_embedding(target.get_input_embeddings().weight)
+    return EagleDrafter(head, **{k: v for k, v in options.items() if v is not None})

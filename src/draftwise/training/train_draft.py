@@ -1,0 +1,236 @@
+"""`draftwise train-draft`: fit a draft head to distilled data with EAGLE-3's training-time test.
+
+Each sequence is unrolled `--ttt-steps` times (the head reading its own outputs, as it does when drafting a
+tree); step k is weighted 0.8**k. Labels are the target's own greedy tokens, so only response positions
+count. Checkpoints are written every `--checkpoint-every` steps and a rerun resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from draftwise.draft_head import DraftHead, DraftHeadConfig, init_from_target
+from draftwise.errors import DraftwiseError
+from draftwise.training.distill import distill_feature_layers, load_distill_data
+
+STEP_WEIGHT = 0.8
+
+
+def draft_vocabulary(samples: list[dict], size: int, vocab_size: int) -> torch.Tensor:
+    """The `size` most frequent response tokens, sorted: draft id -> target id."""
+    counts: Counter[int] = Counter()
+    for s in samples:
+        counts.update(s.get("labels", s["ids"])[int(s["response_from"]) :].tolist())
+    ranked = [t for t, _ in counts.most_common(size)]
+    filler = (t for t in range(vocab_size) if t not in counts)
+    ranked += [next(filler) for _ in range(size - len(ranked))]
+    return torch.tensor(sorted(ranked))
+
+
+def sequence_loss(head: DraftHead, sample: dict, layer_index: list[int], target_to_draft: torch.Tensor, steps: int):
+    """Weighted loss and per-step (correct, counted) for one sequence."""
+    ids = sample["ids"].long()
+    # the target's greedy next token after each position: given (teacher-forced data) or the data itself
+    predicted = sample["labels"].long() if "labels" in sample else torch.cat([ids[1:], ids[-1:]])
+    response_from = int(sample["response_from"])
+    features = sample["features"][:, layer_index].float()
+    outputs = head.unroll(features, ids, steps)
+    loss, stats = 0.0, []
+    for k, normed in enumerate(outputs):
+        m = normed.shape[0]
+        labels = predicted[k + 1 : k + 1 + m]
+        counted = torch.arange(k + 2, k + 2 + m) >= response_from
+        logits = head.lm_head(normed[counted])  # the LM head is most of the cost: only where a label counts
+        labels = labels[counted]
+        draft_labels = target_to_draft[labels]
+        trained = draft_labels >= 0
+        if trained.any():
+            loss = loss + STEP_WEIGHT**k * F.cross_entropy(logits[trained], draft_labels[trained])
+        correct = head.draft_to_target[logits.argmax(-1)] == labels
+        stats.append((int(correct.sum()), labels.numel()))
+    return loss, stats
+
+
+def crop(sample: dict, max_len: int) -> dict:
+    """Keep at most `max_len` tokens, dropping prompt tokens first."""
+    n = sample["ids"].numel()
+    if n <= max_len:
+        return sample
+    cut = n - max_len
+    return {
+        "ids": sample["ids"][cut:],
+        "features": sample["features"][cut:],
+        **({"labels": sample["labels"][cut:]} if "labels" in sample else {}),
+        "response_from": torch.tensor([max(1, int(sample["response_from"]) - cut)]),
+    }
+
+
+@torch.no_grad()
+def evaluate(head, samples, layer_index, target_to_draft, steps) -> list[float]:
+    """Held-out top-1 accuracy of each unrolled step (response positions)."""
+    totals = [[0, 0] for _ in range(steps)]
+    for sample in samples:
+        _, stats = sequence_loss(head, sample, layer_index, target_to_draft, steps)
+        for k, (c, n) in enumerate(stats):
+            totals[k][0] += c
+            totals[k][1] += n
+    return [c / n if n else 0.0 for c, n in totals]
+
+
+def train(args, target=None) -> Path:
+    """Train per `args` (the CLI's options); `target` overrides loading `args.model` (tests pass a tiny one)."""
+    from draftwise.models import load_model
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_dirs = [Path(d) for d in args.data.split(",")]
+    stored_layers = distill_feature_layers(data_dirs[0])
+    if any(distill_feature_layers(d) != stored_layers for d in data_dirs[1:]):
+        raise DraftwiseError("the --data directories hold features of different layers")
+    layers = tuple(int(x) for x in args.feature_layers.split(","))
+    if not set(layers) <= set(stored_layers):
+        raise DraftwiseError(f"--feature-layers {layers} are not all in the data (it has {stored_layers})")
+    layer_index = [stored_layers.index(layer) for layer in layers]
+    samples = [crop(s, args.max_len) for d in data_dirs for s in load_distill_data(d)]
+    samples = [s for s in samples if s["ids"].numel() - int(s["response_from"]) >= 4]
+    held_out = samples[:: args.holdout_every]
+    training = [s for i, s in enumerate(samples) if i % args.holdout_every]
+    if not training:
+        raise DraftwiseError("not enough distilled sequences to train on")
+
+    if target is None:
+        target, _ = load_model(args.model, dtype="fp32")
+    config = DraftHeadConfig.from_target(target.config, layers, min(args.draft_vocab, target.config.vocab_size))
+    head = DraftHead(config)
+    head.draft_to_target.copy_(draft_vocabulary(training, config.draft_vocab_size, config.target_vocab_size))
+    head = init_from_target(head, target)
+    head.attach_embedding(target.model.embed_tokens.weight)
+    del target
+
+    total_steps = args.epochs * math.ceil(len(training) / args.accumulate)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    warmup = max(1, total_steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total_steps))),
+    )
+    step, elapsed = 0, 0.0
+    checkpoint = out / "checkpoint.pt"
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        step, elapsed = state["step"], state["elapsed_s"]
+        print(f"resuming from step {step}")
+    target_to_draft = torch.full((config.target_vocab_size,), -1, dtype=torch.long)
+    target_to_draft[head.draft_to_target] = torch.arange(config.draft_vocab_size)
+
+    def save_checkpoint() -> None:
+        state = {
+            "head": head.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "step": step,
+            "elapsed_s": elapsed,
+        }
+        torch.save(state, str(checkpoint) + ".tmp")
+        Path(str(checkpoint) + ".tmp").rename(checkpoint)
+
+    log = (out / "log.jsonl").open("a")
+    bar = tqdm(total=total_steps, initial=step, desc="train-draft", unit="step")
+    started = time.perf_counter() - elapsed
+    head.train()
+    while step < total_steps:
+        epoch, offset = divmod(step * args.accumulate, len(training))
+        order = list(range(len(training)))
+        random.Random(args.seed + epoch).shuffle(order)
+        batch = [training[i] for i in order[offset : offset + args.accumulate]]
+        loss_sum, acc = 0.0, [[0, 0] for _ in range(args.ttt_steps)]
+        for sample in batch:
+            loss, stats = sequence_loss(head, sample, layer_index, target_to_draft, args.ttt_steps)
+            if torch.is_tensor(loss):
+                (loss / len(batch)).backward()
+                loss_sum += loss.item() / len(batch)
+            for k, (c, n) in enumerate(stats):
+                acc[k][0] += c
+                acc[k][1] += n
+        torch.nn.utils.clip_grad_norm_(head.parameters(), 0.5)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        elapsed = time.perf_counter() - started
+        accuracy = [round(c / n, 3) if n else None for c, n in acc]
+        bar.set_postfix(loss=f"{loss_sum:.3f}", acc=accuracy[:4])
+        bar.update(1)
+        record = {"step": step, "loss": loss_sum, "acc": accuracy, "lr": schedule.get_last_lr()[0], "s": elapsed}
+        if step % args.eval_every == 0 or step == total_steps:
+            head.eval()
+            record["heldout_acc"] = evaluate(head, held_out, layer_index, target_to_draft, args.ttt_steps)
+            head.train()
+            bar.write(f"step {step}: held-out top-1 per step {[round(a, 3) for a in record['heldout_acc']]}")
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        if step % args.checkpoint_every == 0 or step == total_steps:
+            save_checkpoint()
+        if args.max_minutes and elapsed > args.max_minutes * 60:
+            save_checkpoint()
+            bar.write(f"time budget reached at step {step}; rerun to continue")
+            break
+    bar.close()
+    head.eval()
+    heldout = evaluate(head, held_out, layer_index, target_to_draft, args.ttt_steps)
+    tokens = sum(int(s["ids"].numel() - s["response_from"]) for s in training)
+    summary = {
+        "train_sequences": len(training),
+        "train_response_tokens": tokens,
+        "heldout_sequences": len(held_out),
+        "steps": step,
+        "wall_time_s": round(elapsed, 1),
+        "heldout_top1_per_step": [round(a, 4) for a in heldout],
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    head.save(out / "head")
+    print(json.dumps(summary))
+    return out / "head"
+
+
+def cmd_train_draft(args) -> int:
+    positive = ("epochs", "accumulate", "holdout_every", "ttt_steps", "draft_vocab", "eval_every", "checkpoint_every")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise DraftwiseError(f"--{name.replace('_', '-')} must be positive")
+    if args.max_len < 8:
+        raise DraftwiseError("--max-len must be at least 8")
+    train(args)
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("train-draft", help="train an EAGLE-3-style draft head on `draftwise distill` data")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data", default="runs/distill", help="distilled data directories, comma-separated")
+    parser.add_argument("--out", default="runs/draft-head")
+    parser.add_argument("--feature-layers", default="2,15,27", help="fused target layers (one layer = EAGLE-1 style)")
+    parser.add_argument("--draft-vocab", type=int, default=8192, help="reduced draft vocabulary size")
+    parser.add_argument("--ttt-steps", type=int, default=4, help="unrolled prediction steps (training-time test)")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--accumulate", type=int, default=4, help="sequences per optimizer step")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--max-len", type=int, default=768)
+    parser.add_argument("--holdout-every", type=int, default=20, help="every n-th sequence is held out")
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--checkpoint-every", type=int, default=50)
+    parser.add_argument("--max-minutes", type=float, default=0, help="stop (resumably) after this much training")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=cmd_train_draft)

@@ -1,0 +1,79 @@
+"""The draft head: training-time test unrolling matches cached inference exactly, and training learns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from draftwise.draft_head import DraftHead, DraftHeadConfig, KVCache
+
+
+@pytest.fixture(scope="module")
+def head_and_data():
+    torch.manual_seed(0)
+    model = tiny_llama(vocab_size=50)
+    config = DraftHeadConfig.from_target(model.config, (0, 1, 2), draft_vocab_size=50)
+    head = DraftHead(config).eval().attach_embedding(model.get_input_embeddings().weight)
+    ids = torch.randint(0, 50, (20,))
+    features = torch.randn(20, 3, config.hidden_size)
+    return head, ids, features
+
+
+@torch.no_grad()
+def test_unrolled_steps_equal_drafting_with_the_kv_cache(head_and_data):
+    head, ids, features = head_and_data
+    c = head.config
+    unrolled = [head.lm_head(x) for x in head.unroll(features, ids, steps=3)]
+    n = ids.numel() - 2
+    assert [u.shape[0] for u in unrolled] == [n, n - 1, n - 2]
+    for t in (0, 5, n - 3):
+        cache = KVCache(c.num_kv_heads, c.head_dim, 4, torch.float32, "cpu")  # small: exercises growth
+        mask = torch.ones(t + 1, t + 1, dtype=torch.bool).tril()
+        logits, hidden = head.step(head.fuse(features[: t + 1]), ids[1 : t + 2], torch.arange(t + 1), cache, mask)
+        torch.testing.assert_close(logits, unrolled[0][: t + 1], atol=1e-5, rtol=1e-5)
+        h = hidden[-1:]
+        for k in (1, 2):  # draft ahead on the head's own hidden state, as a chain
+            mask = torch.ones(1, cache.length + 1, dtype=torch.bool)
+            logits, h = head.step(h, ids[t + k + 1 : t + k + 2], torch.tensor([t + k]), cache, mask)
+            torch.testing.assert_close(logits[0], unrolled[k][t], atol=1e-5, rtol=1e-5)
+
+
+def test_save_and_load_round_trip(tmp_path, head_and_data):
+    head, ids, features = head_and_data
+    head.save(tmp_path, card="# card\n", dtype=torch.float32)
+    loaded = DraftHead.load(tmp_path).attach_embedding(head.embed)
+    assert (tmp_path / "README.md").read_text() == "# card\n"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.unroll(features, ids, 2)[1], head.unroll(features, ids, 2)[1])
+
+
+def test_train_draft_learns_and_resumes(tmp_path):
+    """A few steps on distilled data from a tiny target lower the loss; a rerun resumes from the checkpoint."""
+    import argparse
+    import json
+
+    from transformers import AutoTokenizer
+
+    from draftwise import models
+    from draftwise.training.distill import build_distill_data
+    from draftwise.training.train_draft import train
+
+    target = tiny_llama(vocab_size=49152)
+    tokenizer = AutoTokenizer.from_pretrained(models.resolve_model("smollm2-135m"))
+    prompts = [f"count to {i}" for i in range(12)]
+    build_distill_data(target, tokenizer, prompts, tmp_path / "data", (0, 1, 2), max_new_tokens=24, batch_size=6)
+    args = argparse.Namespace(
+        model="tiny", data=str(tmp_path / "data"), out=str(tmp_path / "head"), feature_layers="0,1,2",
+        draft_vocab=256, ttt_steps=3, epochs=6, accumulate=2, lr=3e-3, max_len=128, holdout_every=6,
+        eval_every=1000, checkpoint_every=5, max_minutes=0, seed=0,
+    )
+    train(args, target=target)
+    log = [json.loads(line) for line in (tmp_path / "head" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 30
+    assert sum(r["loss"] for r in log[-5:]) < 0.8 * sum(r["loss"] for r in log[:5])
+    assert (tmp_path / "head" / "head" / "head.safetensors").exists()
+    args.epochs = 7  # a longer schedule resumes at the checkpoint instead of starting over
+    train(args, target=target)
+    log = [json.loads(line) for line in (tmp_path / "head" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log[30:]] == list(range(31, 36))
