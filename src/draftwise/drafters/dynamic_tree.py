@@ -16,20 +16,23 @@ from draftwise.tree import DraftTree
 
 # step(frontier node ids (k,), frontier tokens (k,), parent id of every node so far) -> next-token log-probs (k, V)
 ExpandStep = Callable[[Tensor, Tensor, Tensor], Tensor]
+# keep_going(expansion calls made so far, frontier cumulative log-probs (k,)) -> draft another level?
+KeepGoing = Callable[[int, Tensor], bool]
 
 
-def grow_dynamic_tree(
+def candidate_tree(
     root: int,
     root_logprobs: Tensor,
     step: ExpandStep,
     top_k: int,
     depth: int,
-    total_tokens: int,
     vocab_map: Tensor | None = None,
+    keep_going: KeepGoing | None = None,
 ) -> DraftTree:
-    """Build the candidate tree with `depth` expansion calls after the root, then keep the best
-    `total_tokens` nodes (root included). `step` receives node ids of the returned tree's numbering.
-    `vocab_map` turns column indices of the log-probs into token ids (a reduced draft vocabulary)."""
+    """Every candidate of up to `depth` expansion calls after the root, in creation order (parents first).
+    `keep_going(calls_so_far, frontier_scores)` is asked before each expansion call; False stops drafting
+    (RADAR's and LTD's stop decision). `vocab_map` turns log-prob columns into token ids (a reduced draft
+    vocabulary)."""
     scores, tokens = root_logprobs.float().topk(top_k)
     if vocab_map is not None:
         tokens = vocab_map[tokens]
@@ -39,7 +42,9 @@ def grow_dynamic_tree(
     frontier = torch.arange(1, top_k + 1)
     frontier_scores, frontier_tokens = scores, tokens
     count = 1 + top_k
-    for _ in range(depth):
+    for call in range(depth):
+        if keep_going is not None and not keep_going(call, frontier_scores):
+            break
         logprobs = step(frontier, frontier_tokens, torch.cat(all_parents)).float()  # (k, V)
         child_lp, child_tok = logprobs.topk(top_k, dim=-1)  # (k, k)
         cand_scores = (frontier_scores[:, None] + child_lp).flatten()
@@ -52,8 +57,20 @@ def grow_dynamic_tree(
         frontier = count + best
         frontier_scores, frontier_tokens = cand_scores[best], cand_tokens[best]
         count += cand_tokens.numel()
-    tree = DraftTree(torch.cat(all_tokens), torch.cat(all_parents), torch.cat(all_scores))
-    return tree.select_top(total_tokens)
+    return DraftTree(torch.cat(all_tokens), torch.cat(all_parents), torch.cat(all_scores))
+
+
+def grow_dynamic_tree(
+    root: int,
+    root_logprobs: Tensor,
+    step: ExpandStep,
+    top_k: int,
+    depth: int,
+    total_tokens: int,
+    vocab_map: Tensor | None = None,
+) -> DraftTree:
+    """EAGLE-2: the candidates of `depth` expansion calls, reranked to the best `total_tokens` (root included)."""
+    return candidate_tree(root, root_logprobs, step, top_k, depth, vocab_map).select_top(total_tokens)
 
 
 class TreeSlots:

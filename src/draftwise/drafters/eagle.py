@@ -16,7 +16,7 @@ from torch import Tensor
 
 from draftwise.draft_head import DraftHead, KVCache
 from draftwise.drafters.base import DraftContext, Drafter, RoundResult
-from draftwise.drafters.dynamic_tree import TreeSlots, grow_dynamic_tree, sample_chain
+from draftwise.drafters.dynamic_tree import KeepGoing, TreeSlots, candidate_tree, sample_chain
 from draftwise.errors import DraftwiseError
 from draftwise.tree import DraftTree
 
@@ -31,6 +31,24 @@ def shipped_head_dir(model_name: str) -> Path | None:
     return path if (path / "head.safetensors").exists() else None
 
 
+class TreePolicy:
+    """How much to draft and verify each round (RADAR, LTD and the baselines implement this).
+    The default is EAGLE-2's: always the full depth, always `total_tokens`."""
+
+    name = "fixed"
+
+    def begin_round(self, committed: int) -> KeepGoing | None:
+        """A new round starts; returns the stop rule asked before each expansion call (None: full depth)."""
+        return None
+
+    def verify_size(self, candidates: DraftTree, budget: int) -> int:
+        """How many of the reranked candidates (root included) to verify, at most `budget`."""
+        return budget
+
+    def observe(self, result: RoundResult) -> None:
+        """The round's verdict."""
+
+
 class EagleDrafter(Drafter):
     name = "eagle"
 
@@ -40,8 +58,10 @@ class EagleDrafter(Drafter):
         top_k: int = DEFAULT_TOP_K,
         depth: int = DEFAULT_DEPTH,
         total_tokens: int = DEFAULT_TOTAL_TOKENS,
+        policy: TreePolicy | None = None,
     ):
         super().__init__()
+        self.policy = policy or TreePolicy()
         if top_k < 1 or depth < 0 or total_tokens < 1:
             raise DraftwiseError("eagle needs top_k >= 1, depth >= 0 and total_tokens >= 1")
         self.head = head
@@ -58,6 +78,7 @@ class EagleDrafter(Drafter):
 
     def observe(self, result: RoundResult) -> None:
         self.pending.append(result.features)
+        self.policy.observe(result)
 
     def _call(self, hidden: Tensor, tokens: Tensor, positions: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         self.draft_calls += 1
@@ -104,7 +125,9 @@ class EagleDrafter(Drafter):
 
         vocab_map = self.head.draft_to_target.cpu()
         lp = root_logits.float().log_softmax(-1).cpu()
-        return grow_dynamic_tree(root, lp, step, self.top_k, self.depth, budget, vocab_map)
+        keep_going = self.policy.begin_round(committed)
+        candidates = candidate_tree(root, lp, step, self.top_k, self.depth, vocab_map, keep_going)
+        return candidates.select_top(max(1, min(budget, self.policy.verify_size(candidates, budget))))
 
     def _sampled_chain(
         self, root: int, root_logits: Tensor, root_hidden: Tensor, committed: int, budget: int, context: DraftContext
