@@ -10,7 +10,8 @@ from scipy.stats import chisquare
 
 from draftwise.drafters.base import DraftContext, Drafter, NoDraft
 from draftwise.drafters.draft_model import DraftModel
-from draftwise.drafters.pld import PromptLookup
+from draftwise.drafters.pld import PromptLookup, PromptLookupRetriever
+from draftwise.drafters.rasd import FittedGate, RasdDrafter
 from draftwise.target import TargetModel
 from draftwise.tree import DraftTree
 from draftwise.verify import Sampling
@@ -77,6 +78,21 @@ class OracleDrafter(Drafter):
         return DraftTree(torch.tensor(tokens), torch.tensor(parents), torch.zeros(len(tokens)))
 
 
+class OracleRetriever:
+    """A retrieval source that knows the true continuation, with one wrong sibling branch."""
+
+    def __init__(self, prompt: list[int], truth: list[int]):
+        self.full = prompt + truth
+
+    def retrieve(self, tokens: torch.Tensor, budget: int) -> DraftTree | None:
+        pos = tokens.numel()
+        right = self.full[pos : pos + 8]
+        if not right:
+            return None
+        wrong = [(right[0] + 1) % 96, *right[1:]]
+        return DraftTree.from_sequences(int(tokens[-1]), [right, wrong]).select_top(budget)
+
+
 PROMPTS = [[5, 17, 3], [1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3], [42] * 6, list(range(30, 70))]
 
 
@@ -94,6 +110,11 @@ def drafters_for(model, prompt: list[int], truth: list[int]) -> list[Drafter]:
         DraftModel(model, top_k=2, depth=5, total_tokens=10),  # the same model: accepts almost everything
         tiny_eagle(model, top_k=3, depth=4, total_tokens=12),  # an untrained draft head
         tiny_eagle(model, draft_vocab=40, top_k=1, depth=6, total_tokens=8),  # chain, reduced vocabulary
+        RasdDrafter(tiny_eagle(model).head, [PromptLookupRetriever()], top_k=2, depth=2, total_tokens=6),
+        RasdDrafter(  # serial retrieval, every branch kept, an oracle's tree as a second retrieval source
+            tiny_eagle(model).head, [PromptLookupRetriever(), OracleRetriever(prompt, truth)], concurrent=False,
+            gate=FittedGate(threshold=0.0), top_k=2, depth=1, total_tokens=4,
+        ),
     ]
 
 
@@ -174,9 +195,12 @@ SAMPLING_MAKERS = {
     "draft-model": lambda prompt, vocab: DraftModel(tiny_llama(vocab, seed=9), top_k=2, depth=2, total_tokens=6),
     "pld": lambda prompt, vocab: PromptLookup(),
     "eagle": lambda prompt, vocab: tiny_eagle(tiny_llama(vocab, seed=3), draft_vocab=5, depth=2),
+    "rasd": lambda prompt, vocab: RasdDrafter(
+        tiny_eagle(tiny_llama(vocab, seed=3)).head, [PromptLookupRetriever()], gate=FittedGate(threshold=0.0), depth=1
+    ),
 }
 CASES = [(SAMPLING_CASES[0], name) for name in SAMPLING_MAKERS] + [
-    (sampling, name) for sampling in SAMPLING_CASES[1:] for name in ("wide", "draft-model", "eagle")
+    (sampling, name) for sampling in SAMPLING_CASES[1:] for name in ("wide", "draft-model", "eagle", "rasd")
 ]
 
 

@@ -39,6 +39,12 @@ def add_model_args(parser: argparse.ArgumentParser, method_default: str = "pld")
     parser.add_argument(
         "--top-k-draft", type=int, default=None, dest="top_k_draft", help="children per expanded node in dynamic trees"
     )
+    parser.add_argument(
+        "--policy",
+        default=None,
+        help="tree policy for --method eagle, how deep to draft and how much to verify each round: "
+        "fixed | threshold | heuristic | radar | ltd",
+    )
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +61,14 @@ def method_options(args: argparse.Namespace) -> dict:
         options["draft_model"] = args.draft_model
     if args.draft_head is not None:
         options["draft_head"] = args.draft_head
+    if getattr(args, "policy", None) is not None:
+        from draftwise.policies import POLICY_NAMES
+
+        if args.policy not in POLICY_NAMES:
+            raise DraftwiseError(f"unknown policy '{args.policy}'; choose one of {', '.join(POLICY_NAMES)}")
+        if args.method != "eagle":
+            raise DraftwiseError("--policy applies to --method eagle (radar and ltd bring their own policy)")
+        options["policy"] = args.policy
     if args.datastore is not None:
         options["datastore"] = args.datastore
     return {k: v for k, v in options.items() if v is not None}
@@ -172,6 +186,9 @@ EXTRA_COMMANDS = (
     "draftwise.training.distill",
     "draftwise.training.train_draft",
     "draftwise.retrieval",
+    "draftwise.profile",
+    "draftwise.policies.logger",
+    "draftwise.policies.train",
 )
 
 

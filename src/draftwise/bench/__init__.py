@@ -42,6 +42,7 @@ def register(subparsers) -> None:
                        help="spec-bench | mt-bench | humaneval | gsm | FILE.jsonl in Spec-Bench format "
                             "(question_id, category, turns) (default: spec-bench)")
     bench.add_argument("--categories", default=None, help="comma-separated categories to keep")
+    bench.add_argument("--first-turn-only", action="store_true", help="ask only each question's first turn")
     bench.add_argument("--limit", type=int, default=None,
                        help="at most this many questions, taken round-robin across categories")
     add_sampling_args(bench)
@@ -102,7 +103,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     names = parse_methods(args.methods)
     options = parse_method_options(args.method_option, args.draft_model)
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
-    questions = datasets.load_questions(args.prompts, categories, limit)
+    questions = datasets.load_questions(args.prompts, categories, limit, args.first_turn_only)
     profile = plots.load_profile(args.profile) if args.profile else None
     try:
         args.out.mkdir(parents=True, exist_ok=True)

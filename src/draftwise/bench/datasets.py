@@ -143,9 +143,25 @@ def interleave_categories(questions: list[Question]) -> list[Question]:
 
 
 def load_questions(source: str, categories: list[str] | None = None,
-                   limit: int | None = None) -> list[Question]:
+                   limit: int | None = None, first_turn_only: bool = False) -> list[Question]:
     """A named prompt set or a Spec-Bench-format JSONL file, filtered by category, at most `limit` questions
-    taken round-robin across categories."""
+    taken round-robin across categories. Comma-separated sets are concatenated, `limit` applying to each."""
+    if "," in source:
+        return [q for part in source.split(",") if part.strip()
+                for q in load_questions(part.strip(), categories, limit, first_turn_only)]
+    questions = _load_set(source, limit)
+    if first_turn_only:
+        questions = [Question(q.question_id, q.category, q.turns[:1]) for q in questions]
+    if categories:
+        known = sorted({q.category for q in questions})
+        wanted = [c for c in categories if c in known]
+        if not wanted:
+            raise DraftwiseError(f"unknown categories {', '.join(categories)}; {source} has {', '.join(known)}")
+        questions = [q for q in questions if q.category in wanted]
+    return interleave_categories(questions)[:limit]
+
+
+def _load_set(source: str, limit: int | None) -> list[Question]:
     if source == "spec-bench":
         questions = spec_bench()
     elif source == "mt-bench":
@@ -159,10 +175,4 @@ def load_questions(source: str, categories: list[str] | None = None,
     else:
         raise DraftwiseError(f"--prompts '{source}' is neither one of {', '.join(PROMPT_SETS)} "
                              "nor a JSONL file")
-    if categories:
-        known = sorted({q.category for q in questions})
-        unknown = [c for c in categories if c not in known]
-        if unknown:
-            raise DraftwiseError(f"unknown categories {', '.join(unknown)}; {source} has {', '.join(known)}")
-        questions = [q for q in questions if q.category in categories]
-    return interleave_categories(questions)[:limit]
+    return questions

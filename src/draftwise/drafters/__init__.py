@@ -8,6 +8,7 @@ from draftwise.drafters.base import DraftContext, Drafter, NoDraft, RoundResult
 from draftwise.drafters.draft_model import DraftModel
 from draftwise.drafters.eagle import load_eagle
 from draftwise.drafters.pld import PromptLookup
+from draftwise.drafters.rasd import load_rasd
 from draftwise.drafters.rest import RestDrafter
 from draftwise.errors import DraftwiseError
 
@@ -26,6 +27,9 @@ METHODS: dict[str, Callable[..., Drafter]] = {
     "pld": lambda engine, **options: PromptLookup(**options),
     "draft-model": _draft_model,
     "eagle": lambda engine, **options: load_eagle(engine, **options),
+    "rasd": lambda engine, **options: load_rasd(engine, **options),
+    "radar": lambda engine, **options: load_eagle(engine, policy="radar", **options),
+    "ltd": lambda engine, **options: load_eagle(engine, policy="ltd", **options),
     "rest": lambda engine, **options: RestDrafter(vocab_size=engine.target.model.config.vocab_size, **options),
 }
 
@@ -33,6 +37,9 @@ METHOD_HELP = {
     "ar": "plain autoregressive decoding (the baseline), through the same engine",
     "pld": "prompt lookup: n-gram matches in prompt and output, merged into a tree",
     "eagle": "EAGLE-3-style draft head on the target's features, EAGLE-2 dynamic tree (--draft-head, default: shipped)",
+    "rasd": "eagle's tree fused with prompt-lookup (and --datastore REST) retrieval, pruned by the head",
+    "radar": "eagle with RADAR's learned stop rule (an LSTM over the frontier scores), trained for this machine",
+    "ltd": "eagle with LTD's learned depth and verification-size policies (PPO), trained for this machine",
     "draft-model": "an independent HF draft model (--draft-model, default: the target's own weights)",
     "rest": "REST retrieval: continuations of the context's longest suffix in a datastore (--datastore, default chat)",
 }

@@ -16,8 +16,9 @@ from draftwise.tree import DraftTree
 
 # step(frontier node ids (k,), frontier tokens (k,), parent id of every node so far) -> next-token log-probs (k, V)
 ExpandStep = Callable[[Tensor, Tensor, Tensor], Tensor]
-# keep_going(expansion calls made so far, frontier cumulative log-probs (k,)) -> draft another level?
-KeepGoing = Callable[[int, Tensor], bool]
+# keep_going(expansion calls made so far, frontier cumulative log-probs (k,) sorted descending, cumulative log-probs of
+# every candidate so far in creation order (k + calls * k*k,)) -> draft another level?
+KeepGoing = Callable[[int, Tensor, Tensor], bool]
 
 
 def candidate_tree(
@@ -30,9 +31,9 @@ def candidate_tree(
     keep_going: KeepGoing | None = None,
 ) -> DraftTree:
     """Every candidate of up to `depth` expansion calls after the root, in creation order (parents first).
-    `keep_going(calls_so_far, frontier_scores)` is asked before each expansion call; False stops drafting
-    (RADAR's and LTD's stop decision). `vocab_map` turns log-prob columns into token ids (a reduced draft
-    vocabulary)."""
+    `keep_going(calls_so_far, frontier_scores, candidate_scores)` is asked before each expansion call; False stops
+    drafting (RADAR's and LTD's stop decision: RADAR reads the frontier, LTD the latest level's k*k scores).
+    `vocab_map` turns log-prob columns into token ids (a reduced draft vocabulary)."""
     scores, tokens = root_logprobs.float().topk(top_k)
     if vocab_map is not None:
         tokens = vocab_map[tokens]
@@ -43,7 +44,7 @@ def candidate_tree(
     frontier_scores, frontier_tokens = scores, tokens
     count = 1 + top_k
     for call in range(depth):
-        if keep_going is not None and not keep_going(call, frontier_scores):
+        if keep_going is not None and not keep_going(call, frontier_scores, torch.cat(all_scores[1:])):
             break
         logprobs = step(frontier, frontier_tokens, torch.cat(all_parents)).float()  # (k, V)
         child_lp, child_tok = logprobs.topk(top_k, dim=-1)  # (k, k)

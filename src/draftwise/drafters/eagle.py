@@ -150,8 +150,8 @@ class EagleDrafter(Drafter):
         return sample_chain(root, full_vocab(root_logits), next_logits, length, context.sampling, context.generator)
 
 
-def load_eagle(engine, draft_head: str | None = None, **options) -> EagleDrafter:
-    """The head at `draft_head`, or the one shipped for the engine's model."""
+def load_head(engine, draft_head: str | None = None) -> DraftHead:
+    """The head at `draft_head`, or the one shipped for the engine's model, on the target's device."""
     directory = Path(draft_head) if draft_head else shipped_head_dir(engine.model_name)
     if directory is None:
         raise DraftwiseError(
@@ -159,12 +159,19 @@ def load_eagle(engine, draft_head: str | None = None, **options) -> EagleDrafter
             "`draftwise train-draft`) and pass --draft-head DIR"
         )
     target = engine.target.model
-    dtype = next(target.parameters()).dtype
-    head = DraftHead.load(directory, dtype=dtype, device=engine.target.device)
+    head = DraftHead.load(directory, dtype=next(target.parameters()).dtype, device=engine.target.device)
     c = head.config
     if c.target_vocab_size != target.config.vocab_size or c.hidden_size != target.config.hidden_size:
         raise DraftwiseError(f"the draft head in {directory} was trained for another model (vocab/hidden size differ)")
     if max(c.feature_layers) > target.config.num_hidden_layers:
         raise DraftwiseError(f"the draft head in {directory} reads layers the model does not have")
-    head.attach_embedding(target.get_input_embeddings().weight)
+    return head.attach_embedding(target.get_input_embeddings().weight)
+
+
+def load_eagle(engine, draft_head: str | None = None, policy: str | None = None, **options) -> EagleDrafter:
+    head = load_head(engine, draft_head)
+    if policy is not None:  # a named tree policy (draftwise.policies): fixed, threshold, heuristic, radar, ltd
+        from draftwise.policies import policy_drafter
+
+        return policy_drafter(head, policy, engine.model_name, **options)
     return EagleDrafter(head, **{k: v for k, v in options.items() if v is not None})

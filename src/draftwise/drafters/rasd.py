@@ -1,0 +1,166 @@
+"""RASD (Quan et al. 2025): retrieval trees pruned by the draft head's probabilities and fused into its tree.
+
+Each round, retrieval (prompt lookup and/or a REST datastore) runs in a worker thread while the head drafts,
+instead of after it (the paper's first stated limitation). The retrieval trie's first-level branches are
+gated by the head's root distribution, then the kept branches are merged into the EAGLE-2 tree by longest
+prefix matching and the fused tree is verified in one pass. Retrieved tokens are deterministic proposals,
+so verification stays lossless in greedy and sampling modes (in sampling mode the head's tree is its
+deterministic top-k tree too).
+
+The gate (the paper's second limitation: hand-set thresholds) is fitted online from the rounds it logs: a
+branch is kept while branches with a similar head probability have, on average, added at least
+`min_gain` accepted tokens beyond what the head's own tree got. Until a probability bucket has evidence,
+its prior says keep. `threshold=` replaces the fitted rule by the paper-style fixed gate p >= threshold.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import Tensor
+
+from draftwise.drafters.base import DraftContext, RoundResult
+from draftwise.drafters.eagle import EagleDrafter, load_head
+from draftwise.drafters.pld import PromptLookupRetriever
+from draftwise.retrieval import Datastore, Retriever, resolve_datastore
+from draftwise.tree import DraftTree
+
+BUCKET_EDGES = torch.tensor([1e-3, 1e-2, 5e-2, 0.2, 0.5])  # head probability of a branch's first token
+
+
+class FittedGate:
+    """Keeps a retrieval branch when its first token's head-probability bucket has paid off so far."""
+
+    def __init__(self, min_gain: float = 0.5, prior_rounds: float = 2.0, threshold: float | None = None):
+        self.min_gain, self.threshold = min_gain, threshold
+        buckets = BUCKET_EDGES.numel() + 1
+        self.gain = torch.full((buckets,), prior_rounds * 2 * min_gain)  # optimistic prior: try every bucket
+        self.count = torch.full((buckets,), prior_rounds)
+
+    def bucket(self, probs: Tensor) -> Tensor:
+        return torch.bucketize(probs, BUCKET_EDGES)
+
+    def keep(self, probs: Tensor) -> Tensor:
+        if self.threshold is not None:
+            return probs >= self.threshold
+        b = self.bucket(probs)
+        return self.gain[b] / self.count[b] >= self.min_gain
+
+    def record(self, probs: Tensor, gains: Tensor) -> None:
+        b = self.bucket(probs)
+        self.gain.index_add_(0, b, gains.float())
+        self.count.index_add_(0, b, torch.ones_like(gains, dtype=torch.float))
+
+
+class RasdDrafter(EagleDrafter):
+    name = "rasd"
+
+    def __init__(
+        self,
+        head,
+        retrievers: list[Retriever],
+        retrieval_budget: int = 10,
+        concurrent: bool = True,
+        gate: FittedGate | None = None,
+        **eagle_options,
+    ):
+        super().__init__(head, **eagle_options)
+        self.retrievers, self.retrieval_budget, self.concurrent = retrievers, retrieval_budget, concurrent
+        self.gate = gate or FittedGate()
+        self.pool = ThreadPoolExecutor(max_workers=1) if concurrent else None
+        self._branches: list[tuple[int, float]] = []  # this round's kept branches: first node, head probability
+        self._draft_tree: DraftTree | None = None
+        self.retrieval_s = 0.0
+
+    def _retrieve(self, tokens: Tensor) -> DraftTree | None:
+        tree = None
+        for retriever in self.retrievers:
+            found = retriever.retrieve(tokens, self.retrieval_budget + 1)
+            if found is not None:
+                tree = found if tree is None else tree.merge(found).select_top(self.retrieval_budget + 1)
+        return tree
+
+    @torch.inference_mode()
+    def propose(self, context: DraftContext) -> DraftTree:
+        tokens, root = context.tokens, int(context.tokens[-1])
+        if not self.pending:
+            return DraftTree.root_only(root)
+        job = self.pool.submit(self._retrieve, tokens) if self.pool else None
+        root_logits, root_hidden = self._catch_up(tokens)
+        committed = self.cache.length
+        try:
+            draft = self._tree(root, root_logits, root_hidden, committed, min(self.total_tokens, context.budget))
+        finally:
+            self.cache.length = committed
+        retrieved = job.result() if job else self._retrieve(tokens)
+        self._draft_tree, self._branches = draft, []
+        if retrieved is None or retrieved.size == 1:
+            return draft
+        return self._fuse(draft, self._prune(retrieved, root_logits))
+
+    def _prune(self, retrieved: DraftTree, root_logits: Tensor) -> DraftTree:
+        """Drop first-level branches whose first token the head finds unlikely (per the gate)."""
+        probs = torch.zeros(self.head.config.target_vocab_size)
+        probs[self.head.draft_to_target.cpu()] = root_logits.float().softmax(-1).cpu()
+        first = torch.tensor(retrieved.children()[0], dtype=torch.long)
+        first_probs = probs[retrieved.tokens[first]]
+        kept = first[self.gate.keep(first_probs)]
+        self._branches = [(int(retrieved.tokens[n]), float(probs[retrieved.tokens[n]])) for n in kept]
+        in_kept_branch = retrieved.ancestors[:, kept].any(1)
+        in_kept_branch[0] = True
+        return retrieved.subtree(in_kept_branch.nonzero().flatten())
+
+    def _fuse(self, draft: DraftTree, pruned: DraftTree) -> DraftTree:
+        fused = draft.merge(pruned)
+        # where each kept branch's first token sits in the fused tree, to credit it when the verdict comes
+        first_level = {int(fused.tokens[i]): i for i in fused.children()[0]}
+        self._branches = [(first_level[token], p) for token, p in self._branches]
+        return fused
+
+    def observe(self, result: RoundResult) -> None:
+        super().observe(result)
+        if not self._branches or self._draft_tree is None:
+            return
+        accepted_drafts = len(result.path) - 1
+        draft_only = self._accepted_in(self._draft_tree, result.tree, result.path)
+        probs, gains = [], []
+        for node, p in self._branches:
+            on_path = len(result.path) > 1 and result.path[1] == node
+            probs.append(p)
+            gains.append(float(accepted_drafts - draft_only) if on_path else 0.0)
+        self.gate.record(torch.tensor(probs), torch.tensor(gains))
+
+    @staticmethod
+    def _accepted_in(draft: DraftTree, fused: DraftTree, path: list[int]) -> int:
+        """How many of the accepted tokens the head's own tree contained (its nodes come first in `fused`)."""
+        n = 0
+        for node in path[1:]:
+            if node >= draft.size:
+                break
+            n += 1
+        return n
+
+
+def load_rasd(
+    engine,
+    draft_head: str | None = None,
+    datastore: str | None = None,
+    retrieval_budget: int = 10,
+    concurrent: bool = True,
+    gate_threshold: float | None = None,
+    **eagle_options,
+) -> RasdDrafter:
+    """The head plus prompt lookup, plus a REST datastore when one is named (`--datastore chat|code|DIR`)."""
+    retrievers: list[Retriever] = [PromptLookupRetriever()]
+    if datastore:
+        retrievers.append(Datastore.load(resolve_datastore(datastore)))
+    options = {k: v for k, v in eagle_options.items() if v is not None}
+    return RasdDrafter(
+        load_head(engine, draft_head),
+        retrievers,
+        retrieval_budget=retrieval_budget,
+        concurrent=concurrent,
+        gate=FittedGate(threshold=gate_threshold),
+        **options,
+    )

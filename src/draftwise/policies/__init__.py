@@ -1,0 +1,88 @@
+"""Tree policies: how many draft calls to make and how many candidates to verify, each round.
+
+Every policy answers EagleDrafter's TreePolicy questions (drafters/eagle.py): a stop rule asked before each
+expansion call and a verification size. `fixed` is EAGLE-2; `threshold` and `heuristic` are hand-written
+baselines (baselines.py); `radar` (radar.py) and `ltd` (ltd.py) are learned offline from logged rounds
+(logger.py, offline.py) for this machine's cost model (draftwise.profile) by `draftwise train-policy`
+(train.py). Trained policies ship under data/policies/<model>/.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from draftwise.draft_head import DraftHead
+from draftwise.drafters.base import DraftContext
+from draftwise.drafters.eagle import DEFAULT_DEPTH, DEFAULT_TOP_K, DEFAULT_TOTAL_TOKENS, EagleDrafter, TreePolicy
+from draftwise.errors import DraftwiseError
+from draftwise.profile import POLICIES_DIR
+from draftwise.tree import DraftTree
+
+POLICY_NAMES = ("fixed", "threshold", "heuristic", "radar", "ltd")
+
+
+def policy_dir(model_name: str) -> Path:
+    return POLICIES_DIR / Path(model_name).name
+
+
+class TreeEagleDrafter(EagleDrafter):
+    """EagleDrafter whose every round a TreePolicy shapes, in both decoding modes: at T > 0 it drafts the same
+    deterministic EAGLE-2 tree as in greedy mode (instead of a sampled chain), verified by the one-hot-q rule
+    of accept_sampling, which keeps it lossless (as EAGLE-2/3 and RADAR do at T = 1)."""
+
+    def _sampled_chain(
+        self, root: int, root_logits, root_hidden, committed: int, budget: int, context: DraftContext
+    ) -> DraftTree:
+        return self._tree(root, root_logits, root_hidden, committed, budget)
+
+
+def make_policy(name: str, model_name: str, depth: int, directory: Path | None = None, seed: int = 0) -> TreePolicy:
+    """A policy by name; radar and ltd load their trained weights from `directory` (default: shipped)."""
+    from draftwise.policies.baselines import ConfidenceThreshold, HeuristicSchedule
+
+    if name == "fixed":
+        return TreePolicy()
+    if name == "threshold":
+        return ConfidenceThreshold()
+    if name == "heuristic":
+        return HeuristicSchedule(max_calls=depth)
+    if name == "radar":
+        from draftwise.policies.radar import RadarPolicy
+
+        return RadarPolicy.load(directory or policy_dir(model_name), seed=seed)
+    if name == "ltd":
+        from draftwise.policies.ltd import LtdPolicy
+
+        return LtdPolicy.load(directory or policy_dir(model_name))
+    raise DraftwiseError(f"unknown policy '{name}'; choose one of {', '.join(POLICY_NAMES)}")
+
+
+def policy_drafter(
+    head: DraftHead, policy: str | TreePolicy, model_name: str, policy_dir: str | None = None, **options
+) -> TreeEagleDrafter:
+    """An eagle drafter driven by `policy` (a name or a TreePolicy). Learned policies bring the tree shape they
+    were trained for (top-k, depth, verified size); explicit options override depth and size, not top-k."""
+    from draftwise.policies.ltd import LtdPolicy
+    from draftwise.policies.radar import RadarPolicy
+
+    shape = {"top_k": DEFAULT_TOP_K, "depth": DEFAULT_DEPTH, "total_tokens": DEFAULT_TOTAL_TOKENS}
+    if isinstance(policy, str):
+        if policy in ("radar", "ltd"):
+            policy = make_policy(policy, model_name, shape["depth"], Path(policy_dir) if policy_dir else None)
+        else:
+            policy = make_policy(policy, model_name, options.get("depth") or shape["depth"])
+    if isinstance(policy, RadarPolicy):
+        c = policy.config
+        shape = {"top_k": c.top_k, "depth": c.depth, "total_tokens": c.size}
+    elif isinstance(policy, LtdPolicy):
+        c = policy.config
+        shape = {"top_k": c.top_k, "depth": c.max_depth, "total_tokens": max(c.sizes)}
+    if isinstance(policy, RadarPolicy | LtdPolicy) and options.get("top_k") not in (None, shape["top_k"]):
+        raise DraftwiseError(f"the {policy.name} policy was trained for a top-k of {shape['top_k']}")
+    shape.update({k: v for k, v in options.items() if v is not None})
+    drafter = TreeEagleDrafter(head, policy=policy, **shape)
+    drafter.name = policy.name if policy.name in ("radar", "ltd") else f"eagle-{policy.name}"
+    return drafter
+
+
+__all__ = ["POLICY_NAMES", "TreeEagleDrafter", "make_policy", "policy_dir", "policy_drafter"]

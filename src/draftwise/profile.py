@@ -1,0 +1,304 @@
+"""What one speculative round costs on this machine: `draftwise profile` and the `CostModel` it saves.
+
+A round costs a fixed overhead (tree building, acceptance, KV compaction, detokenising), the draft-head calls
+(one catch-up call over the newly accepted tokens, then one per expansion over the top-k frontier) and one
+target forward over the verified tree:
+
+    t(draft_calls, N, context) = overhead + head(first_width) + (draft_calls - 1) * head(width) + verify(N)
+
+head() and verify() are piecewise-linear in their size argument (linear interpolation between measured sizes,
+because a CPU's cost jumps where kernels change, e.g. 1 -> 2 tokens) and linear in the context length at
+each measured size (least squares). RADAR's and LTD's rewards are in these seconds, so re-profiling and
+re-training on another machine takes minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from draftwise.errors import DraftwiseError
+
+POLICIES_DIR = Path(__file__).resolve().parent / "data" / "policies"
+HEAD_WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16)
+VERIFY_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)
+CONTEXTS = (64, 320, 768)
+
+
+@dataclass
+class PiecewiseLinear:
+    """cost_ms(x, context) = base(x) + slope(x) * context / 1000, base and slope interpolated linearly between
+    the knots `x` (and extrapolated along the end segments)."""
+
+    x: list[float]
+    base_ms: list[float]
+    slope_ms_per_1k: list[float]
+
+    def __call__(self, x, context):
+        """ms at size `x` and `context` tokens; floats give a float, arrays an array."""
+        xs = np.asarray(self.x, dtype=float)
+        x_arr = np.asarray(x, dtype=float)
+        base = _interp(x_arr, xs, np.asarray(self.base_ms, dtype=float))
+        slope = _interp(x_arr, xs, np.asarray(self.slope_ms_per_1k, dtype=float))
+        cost = np.maximum(base + slope * (np.asarray(context, dtype=float) / 1000), 0.0)
+        return float(cost) if cost.ndim == 0 else cost
+
+    @classmethod
+    def fit(cls, samples: Sequence[tuple[float, float, float]]) -> PiecewiseLinear:
+        """Least squares per distinct x over (x, context, ms) samples; one context at an x gives slope 0."""
+        by_x: dict[float, list[tuple[float, float]]] = {}
+        for x, context, ms in samples:
+            by_x.setdefault(float(x), []).append((float(context), float(ms)))
+        if not by_x:
+            raise ValueError("no samples to fit")
+        xs, bases, slopes = [], [], []
+        for x in sorted(by_x):
+            ctx = np.array([c for c, _ in by_x[x]]) / 1000
+            ms = np.array([m for _, m in by_x[x]])
+            if len(set(ctx.tolist())) > 1:
+                (base, slope), *_ = np.linalg.lstsq(np.stack([np.ones_like(ctx), ctx], 1), ms, rcond=None)
+            else:
+                base, slope = ms.mean(), 0.0
+            xs.append(x)
+            bases.append(round(float(base), 4))
+            slopes.append(round(float(slope), 4))
+        return cls(xs, bases, slopes)
+
+
+def _interp(x: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Linear interpolation through (xs, ys), extended along the first and last segments."""
+    if len(xs) == 1:
+        return np.full_like(x, ys[0])
+    y = np.interp(x, xs, ys)
+    below = ys[0] + (ys[1] - ys[0]) * (x - xs[0]) / (xs[1] - xs[0])
+    above = ys[-2] + (ys[-1] - ys[-2]) * (x - xs[-2]) / (xs[-1] - xs[-2])
+    return np.where(x < xs[0], below, np.where(x > xs[-1], above, y))
+
+
+@dataclass
+class CostModel:
+    """Seconds of a speculative round on the profiled machine (see the module docstring)."""
+
+    head: PiecewiseLinear  # ms of one draft-head call by frontier width
+    verify: PiecewiseLinear  # ms of one target forward by tree size N (root included)
+    round_overhead_ms: float
+    meta: dict = field(default_factory=dict)
+
+    def head_s(self, width, context):
+        return self.head(width, context) / 1000
+
+    def verify_s(self, size, context):
+        return self.verify(size, context) / 1000
+
+    def round_s(self, draft_calls, size, context, width=8, first_width=3):
+        """t(draft_calls, N, context) in seconds: one round with `draft_calls` head calls (the first is the catch-up
+        call over about `first_width` accepted tokens) and a verified tree of `size` nodes. Arrays broadcast."""
+        calls = np.asarray(draft_calls, dtype=float)
+        draft = np.where(
+            calls > 0, self.head_s(first_width, context) + np.maximum(calls - 1, 0) * self.head_s(width, context), 0.0
+        )
+        total = self.round_overhead_ms / 1000 + draft + self.verify_s(size, context)
+        return float(total) if np.ndim(total) == 0 else total
+
+    def to_json(self) -> dict:
+        return {
+            "meta": self.meta,
+            "round_overhead_ms": round(self.round_overhead_ms, 3),
+            "head": self.head.__dict__,
+            "verify": self.verify.__dict__,
+        }
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, raw: dict) -> CostModel:
+        return cls(
+            PiecewiseLinear(**raw["head"]), PiecewiseLinear(**raw["verify"]), raw["round_overhead_ms"], raw["meta"]
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> CostModel:
+        path = Path(path)
+        if not path.exists():
+            raise DraftwiseError(f"no cost model at {path}; run `draftwise profile` on this machine first")
+        return cls.from_json(json.loads(path.read_text()))
+
+
+def default_cost_path(model_name: str) -> Path:
+    return POLICIES_DIR / Path(model_name).name / "cost.json"
+
+
+# --- measuring ---------------------------------------------------------------------------------------------------
+
+
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def measure_head(head, widths: Sequence[int], contexts: Sequence[int], repeats: int) -> list[tuple[int, int, float]]:
+    """(width, context, ms) of one draft-head call over a frontier of `width` nodes."""
+    from draftwise.draft_head import KVCache
+
+    c = head.config
+    weight = head.lm_head.weight
+    samples = []
+    for context in contexts:
+        cache = KVCache(c.num_kv_heads, c.head_dim, context + 64, weight.dtype, weight.device)
+        for width in widths:
+            hidden = torch.randn(width, c.hidden_size, dtype=weight.dtype, device=weight.device)
+            tokens = torch.randint(0, 1000, (width,), device=weight.device)
+            positions = torch.full((width,), context, device=weight.device)
+            mask = torch.ones(width, context + width, dtype=torch.bool, device=weight.device)
+
+            def call(cache=cache, hidden=hidden, tokens=tokens, positions=positions, mask=mask, context=context):
+                cache.length = context
+                head.step(hidden, tokens, positions, cache, mask)
+
+            samples.append((width, context, median_ms(call, repeats * 3)))
+    return samples
+
+
+def measure_verify(target, sizes: Sequence[int], contexts: Sequence[int], repeats: int) -> list[tuple[int, int, float]]:
+    """(N, context, ms) of one target tree forward of N nodes (a chain: the mask's shape does not change the cost)."""
+    from draftwise.tree import DraftTree
+
+    samples = []
+    for context in contexts:
+        target.prefill(torch.randint(0, 1000, (context,)))
+        for n in sizes:
+            tree = DraftTree(torch.randint(0, 1000, (n,)), torch.arange(-1, n - 1), torch.zeros(n))
+
+            def verify(tree=tree, context=context):
+                target.forward_tree(tree)
+                target.truncate(context)
+
+            samples.append((n, context, median_ms(verify, repeats)))
+    return samples
+
+
+def measure_round_overhead(engine, drafter, prompts: Sequence[str], max_new_tokens: int, partial: CostModel) -> float:
+    """Mean ms per round not explained by the head and verify fits, over real generations with `drafter`."""
+    from draftwise.drafters.eagle import TreePolicy
+
+    class Recorder(TreePolicy):
+        def __init__(self) -> None:
+            self.rounds: list[tuple[int, int]] = []  # (context, verified size)
+            self.context = 0
+
+        def begin_round(self, committed: int):
+            self.context = committed
+            return None
+
+        def observe(self, result) -> None:
+            self.rounds.append((self.context, result.tree.size))
+
+    recorder = Recorder()
+    drafter.policy = recorder
+    engine._drafters["profile"] = drafter
+    engine.generate("Say hi.", method="profile", max_new_tokens=8)  # warm-up
+    residuals = []
+    for prompt in prompts:
+        recorder.rounds.clear()
+        stats = engine.generate(prompt, method="profile", max_new_tokens=max_new_tokens).stats
+        explained = 0.0
+        for (context, size), calls in zip(recorder.rounds, stats.round_draft_calls, strict=True):
+            explained += partial.round_s(calls, size, context, width=drafter.top_k, first_width=3)
+        residuals.append((stats.total_s - stats.prefill_s - explained) * 1000 / max(stats.rounds, 1))
+    del engine._drafters["profile"]
+    return max(statistics.median(residuals), 0.0)
+
+
+def profile(
+    model: str,
+    dtype: str,
+    draft_head: str | None,
+    repeats: int,
+    prompts: int,
+    max_new_tokens: int,
+    log: Callable[[str], None] = print,
+) -> CostModel:
+    """Measure and fit this machine's cost model for `model` with its draft head (a random head of the default
+    shape if none ships: a head call's cost does not depend on its weights)."""
+    from draftwise.draft_head import DraftHead, DraftHeadConfig
+    from draftwise.drafters.eagle import EagleDrafter, load_head
+    from draftwise.engine import Engine
+    from draftwise.target import TargetModel
+
+    engine = Engine.load(model, method="ar", dtype=dtype)
+    try:
+        head = load_head(engine, draft_head)
+        head_source = draft_head or "shipped"
+    except DraftwiseError:
+        config = engine.model.config
+        layers = (2, config.num_hidden_layers // 2, config.num_hidden_layers - 3)
+        head = DraftHead(DraftHeadConfig.from_target(config, layers, min(8192, config.vocab_size)))
+        head = head.to(engine.model.dtype).eval().attach_embedding(engine.model.get_input_embeddings().weight)
+        head_source = "random (no trained head found)"
+    log(f"head calls ({head_source}) by frontier width {HEAD_WIDTHS} at contexts {CONTEXTS} ...")
+    head_samples = measure_head(head, HEAD_WIDTHS, CONTEXTS, repeats)
+    log(f"target verify forwards by tree size {VERIFY_SIZES} at contexts {CONTEXTS} ...")
+    verify_samples = measure_verify(TargetModel(engine.model), VERIFY_SIZES, CONTEXTS, repeats)
+    meta = {
+        "model": model,
+        "dtype": str(engine.model.dtype).removeprefix("torch."),
+        "device": str(engine.target.device),
+        "threads": torch.get_num_threads(),
+        "head": head_source,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "samples": {"head_ms": head_samples, "verify_ms": verify_samples},
+    }
+    cost = CostModel(PiecewiseLinear.fit(head_samples), PiecewiseLinear.fit(verify_samples), 0.0, meta)
+    if prompts > 0:
+        from draftwise.training.distill import sharegpt_prompts
+
+        log(f"round overhead over {prompts} generations of {max_new_tokens} tokens ...")
+        texts = sharegpt_prompts(3000 + prompts, seed=0)[3000:]  # past the draft head's training prompts
+        cost.round_overhead_ms = measure_round_overhead(engine, EagleDrafter(head), texts, max_new_tokens, cost)
+    return cost
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    if args.repeats < 1:
+        raise DraftwiseError("--repeats must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cost = profile(args.model, args.dtype, args.draft_head, args.repeats, args.prompts, args.max_new_tokens)
+    out = Path(args.out) if args.out else default_cost_path(args.model)
+    cost.save(out)
+    print(f"round overhead {cost.round_overhead_ms:.1f} ms")
+    for width in (1, 3, 8):
+        print(f"head call, width {width:>2}, context 300: {cost.head(width, 300):6.2f} ms")
+    for n in (1, 2, 4, 8, 16, 32, 64):
+        print(f"verify N={n:>2}, context 300: {cost.verify(n, 300):6.1f} ms")
+    print(f"saved {out}")
+    return 0
+
+
+def register(commands) -> None:
+    parser = commands.add_parser("profile", help="measure this machine's round cost model (for tree policies)")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--draft-head", default=None, help="draft head directory (default: shipped)")
+    parser.add_argument("--out", default=None, help="JSON path (default: data/policies/<model>/cost.json)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
+    parser.add_argument("--prompts", type=int, default=3, help="generations used to measure the round overhead")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.set_defaults(func=cmd_profile)
