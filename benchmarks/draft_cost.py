@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from draftwise.draft_head import DraftHead, DraftHeadConfig, KVCache
+from draftwise.kernels import use_small_batch_linear
 from draftwise.models import load_model
 from draftwise.target import TargetModel
 from draftwise.tree import DraftTree
@@ -46,6 +47,7 @@ def main() -> None:
     for vocab in (8192, 49152):
         head = DraftHead(DraftHeadConfig.from_target(model.config, (2, 15, 27), vocab)).to(dtype).eval()
         head.attach_embedding(model.get_input_embeddings().weight)
+        use_small_batch_linear(head)  # as EagleDrafter does
         c = head.config
         for width in (1, 4, 8, 16):
             cache = KVCache(c.num_kv_heads, c.head_dim, args.context + 64, dtype, "cpu")

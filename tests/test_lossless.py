@@ -230,3 +230,14 @@ def test_sampling_preserves_the_target_distribution(sampling, name):
         obs, exp = obs[:-1], exp[:-1]
     p_value = chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
     assert p_value > 1e-4, f"{name}: sampled distribution differs from the target (p={p_value:.2g})"
+
+
+def test_fitted_gate_learns_which_head_probabilities_pay():
+    gate = FittedGate(min_gain=0.5, prior_rounds=2.0)
+    low, high = torch.tensor([0.002]), torch.tensor([0.6])
+    assert gate.keep(low).item() and gate.keep(high).item()  # optimistic before any evidence
+    for _ in range(20):
+        gate.record(low, torch.tensor([0.0]))  # branches the head found unlikely never added tokens
+        gate.record(high, torch.tensor([3.0]))
+    assert not gate.keep(low).item() and gate.keep(high).item()
+    assert FittedGate(threshold=0.1).keep(torch.tensor([0.05, 0.2])).tolist() == [False, True]

@@ -249,6 +249,17 @@ def test_cost_fit_recovers_a_known_curve(tmp_path):
     assert batch[1] == pytest.approx(again.round_s(6, 16, 300))
 
 
+def test_profile_measurements_on_a_tiny_model(tiny_model):
+    from draftwise.profile import measure_head, measure_verify
+
+    verify = measure_verify(TargetModel(tiny_model), (1, 4), (8, 24), repeats=1)
+    head = measure_head(tiny_eagle(tiny_model).head, (1, 3), (8,), repeats=1)
+    assert [(n, c) for n, c, _ in verify] == [(1, 8), (4, 8), (1, 24), (4, 24)]
+    assert [(w, c) for w, c, _ in head] == [(1, 8), (3, 8)]
+    assert all(ms > 0 for *_, ms in verify + head)
+    assert PiecewiseLinear.fit(verify)(2, 16) > 0
+
+
 # --- training on a synthetic log --------------------------------------------------------------------------------
 
 

@@ -163,7 +163,7 @@ def measure_head(head, widths: Sequence[int], contexts: Sequence[int], repeats: 
         cache = KVCache(c.num_kv_heads, c.head_dim, context + 64, weight.dtype, weight.device)
         for width in widths:
             hidden = torch.randn(width, c.hidden_size, dtype=weight.dtype, device=weight.device)
-            tokens = torch.randint(0, 1000, (width,), device=weight.device)
+            tokens = torch.randint(0, min(1000, c.target_vocab_size), (width,), device=weight.device)
             positions = torch.full((width,), context, device=weight.device)
             mask = torch.ones(width, context + width, dtype=torch.bool, device=weight.device)
 
@@ -179,11 +179,11 @@ def measure_verify(target, sizes: Sequence[int], contexts: Sequence[int], repeat
     """(N, context, ms) of one target tree forward of N nodes (a chain: the mask's shape does not change the cost)."""
     from draftwise.tree import DraftTree
 
-    samples = []
+    samples, vocab = [], min(1000, int(target.config.vocab_size))
     for context in contexts:
-        target.prefill(torch.randint(0, 1000, (context,)))
+        target.prefill(torch.randint(0, vocab, (context,)))
         for n in sizes:
-            tree = DraftTree(torch.randint(0, 1000, (n,)), torch.arange(-1, n - 1), torch.zeros(n))
+            tree = DraftTree(torch.randint(0, vocab, (n,)), torch.arange(-1, n - 1), torch.zeros(n))
 
             def verify(tree=tree, context=context):
                 target.forward_tree(tree)

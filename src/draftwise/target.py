@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
+from draftwise.kernels import use_small_batch_linear
 from draftwise.tree import DraftTree
 
 
@@ -29,7 +30,9 @@ class TargetModel:
     and num_layers is the final (normed) feature that feeds the LM head. Draft heads read these.
     """
 
-    def __init__(self, model, feature_layers: tuple[int, ...] = ()):
+    def __init__(self, model, feature_layers: tuple[int, ...] = (), small_batch_linear: bool = True):
+        if small_batch_linear:
+            use_small_batch_linear(model)
         self.model = model
         self.config = model.config
         self.device = next(model.parameters()).device

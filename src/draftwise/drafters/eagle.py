@@ -18,6 +18,7 @@ from draftwise.draft_head import DraftHead, KVCache
 from draftwise.drafters.base import DraftContext, Drafter, RoundResult
 from draftwise.drafters.dynamic_tree import KeepGoing, TreeSlots, candidate_tree, sample_chain
 from draftwise.errors import DraftwiseError
+from draftwise.kernels import use_small_batch_linear
 from draftwise.tree import DraftTree
 
 HEADS_DIR = Path(__file__).resolve().parent.parent / "data" / "heads"
@@ -65,6 +66,7 @@ class EagleDrafter(Drafter):
         if top_k < 1 or depth < 0 or total_tokens < 1:
             raise DraftwiseError("eagle needs top_k >= 1, depth >= 0 and total_tokens >= 1")
         self.head = head
+        use_small_batch_linear(head)
         self.feature_layers = head.config.feature_layers
         self.top_k, self.depth, self.total_tokens = top_k, depth, total_tokens
         weight = head.lm_head.weight

@@ -4,7 +4,7 @@ with PPO for the throughput of each draft-and-verify cycle.
 - depth policy π_D: after every draft call, continue or stop (observation: the latest call's candidate scores,
   the context length / 1000 and the calls so far / 10, each scalar repeated so it weighs like the scores);
 - size policy π_V: once drafting stops, how many of the reranked candidates to verify, from a discrete set
-  (observation: every candidate's score, zero-filled to the maximum depth, and the same two scalars).
+  (observation: every candidate's score, padded to the maximum depth, and the same two scalars).
 
 Reward (paper eq. 4): tokens committed (accepted + bonus) / seconds of the cycle, here from this machine's cost
 model on the logged rounds (offline.py), divided by the fixed tree's mean throughput so it is O(1). Each policy
@@ -449,7 +449,7 @@ def train_ltd(
 
 
 # PPO steps per stage: size alone, depth alone, then size -> depth -> size co-training
-DEFAULT_STEPS = {"size0": 40_960, "depth0": 81_920, "size1": 20_480, "depth2": 40_960, "size3": 20_480}
+DEFAULT_STEPS = {"size0": 32_768, "depth0": 65_536, "size1": 16_384, "depth2": 32_768, "size3": 16_384}
 
 
 def measure_query_ms(policy: LtdPolicy, repeats: int = 200) -> tuple[float, float]:

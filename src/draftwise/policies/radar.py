@@ -10,6 +10,11 @@ L expansions would have built (a point mass in greedy mode), and with reward r_L
 continue the loss is -mean_t log π(a_t | s_≤t)·G_t (reward-to-go G_t, γ = 0.99, no baseline). t(L) comes from
 this machine's cost model: overhead, L + 1 head calls, the verify forward of this round's tree at its context
 length, and min(L + 1, D) policy queries; β = 10·(T_d + T_p).
+
+Ours versus the paper: the state is k = 8 wide (eagle's top-k here, 10 there); stopping before any expansion
+verifies the root's top-k (k + 1 nodes) rather than a 59-node star; the kept epoch is the one with the best
+validation tokens/s (the paper's is the lowest, itself stochastic, test loss); greedy rounds give a point mass
+for A; and the split is by prompt, not by round.
 """
 
 from __future__ import annotations

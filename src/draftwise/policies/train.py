@@ -159,6 +159,14 @@ def write_card(out: Path, model: str) -> None:
             f"| simulated tokens/s | {v['tokens_per_s']:.2f} | {v['fixed_tokens_per_s']:.2f} |",
             f"| speed ratio | {v['speed_ratio']:.3f} | 1 |",
             "",
+            f"Policy overhead (measured, included in the simulated times): {data['config']['query_ms']:.3f} ms per "
+            + (
+                "stop/continue query"
+                if method == "radar"
+                else f"depth query, {data['config']['size_query_ms']:.3f} ms per size query"
+            )
+            + ".",
+            "",
             "Config: `" + json.dumps(data["config"]) + "`",
             "",
         ]
