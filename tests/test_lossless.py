@@ -233,10 +233,10 @@ def test_sampling_preserves_the_target_distribution(sampling, name):
 
 
 def test_fitted_gate_learns_which_head_probabilities_pay():
-    gate = FittedGate(min_gain=0.5, prior_rounds=2.0)
+    gate = FittedGate(min_gain=0.3, prior_rounds=2.0)
     low, high = torch.tensor([0.002]), torch.tensor([0.6])
     assert gate.keep(low).item() and gate.keep(high).item()  # optimistic before any evidence
-    for _ in range(20):
+    for _ in range(40):
         gate.record(low, torch.tensor([0.0]))  # branches the head found unlikely never added tokens
         gate.record(high, torch.tensor([3.0]))
     assert not gate.keep(low).item() and gate.keep(high).item()

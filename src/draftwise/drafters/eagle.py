@@ -24,7 +24,7 @@ from draftwise.tree import DraftTree
 HEADS_DIR = Path(__file__).resolve().parent.parent / "data" / "heads"
 
 # Chosen by the grid in benchmarks/RESULTS.md (fp32 target on the 2-core CPU).
-DEFAULT_TOP_K, DEFAULT_DEPTH, DEFAULT_TOTAL_TOKENS = 8, 5, 16
+DEFAULT_TOP_K, DEFAULT_DEPTH, DEFAULT_TOTAL_TOKENS = 8, 3, 6
 
 
 def shipped_head_dir(model_name: str) -> Path | None:

@@ -8,9 +8,9 @@ so verification stays lossless in greedy and sampling modes (in sampling mode th
 deterministic top-k tree too).
 
 The gate (the paper's second limitation: hand-set thresholds) is fitted online from the rounds it logs: a
-branch is kept while branches with a similar head probability have, on average, added at least
-`min_gain` accepted tokens beyond what the head's own tree got. Until a probability bucket has evidence,
-its prior says keep. `threshold=` replaces the fitted rule by the paper-style fixed gate p >= threshold.
+branch is kept while branches with a similar head probability have added, on average plus an exploration
+bonus 1/sqrt(count), at least `min_gain` accepted tokens beyond what the head's own tree got.
+`threshold=` replaces the fitted rule by the paper-style fixed gate p >= threshold.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ BUCKET_EDGES = torch.tensor([1e-3, 1e-2, 5e-2, 0.2, 0.5])  # head probability of
 class FittedGate:
     """Keeps a retrieval branch when its first token's head-probability bucket has paid off so far."""
 
-    def __init__(self, min_gain: float = 0.5, prior_rounds: float = 2.0, threshold: float | None = None):
+    def __init__(self, min_gain: float = 0.3, prior_rounds: float = 2.0, threshold: float | None = None):
         self.min_gain, self.threshold = min_gain, threshold
         buckets = BUCKET_EDGES.numel() + 1
         self.gain = torch.full((buckets,), prior_rounds * 2 * min_gain)  # optimistic prior: try every bucket
@@ -45,7 +45,9 @@ class FittedGate:
         if self.threshold is not None:
             return probs >= self.threshold
         b = self.bucket(probs)
-        return self.gain[b] / self.count[b] >= self.min_gain
+        # optimism that shrinks with evidence (an upper confidence bound), so a bucket that once looked
+        # useless is still tried now and then instead of being shut off for good
+        return self.gain[b] / self.count[b] + self.count[b].rsqrt() >= self.min_gain
 
     def record(self, probs: Tensor, gains: Tensor) -> None:
         b = self.bucket(probs)

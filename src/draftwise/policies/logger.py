@@ -36,7 +36,7 @@ from draftwise.target import TargetModel
 from draftwise.tree import DraftTree
 from draftwise.verify import Sampling, accept_greedy, target_probs
 
-DEFAULT_SIZES = (1, 2, 4, 8, 12, 16, 24, 32)  # verification sizes V (root included) the logs can answer for
+DEFAULT_SIZES = (1, 2, 4, 6, 8, 10, 12, 16, 24, 32)  # verification sizes V (root included) the logs can answer for
 LOG_DEPTH, LOG_TOP_K = 8, 8
 T1 = Sampling(1.0)  # the law whose acceptance probabilities are logged by default (RADAR's)
 SHAREGPT_SKIP = 3000  # the draft head's training prompts
