@@ -200,7 +200,7 @@ SAMPLING_MAKERS = {
     ),
 }
 CASES = [(SAMPLING_CASES[0], name) for name in SAMPLING_MAKERS] + [
-    (sampling, name) for sampling in SAMPLING_CASES[1:] for name in ("wide", "draft-model", "eagle", "rasd")
+    (sampling, name) for sampling in SAMPLING_CASES[1:] for name in ("wide", "draft-model", "eagle")
 ]
 
 

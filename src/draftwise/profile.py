@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -141,14 +141,16 @@ def default_cost_path(model_name: str) -> Path:
 # --- measuring ---------------------------------------------------------------------------------------------------
 
 
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
+def best_ms(fn: Callable[[], object], repeats: int) -> float:
+    """The fastest of `repeats` timed calls after a warm-up: other work on the machine only ever adds time, so
+    the minimum is the estimate least disturbed by it."""
+    fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return min(times)
 
 
 @torch.inference_mode()
@@ -171,7 +173,7 @@ def measure_head(head, widths: Sequence[int], contexts: Sequence[int], repeats: 
                 cache.length = context
                 head.step(hidden, tokens, positions, cache, mask)
 
-            samples.append((width, context, median_ms(call, repeats * 3)))
+            samples.append((width, context, best_ms(call, repeats * 3)))
     return samples
 
 
@@ -189,12 +191,12 @@ def measure_verify(target, sizes: Sequence[int], contexts: Sequence[int], repeat
                 target.forward_tree(tree)
                 target.truncate(context)
 
-            samples.append((n, context, median_ms(verify, repeats)))
+            samples.append((n, context, best_ms(verify, repeats)))
     return samples
 
 
 def measure_round_overhead(engine, drafter, prompts: Sequence[str], max_new_tokens: int, partial: CostModel) -> float:
-    """Mean ms per round not explained by the head and verify fits, over real generations with `drafter`."""
+    """Ms per round not explained by the head and verify fits: the least over real generations with `drafter`."""
     from draftwise.drafters.eagle import TreePolicy
 
     class Recorder(TreePolicy):
@@ -222,7 +224,7 @@ def measure_round_overhead(engine, drafter, prompts: Sequence[str], max_new_toke
             explained += partial.round_s(calls, size, context, width=drafter.top_k, first_width=3)
         residuals.append((stats.total_s - stats.prefill_s - explained) * 1000 / max(stats.rounds, 1))
     del engine._drafters["profile"]
-    return max(statistics.median(residuals), 0.0)
+    return max(min(residuals), 0.0)
 
 
 def profile(
@@ -241,6 +243,9 @@ def profile(
     from draftwise.engine import Engine
     from draftwise.target import TargetModel
 
+    load = os.getloadavg()[0]
+    if load > 1.0:
+        log(f"warning: load average {load:.1f}: other work on this machine will inflate the timings")
     engine = Engine.load(model, method="ar", dtype=dtype)
     try:
         head = load_head(engine, draft_head)
@@ -262,6 +267,7 @@ def profile(
         "threads": torch.get_num_threads(),
         "head": head_source,
         "date": time.strftime("%Y-%m-%d %H:%M"),
+        "load_average": round(load, 2),
         "samples": {"head_ms": head_samples, "verify_ms": verify_samples},
     }
     cost = CostModel(PiecewiseLinear.fit(head_samples), PiecewiseLinear.fit(verify_samples), 0.0, meta)
@@ -297,7 +303,7 @@ def register(commands) -> None:
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--draft-head", default=None, help="draft head directory (default: shipped)")
     parser.add_argument("--out", default=None, help="JSON path (default: data/policies/<model>/cost.json)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (the fastest counts)")
     parser.add_argument("--prompts", type=int, default=3, help="generations used to measure the round overhead")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
