@@ -31,6 +31,13 @@ def add_model_args(parser: argparse.ArgumentParser, method_default: str = "pld")
         help="auto | bf16 | fp32 | fp16 (auto: bf16 where the hardware multiplies it natively, else fp32)",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--engine",
+        default="auto",
+        help="auto | hf | llama: who runs the target. llama = llama.cpp on the GGUF's own quantized weights "
+        "(needs `pip install 'draftwise[llama]'`); auto picks it on CPU when installed, the dtype is auto and the "
+        "method reads no hidden features (ar, pld, rest, draft-model), else hf (transformers)",
+    )
     parser.add_argument("--draft-model", default=None, help="draft model for --method draft-model")
     parser.add_argument("--draft-head", default=None, help="draft head directory for --method eagle (default: shipped)")
     parser.add_argument("--datastore", default=None, help="retrieval datastore name or directory for --method rest")
@@ -81,7 +88,14 @@ def load_engine(args: argparse.Namespace):
     if args.method not in METHODS:  # before the slow load
         raise DraftwiseError(f"unknown method '{args.method}'; choose one of {', '.join(METHODS)}")
 
-    return Engine.load(args.model, method=args.method, dtype=args.dtype, device=args.device, **method_options(args))
+    return Engine.load(
+        args.model,
+        method=args.method,
+        dtype=args.dtype,
+        device=args.device,
+        engine=args.engine,
+        **method_options(args),
+    )
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -111,7 +125,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         record = {
             "text": result.text,
             "model": args.model,
-            "dtype": str(engine.model.dtype).removeprefix("torch."),
+            "engine": engine.engine_name,
+            "dtype": engine.dtype_name,
             **stats.summary(),
         }
         print(json.dumps(record, indent=2))

