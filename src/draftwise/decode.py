@@ -28,6 +28,7 @@ class GenerationStats:
     round_draft_calls: list[int] = field(default_factory=list)  # draft-network forwards per round
     margins: list[float] = field(default_factory=list)  # target top-1 minus top-2 logit at each new token
     prefill_s: float = 0.0
+    first_token_s: float = 0.0  # time to first token: prefill plus the first round
     draft_s: float = 0.0
     verify_s: float = 0.0
     total_s: float = 0.0
@@ -87,12 +88,17 @@ def generate_tokens(
         t0 = time.perf_counter()
         calls_before = drafter.draft_calls
         context = DraftContext(
-            tokens, len(prompt_ids), sampling, budget=min(room, max_new_tokens - stats.new_tokens), generator=generator
+            tokens,
+            len(prompt_ids),
+            sampling,
+            budget=min(room, max_new_tokens - stats.new_tokens),
+            generator=generator,
+            verify_cost=target.verify_cost,
         )
         tree = drafter.propose(context)
         if tree.size > context.budget:
             tree = tree.select_top(context.budget)
-        while target.max_leaves and len(tree.leaves()) > target.max_leaves:  # llama.cpp: a sequence id per leaf
+        while target.max_leaves and tree.size > target.max_leaves and len(tree.leaves()) > target.max_leaves:
             tree = tree.select_top(tree.size - 1)
         t1 = time.perf_counter()
         past = target.length
@@ -126,6 +132,8 @@ def generate_tokens(
         stats.draft_s += (t1 - t0) + (t4 - t3)
         stats.verify_s += t2 - t1
         stats.total_s = time.perf_counter() - start
+        if stats.rounds == 1:
+            stats.first_token_s = stats.total_s
         yield new
         if stats.finish_reason == "stop":
             break

@@ -46,7 +46,8 @@ def assign_verdicts(records: list[dict], epsilon: float) -> None:
             continue
         record["verdict"] = "identical"
         for turn_index, (ref_turn, turn) in enumerate(zip(ref["turns"], record["turns"], strict=True)):
-            verdict = compare_greedy(ref_turn["token_ids"], ref_turn["margins"], turn["token_ids"], epsilon)
+            tie = NEAR_TIE_EPSILON["gguf"] if ref["method"] == "ar@llama" else epsilon
+            verdict = compare_greedy(ref_turn["token_ids"], ref_turn["margins"], turn["token_ids"], tie)
             if verdict != "identical":
                 position = first_difference(ref_turn["token_ids"], turn["token_ids"])
                 margins = ref_turn["margins"]
@@ -74,6 +75,7 @@ def summarize(records: list[dict]) -> dict:
     accepted = [a for s in stats for a in s["accepted"]]
     split = {k: sum(s[k] for s in stats) for k in ("prefill_s", "draft_s", "verify_s", "overhead_s")}
     verdicts = [r["verdict"] for r in ok if r.get("verdict")]
+    ttfts = [t["ttft_s"] for t in turns if t.get("ttft_s") is not None]
     return {
         "questions": len(ok),
         "errors": len(records) - len(ok),
@@ -81,6 +83,7 @@ def summarize(records: list[dict]) -> dict:
         "wall_s": wall_s,
         "tokens_per_s": _ratio(new_tokens, wall_s),  # Spec-Bench: total tokens / total time
         "tokens_per_s_mean": sum(per_question) / len(per_question) if per_question else None,
+        "ttft_s": sum(ttfts) / len(ttfts) if ttfts else None,  # mean time to first token
         "tau": sum(accepted) / len(accepted) if accepted else None,  # bonus token included
         "draft_calls_per_round": _ratio(sum(s["draft_calls"] for s in stats), rounds),
         "verified_per_round": _ratio(sum(s["verified_tokens"] for s in stats), rounds),

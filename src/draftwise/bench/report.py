@@ -75,7 +75,7 @@ def time_split_cells(split: dict | None) -> list[str]:
 
 
 def overall_table(summary: dict, methods: list[str], unavailable: dict[str, str], greedy: bool) -> str:
-    header = ["method", "tok/s", "tok/s (mean per q)", "speedup", "τ", "draft calls/round", "verified/round",
+    header = ["method", "tok/s", "tok/s (mean per q)", "speedup", "TTFT ms", "τ", "draft calls/round", "verified/round",
               "prefill", "draft", "verify", "overhead", "peak RSS MiB"]
     header += ["identical", "near-tie", "MISMATCH"] if greedy else []
     header += ["errors"]
@@ -85,12 +85,14 @@ def overall_table(summary: dict, methods: list[str], unavailable: dict[str, str]
             rows.append([method, f"**unavailable:** {unavailable[method]}"] + [""] * (len(header) - 2))
             continue
         row = summary["overall"][method]
+        ttft_ms = row["ttft_s"] * 1e3 if row["ttft_s"] is not None else None
         cells = [method, fmt(row["tokens_per_s"], ".1f"), fmt(row["tokens_per_s_mean"], ".1f"),
-                 fmt(row["speedup"], ".2f", "×"), fmt(row["tau"]), fmt(row["draft_calls_per_round"]),
+                 fmt(row["speedup"], ".2f", "×"), fmt(ttft_ms, ".0f"), fmt(row["tau"]),
+                 fmt(row["draft_calls_per_round"]),
                  fmt(row["verified_per_round"], ".1f"), *time_split_cells(row["time_split_s"]),
                  fmt(row["peak_rss_mb"], ".0f")]
         if greedy:
-            reference = method == BASELINE
+            reference = method in (BASELINE, "ar@llama")
             mismatch = f"**{row['mismatch']}**" if row["mismatch"] else "0"
             cells += ["ref", "", ""] if reference else [str(row["identical"]), str(row["near_tie"]), mismatch]
         rows.append(cells + [str(row["errors"])])

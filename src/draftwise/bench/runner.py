@@ -46,8 +46,8 @@ Runner = Callable[[Messages, Settings, int], dict]
 
 
 def turn_record(text: str, token_ids: list[int], wall_s: float, margins: list[float] | None = None,
-                stats: dict | None = None) -> dict:
-    return {"new_tokens": len(token_ids), "wall_s": wall_s, "token_ids": token_ids, "text": text,
+                stats: dict | None = None, ttft_s: float | None = None) -> dict:
+    return {"new_tokens": len(token_ids), "wall_s": wall_s, "ttft_s": ttft_s, "token_ids": token_ids, "text": text,
             "margins": [round(m, 5) for m in margins] if margins is not None else None, "stats": stats}
 
 
@@ -59,7 +59,8 @@ def run_engine(engine: Engine, messages: Messages, settings: Settings, seed: int
     wall_s = time.perf_counter() - start
     stats = generation.stats
     return turn_record(generation.text, generation.token_ids, wall_s, stats.margins,
-                       {**stats.summary(), "accepted": stats.accepted, "round_draft_calls": stats.round_draft_calls})
+                       {**stats.summary(), "accepted": stats.accepted, "round_draft_calls": stats.round_draft_calls},
+                       ttft_s=stats.first_token_s)
 
 
 def run_hf_generate(engine: Engine, messages: Messages, settings: Settings, seed: int,
@@ -98,7 +99,9 @@ def _llama_cpp(model_name: str, prompt_lookup: bool):
     gguf = model_gguf(model_name)
     if gguf is None:
         raise DraftwiseError(f"llama.cpp needs a GGUF model; '{model_name}' is not one")
-    draft = llama_cpp.LlamaPromptLookupDecoding(num_pred_tokens=10) if prompt_lookup else None
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    draft = LlamaPromptLookupDecoding(num_pred_tokens=10) if prompt_lookup else None
     threads = os.cpu_count() or 1
     return llama_cpp.Llama(str(gguf), n_ctx=8192, n_batch=512, n_threads=threads, n_threads_batch=threads,
                            draft_model=draft, verbose=False)
@@ -114,13 +117,15 @@ def run_llama_cpp(engine: Engine, messages: Messages, settings: Settings, seed: 
     llm.set_seed(seed)
     stop = engine.stop_token_ids
     token_ids: list[int] = []
+    ttft_s = None
     warpers = dict(top_k=settings.top_k, top_p=settings.top_p, min_p=0.0) if settings.temperature > 0 else {}
     for token in llm.generate(prompt_ids, temp=settings.temperature, repeat_penalty=1.0, **warpers):
+        ttft_s = ttft_s or time.perf_counter() - start
         token_ids.append(int(token))
         if token in stop or len(token_ids) >= settings.max_new_tokens:
             break
     text = engine.tokenizer.decode(token_ids, skip_special_tokens=True)
-    return turn_record(text, token_ids, time.perf_counter() - start)
+    return turn_record(text, token_ids, time.perf_counter() - start, ttft_s=ttft_s)
 
 
 # Methods outside draftwise's engine: name -> function(engine, messages, settings, seed) -> turn record.

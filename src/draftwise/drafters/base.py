@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ class DraftContext:
     sampling: Sampling
     budget: int  # the tree may have at most this many nodes (root included)
     generator: torch.Generator | None = None  # for drafters that sample, so seeded runs repeat
+    verify_cost: Callable[[int], float] | None = None  # seconds to verify N nodes, where the target measured it
 
 
 @dataclass

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from draftwise.drafters.base import DraftContext, Drafter
+from draftwise.drafters.base import DraftContext, Drafter, RoundResult
+from draftwise.drafters.sizing import AcceptanceStats, size_for_throughput
 from draftwise.tree import DraftTree
 
 
 def lookup_continuations(
     tokens: torch.Tensor, max_ngram: int, min_ngram: int, length: int, max_matches: int
-) -> list[list[int]]:
-    """Continuations of earlier occurrences of the trailing n-gram, longest n first (stop at the first n that
-    matches), most recent occurrence first."""
+) -> tuple[int, list[list[int]]]:
+    """(n, continuations) of earlier occurrences of the trailing n-gram, longest n first (stop at the first n
+    that matches), most recent occurrence first; (0, []) when nothing matches."""
     total = tokens.numel()
     for n in range(max_ngram, min_ngram - 1, -1):
         if total <= n:
@@ -20,8 +21,8 @@ def lookup_continuations(
         windows = tokens.unfold(0, n, 1)[:-1]  # every n-gram but the trailing one itself
         starts = (windows == tokens[-n:]).all(1).nonzero().flatten().flip(0)[:max_matches] + n
         if starts.numel():
-            return [tokens[s : s + length].tolist() for s in starts.tolist()]
-    return []
+            return n, [tokens[s : s + length].tolist() for s in starts.tolist()]
+    return 0, []
 
 
 class PromptLookupRetriever:
@@ -31,9 +32,12 @@ class PromptLookupRetriever:
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.num_pred_tokens, self.max_matches = num_pred_tokens, max_matches
 
+    def lookup(self, tokens: torch.Tensor) -> tuple[int, list[list[int]]]:
+        return lookup_continuations(tokens, self.max_ngram, self.min_ngram, self.num_pred_tokens, self.max_matches)
+
     def retrieve(self, tokens: torch.Tensor, budget: int) -> DraftTree | None:
         """The trie of the matches' continuations, at most `budget` nodes; None when nothing matches."""
-        spans = lookup_continuations(tokens, self.max_ngram, self.min_ngram, self.num_pred_tokens, self.max_matches)
+        _, spans = self.lookup(tokens)
         if not spans:
             return None
         return DraftTree.from_sequences(int(tokens[-1]), spans).select_top(budget)
@@ -41,7 +45,11 @@ class PromptLookupRetriever:
 
 class PromptLookup(Drafter):
     """Copies spans that followed the same n-gram earlier in the prompt or output (Saxena 2023), several
-    matches merged into one trie, ranked by how many matches agree on each prefix."""
+    matches merged into one trie, ranked by how many matches agree on each prefix.
+
+    When the target reports its verification cost (the llama engine does), the trie is cut to the size that
+    maximises expected tokens per second (drafters/sizing.py), nodes judged by the matched n-gram length,
+    their depth and whether every match agrees on them."""
 
     name = "pld"
 
@@ -56,7 +64,30 @@ class PromptLookup(Drafter):
         super().__init__()
         self.retriever = PromptLookupRetriever(max_ngram, min_ngram, num_pred_tokens, max_matches)
         self.total_tokens = total_tokens
+        self.stats = AcceptanceStats()
+        self._sized: tuple[DraftTree, list] | None = None
 
     def propose(self, context: DraftContext) -> DraftTree:
-        tree = self.retriever.retrieve(context.tokens, min(self.total_tokens, context.budget))
-        return tree if tree is not None else DraftTree.root_only(int(context.tokens[-1]))
+        root = int(context.tokens[-1])
+        n, spans = self.retriever.lookup(context.tokens)
+        if not spans:
+            return DraftTree.root_only(root)
+        tree = DraftTree.from_sequences(root, spans).select_top(min(self.total_tokens, context.budget))
+        if context.verify_cost is None:
+            return tree
+        tree = size_for_throughput(tree, self.stats.path_probs(tree, node_kinds(tree, n)), context.verify_cost)
+        self._sized = (tree, node_kinds(tree, n))
+        return tree
+
+    def observe(self, result: RoundResult) -> None:
+        if self._sized is not None:
+            tree, kinds = self._sized
+            self.stats.update(tree, kinds, result.path)
+            self._sized = None
+
+
+def node_kinds(tree: DraftTree, ngram: int) -> list[tuple[int, int, bool]]:
+    """(matched n-gram length, depth up to 8, every match agrees here) of each node: what predicts acceptance."""
+    depths = tree.depths.clamp_max(8).tolist()
+    unanimous = (tree.scores > -1e-6).tolist()
+    return [(ngram, d, u) for d, u in zip(depths, unanimous, strict=True)]

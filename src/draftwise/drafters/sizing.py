@@ -1,0 +1,65 @@
+"""Cost-aware tree sizing: verify only as many drafted nodes as pay for their verification time.
+
+Where every verified token costs real compute (llama.cpp on this CPU: a 4-token tree costs ~2.6x a 1-token
+step, see RESULTS.md), a long retrieved chain loses time unless most of it is accepted. Each node gets an
+acceptance probability from running counts of how often nodes of its kind were accepted when their parent
+was; the tree keeps the most likely nodes up to the size that maximises expected tokens per second,
+(1 + sum of p) / cost(size). Size 1 (the root alone) is plain decoding, so the method never plans to be
+slower than `ar` under the measured cost.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Sequence
+
+import torch
+
+from draftwise.tree import DraftTree
+
+NodeKind = Hashable
+
+
+class AcceptanceStats:
+    """P(node accepted | parent accepted) per node kind, counted online from verified rounds.
+
+    The estimate is optimistic by `explore`/sqrt(seen) (an upper confidence bound), so kinds that were rarely
+    drafted get tried until their rate is known, and a kind that does not pay stops being verified."""
+
+    def __init__(self, prior_accepted: float = 1.0, prior_seen: float = 2.0, explore: float = 0.5):
+        self.accepted: dict[NodeKind, float] = defaultdict(lambda: prior_accepted)
+        self.seen: dict[NodeKind, float] = defaultdict(lambda: prior_seen)
+        self.explore = explore
+
+    def rate(self, kind: NodeKind) -> float:
+        seen = self.seen[kind]
+        return min(1.0, self.accepted[kind] / seen + self.explore / seen**0.5)
+
+    def path_probs(self, tree: DraftTree, kinds: Sequence[NodeKind]) -> list[float]:
+        """Probability that each node's whole path is accepted; the root's is 1."""
+        probs = [1.0]
+        for i, parent in enumerate(tree.parents.tolist()[1:], start=1):  # parents come first
+            probs.append(probs[parent] * self.rate(kinds[i]))
+        return probs
+
+    def update(self, tree: DraftTree, kinds: Sequence[NodeKind], path: Sequence[int]) -> None:
+        """Count every node whose parent was accepted: it was accepted too, or it was not."""
+        on_path = set(path)
+        for i, parent in enumerate(tree.parents.tolist()[1:], start=1):
+            if parent in on_path:
+                self.seen[kinds[i]] += 1
+                self.accepted[kinds[i]] += i in on_path
+
+
+def size_for_throughput(tree: DraftTree, probs: Sequence[float], verify_cost: Callable[[int], float]) -> DraftTree:
+    """The subtree of the most likely nodes whose expected tokens per verification second is highest."""
+    order = sorted(range(1, tree.size), key=lambda i: -probs[i])  # stable: a child never outranks its parent
+    best_rate, best_keep, expected = 1.0 / verify_cost(1), 0, 1.0
+    for kept, node in enumerate(order, start=1):
+        expected += probs[node]
+        rate = expected / verify_cost(kept + 1)
+        if rate > best_rate:
+            best_rate, best_keep = rate, kept
+    if best_keep == tree.size - 1:
+        return tree
+    return tree.subtree(torch.tensor([0, *order[:best_keep]], dtype=torch.long))
