@@ -82,21 +82,22 @@ class LlamaCppTarget:
         self._cost = self._calibrate()
 
     def _calibrate(self) -> tuple[float, float]:
-        """(a, b) of verify seconds = a + b * nodes, timed on this machine (~0.2 s at load). Tree drafters size
+        """(a, b) of verify seconds = a + b * nodes, timed on this machine (~0.3 s at load). Tree drafters size
         their trees from it: here, unlike transformers' path, each extra verified token costs ~30% of a step."""
         def seconds(n: int) -> float:
             times = []
             for _ in range(3):
                 start = time.perf_counter()
-                self._decode(list(range(100, 100 + n)), list(range(64, 64 + n)), [[0]] * n, logits=True)
+                self._decode(list(range(100, 100 + n)), list(range(CONTEXT, CONTEXT + n)), [[0]] * n, logits=True)
                 times.append(time.perf_counter() - start)
-                self._lc.llama_memory_seq_rm(self._memory, 0, 64, -1)
+                self._lc.llama_memory_seq_rm(self._memory, 0, CONTEXT, -1)
             return min(times)
 
-        self._decode(list(range(1000, 1064)), list(range(64)), [[0]] * 64, logits=False)
-        one, eight = seconds(1), seconds(8)
+        CONTEXT = 256  # noqa: N806 - a typical chat context
+        self._decode(list(range(1000, 1000 + CONTEXT)), list(range(CONTEXT)), [[0]] * CONTEXT, logits=False)
+        one, four = seconds(1), seconds(4)
         self.reset()
-        slope = max(eight - one, 0.0) / 7
+        slope = max(four - one, 0.0) / 3
         return one - slope, slope
 
     def verify_cost(self, nodes: int) -> float:
