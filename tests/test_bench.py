@@ -164,6 +164,10 @@ def test_method_and_option_parsing():
         "draft-model": {"draft_model": "dm"}, "pld": {"total_tokens": 32, "name": "x"}}
     with pytest.raises(DraftwiseError, match="METHOD.KEY=VALUE"):
         parse_method_options(["total_tokens=3"], None)
+    assert parse_methods("pld~short,pld@llama") == ["ar", "pld~short", "pld@llama"]
+    with pytest.raises(DraftwiseError, match="unknown methods nope~x"):
+        parse_methods("nope~x")
+    assert parse_method_options(["eagle~d0.depth=0"], None) == {"eagle~d0": {"depth": 0}}
 
 
 def test_load_profile(tmp_path):

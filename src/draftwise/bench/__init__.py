@@ -33,8 +33,10 @@ def register(subparsers) -> None:
     bench.add_argument("--dtype", default="auto", help="auto | bf16 | fp32 | fp16")
     bench.add_argument("--device", default="cpu", help="cpu or cuda")
     bench.add_argument("--methods", default=DEFAULT_METHODS,
-                       help=f"comma-separated, or 'all': draftwise methods and peers (hf, hf-pld); `ar` is "
-                            f"always run as the baseline (default: {DEFAULT_METHODS})")
+                       help=f"comma-separated, or 'all': draftwise methods and peers (hf, hf-pld, llama.cpp, "
+                            f"llama.cpp-pld); METHOD@llama runs a method on the llama engine; METHOD~TAG is a "
+                            f"second configuration of METHOD with its own --method-option METHOD~TAG.KEY=VALUE; "
+                            f"`ar` is always run as the baseline (default: {DEFAULT_METHODS})")
     bench.add_argument("--draft-model", default=None, help="draft model for the draft-model method")
     bench.add_argument("--method-option", action="append", default=[], metavar="METHOD.KEY=VALUE",
                        help="a drafter option, e.g. pld.total_tokens=32 (repeatable)")
@@ -67,7 +69,7 @@ def parse_methods(spec: str) -> list[str]:
     known = known_methods()
     given = [n.strip() for n in spec.split(",") if n.strip()]
     names = known if spec.strip() == "all" else list(dict.fromkeys(given))
-    unknown = [n for n in names if n not in known]
+    unknown = [n for n in names if n.partition("~")[0] not in known]
     if unknown:
         raise DraftwiseError(f"unknown methods {', '.join(unknown)}; choose from {', '.join(known)} or 'all'")
     return names if "ar" in names else ["ar", *names]

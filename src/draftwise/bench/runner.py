@@ -151,7 +151,7 @@ def build_runners(names: list[str], model, tokenizer, model_name: str,
     runners: dict[str, Runner] = {}
     unavailable: dict[str, str] = {}
     for name in names:
-        method, _, engine_name = name.partition("@")
+        method, _, engine_name = name.partition("~")[0].partition("@")
         try:
             if name in PEERS:
                 runners[name] = partial(PEERS[name], baseline)

@@ -1,0 +1,55 @@
+"""Cost-aware tree sizing: the kept subtree maximises expected tokens per second, acceptance counts learn, and
+prompt lookup sized this way stays lossless."""
+
+from __future__ import annotations
+
+import torch
+from conftest import greedy_reference, tiny_llama
+
+from draftwise.decode import GenerationStats, generate_tokens
+from draftwise.drafters.pld import PromptLookup
+from draftwise.drafters.sizing import AcceptanceStats, size_for_throughput
+from draftwise.target import TargetModel
+from draftwise.tree import DraftTree
+from draftwise.verify import Sampling
+
+
+def chain(n: int) -> DraftTree:
+    return DraftTree(torch.arange(n), torch.arange(-1, n - 1), torch.zeros(n))
+
+
+def test_size_for_throughput_keeps_the_best_prefix():
+    tree = chain(5)
+    probs = [1.0, 0.9, 0.8, 0.1, 0.05]
+    # verify cost 1 + 0.5 per extra node: 2 nodes -> 1.9/1.5, 3 -> 2.7/2.0 (best), 4 -> 2.8/2.5
+    kept = size_for_throughput(tree, probs, lambda n: 1 + 0.5 * (n - 1))
+    assert kept.size == 3
+    assert size_for_throughput(tree, probs, lambda n: float(n)).size == 1  # tokens cost linear: never pays
+    assert size_for_throughput(tree, probs, lambda n: 1.0).size == 5  # free verification: keep everything
+
+
+def test_acceptance_stats_learn_and_explore():
+    stats = AcceptanceStats()
+    tree = chain(3)
+    kinds = ["root", "a", "b"]
+    fresh = stats.rate("a")
+    for _ in range(50):
+        stats.update(tree, kinds, [0])  # "a" is always rejected; "b" is never seen (its parent was rejected)
+    assert stats.rate("a") < 0.15 < fresh
+    assert stats.rate("b") == fresh
+    probs = stats.path_probs(tree, kinds)
+    assert probs[0] == 1.0 and probs[2] <= probs[1]
+
+
+def test_sized_prompt_lookup_is_lossless():
+    model = tiny_llama()
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3]
+    reference = greedy_reference(model, prompt, 40)
+    target = TargetModel(model)
+    target.verify_cost = lambda n: 1.0 + 0.3 * (n - 1)
+    drafter = PromptLookup()
+    stats = GenerationStats(method="pld")
+    out = [t for chunk in generate_tokens(target, drafter, prompt, max_new_tokens=40, sampling=Sampling(),
+                                          stats=stats) for t in chunk]
+    assert out == reference
+    assert drafter.stats.seen  # it learned from the rounds
