@@ -69,8 +69,10 @@ def hf_breakdown(dtype: str, context: int, steps: int) -> dict:
         "other_ops_ms": (total_us - matmul_us - attention_us) * per_step * 1e3,
         "python_and_framework_ms": (profiled_s / steps - total_us * per_step) * 1e3,
         "weight_bytes_per_token": weight_bytes,
-        "top_ops": [(e.key, round(e.self_cpu_time_total * per_step * 1e3, 3)) for e in
-                    sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]],
+        "top_ops": [
+            (e.key, round(e.self_cpu_time_total * per_step * 1e3, 3))
+            for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]
+        ],
     }
 
 
@@ -89,9 +91,12 @@ def llama_breakdown(context: int, steps: int) -> dict:
         step()
     times = [_timed(step) for _ in range(steps)]
     costs = {n: target.verify_cost(n) * 1e3 for n in (1, 2, 4, 8, 16)}
-    return {"path": "llama.cpp (GGUF Q4_1 weights, Q8 activations)", "step_ms": statistics.median(times) * 1e3,
-            "weight_bytes_per_token": model_gguf("smollm2-135m").stat().st_size,
-            "calibrated_verify_ms_by_nodes": costs}
+    return {
+        "path": "llama.cpp (GGUF Q4_1 weights, Q8 activations)",
+        "step_ms": statistics.median(times) * 1e3,
+        "weight_bytes_per_token": model_gguf("smollm2-135m").stat().st_size,
+        "calibrated_verify_ms_by_nodes": costs,
+    }
 
 
 def main() -> None:
@@ -110,8 +115,17 @@ def main() -> None:
         row["bandwidth_floor_ms"] = row["weight_bytes_per_token"] / (bandwidth * 1e9) * 1e3
         print(json.dumps(row))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"threads": torch.get_num_threads(), "context": args.context,
-                                    "memory_bandwidth_gbs": bandwidth, "paths": rows}, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {
+                "threads": torch.get_num_threads(),
+                "context": args.context,
+                "memory_bandwidth_gbs": bandwidth,
+                "paths": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"memory bandwidth {bandwidth:.1f} GB/s; wrote {args.out}")
 
 

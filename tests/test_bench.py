@@ -44,27 +44,48 @@ def test_tie_epsilon_by_dtype():
     assert tie_epsilon("bfloat16") == tie_epsilon("float16") == 0.5
 
 
-def turn(tokens: list[int], wall_s: float, margins: list[float] | None = None, draft_calls: int = 0,
-         accepted: list[int] | None = None, engine: bool = True) -> dict:
+def turn(
+    tokens: list[int],
+    wall_s: float,
+    margins: list[float] | None = None,
+    draft_calls: int = 0,
+    accepted: list[int] | None = None,
+    engine: bool = True,
+) -> dict:
     """A turn record as the runner writes it; `engine=False` for a peer without engine stats."""
     accepted = accepted if accepted is not None else [1] * len(tokens)
-    stats = {"rounds": len(accepted), "accepted": accepted, "draft_calls": draft_calls,
-             "verified_tokens": sum(accepted) + len(accepted), "prefill_s": 0.1 * wall_s,
-             "draft_s": 0.2 * wall_s, "verify_s": 0.6 * wall_s, "overhead_s": 0.1 * wall_s}
+    stats = {
+        "rounds": len(accepted),
+        "accepted": accepted,
+        "draft_calls": draft_calls,
+        "verified_tokens": sum(accepted) + len(accepted),
+        "prefill_s": 0.1 * wall_s,
+        "draft_s": 0.2 * wall_s,
+        "verify_s": 0.6 * wall_s,
+        "overhead_s": 0.1 * wall_s,
+    }
     margins = margins if margins is not None else [1.0] * len(tokens)
     return turn_record("", tokens, wall_s, margins if engine else None, stats if engine else None)
 
 
 def record(index: int, category: str, method: str, turns: list[dict], error: str | None = None) -> dict:
-    return {"index": index, "question_id": 100 + index, "category": category, "method": method,
-            "error": error, "verdict": None, "peak_rss_mb": 500.0, "peak_gpu_mb": None, "turns": turns}
+    return {
+        "index": index,
+        "question_id": 100 + index,
+        "category": category,
+        "method": method,
+        "error": error,
+        "verdict": None,
+        "peak_rss_mb": 500.0,
+        "peak_gpu_mb": None,
+        "turns": turns,
+    }
 
 
 def test_assign_verdicts_first_differing_turn_decides():
     ref = record(0, "a", "ar", [turn([1, 2, 3], 1.0, margins=[1.0, 0.0, 1.0]), turn([4, 5], 1.0)])
     same = record(0, "a", "pld", [turn([1, 2, 3], 1.0), turn([4, 5], 1.0)])
-    tie_then_drift = record(0, "a", "hf", [turn([1, 9, 9], 1.0, engine=False),
-                                           turn([7, 7], 1.0, engine=False)])
+    tie_then_drift = record(0, "a", "hf", [turn([1, 9, 9], 1.0, engine=False), turn([7, 7], 1.0, engine=False)])
     late = record(0, "a", "x", [turn([1, 2, 3], 1.0), turn([4, 6], 1.0)])
     failed = record(0, "a", "y", [], error="boom")
     records = [ref, same, tie_then_drift, late, failed]
@@ -109,11 +130,19 @@ def test_report_flags_mismatches_loudly():
     records = [record(0, "qa", "ar", [turn([1, 2], 1.0)]), record(0, "qa", "pld", [turn([1, 3], 1.0)])]
     assign_verdicts(records, epsilon=1e-3)
     summary = aggregate(records, ["ar", "pld"])
-    env = {"model": "m", "dtype": "float32", "device": "cpu", "gpu": None, "cpu": "cpu", "torch_threads": 2,
-           "torch": "t", "transformers": "x", "draftwise": "d"}
+    env = {
+        "model": "m",
+        "dtype": "float32",
+        "device": "cpu",
+        "gpu": None,
+        "cpu": "cpu",
+        "torch_threads": 2,
+        "torch": "t",
+        "transformers": "x",
+        "draftwise": "d",
+    }
     settings = {"prompts": "p", "questions": 1, "max_new_tokens": 2, "temperature": 0.0, "seed": 0}
-    text = render_report(env, settings, ["ar", "pld", "gone"], {"gone": "not installed"}, summary, records,
-                         1e-3, [])
+    text = render_report(env, settings, ["ar", "pld", "gone"], {"gone": "not installed"}, summary, records, 1e-3, [])
     assert "LOSSLESSNESS FAILURE: 1 of 1" in text
     assert "| pld | 100 | qa | MISMATCH | 1 | 1 |" in text
     assert "| gone | **unavailable:** not installed |" in text
@@ -125,10 +154,15 @@ def write_jsonl(path, items: list[dict]) -> None:
 
 def test_load_questions_from_file(tmp_path):
     path = tmp_path / "q.jsonl"
-    write_jsonl(path, [{"question_id": 1, "category": "a", "turns": ["one", "one more"]},
-                       {"question_id": 2, "category": "a", "turns": ["two"]},
-                       {"question_id": 3, "category": "b", "turns": ["three"]},
-                       {"turns": ["no id, no category"]}])
+    write_jsonl(
+        path,
+        [
+            {"question_id": 1, "category": "a", "turns": ["one", "one more"]},
+            {"question_id": 2, "category": "a", "turns": ["two"]},
+            {"question_id": 3, "category": "b", "turns": ["three"]},
+            {"turns": ["no id, no category"]},
+        ],
+    )
     questions = load_questions(str(path))
     assert [q.question_id for q in questions] == [1, 3, 4, 2]  # round-robin over a, b, default
     assert questions[0].turns == ("one", "one more")
@@ -161,7 +195,9 @@ def test_method_and_option_parsing():
     with pytest.raises(DraftwiseError, match="unknown methods nope"):
         parse_methods("pld,nope")
     assert parse_method_options(["pld.total_tokens=32", "pld.name=x"], "dm") == {
-        "draft-model": {"draft_model": "dm"}, "pld": {"total_tokens": 32, "name": "x"}}
+        "draft-model": {"draft_model": "dm"},
+        "pld": {"total_tokens": 32, "name": "x"},
+    }
     with pytest.raises(DraftwiseError, match="METHOD.KEY=VALUE"):
         parse_method_options(["total_tokens=3"], None)
     assert parse_methods("pld~short,pld@llama") == ["ar", "pld~short", "pld@llama"]
@@ -188,8 +224,11 @@ def test_multi_turn_questions_continue_the_conversation():
 
     turns, memory = run_question(runner, Question(1, "a", ("first", "second")), Settings(4), seed=0)
     assert [t["text"] for t in turns] == ["answer 1", "answer 2"]
-    assert seen[1] == [{"role": "user", "content": "first"}, {"role": "assistant", "content": "answer 1"},
-                       {"role": "user", "content": "second"}]
+    assert seen[1] == [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "answer 1"},
+        {"role": "user", "content": "second"},
+    ]
     assert memory["peak_rss_mb"] > 0
 
 
@@ -202,11 +241,13 @@ def test_run_benchmark_rotates_methods_and_keeps_errors():
             if fail:
                 raise RuntimeError("out of memory")
             return turn_record("x", [1], 0.1)
+
         return runner
 
     questions = [Question(i, "a", ("q",)) for i in range(3)]
-    records = run_benchmark({"ar": make("ar"), "pld": make("pld"), "bad": make("bad", fail=True)}, questions,
-                            Settings(4), seed=10)
+    records = run_benchmark(
+        {"ar": make("ar"), "pld": make("pld"), "bad": make("bad", fail=True)}, questions, Settings(4), seed=10
+    )
     assert [name for name, _ in order] == ["ar", "pld", "bad", "pld", "bad", "ar", "bad", "ar", "pld"]
     assert {seed for name, seed in order if name == "ar"} == {10, 11, 12}
     assert [r["error"] for r in records if r["method"] == "bad"] == ["RuntimeError: out of memory"] * 3
@@ -218,8 +259,15 @@ def tiny_model_dir(tmp_path_factory):
     from draftwise.models import resolve_model
 
     path = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).eval().save_pretrained(path)
     AutoTokenizer.from_pretrained(resolve_model("smollm2-135m")).save_pretrained(path)
@@ -229,18 +277,37 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture
 def prompt_file(tmp_path):
     path = tmp_path / "prompts.jsonl"
-    write_jsonl(path, [
-        {"question_id": 1, "category": "chat", "turns": ["Name three colours.", "And three more?"]},
-        {"question_id": 2, "category": "copy", "turns": ["Repeat: one two three one two three."]},
-    ])
+    write_jsonl(
+        path,
+        [
+            {"question_id": 1, "category": "chat", "turns": ["Name three colours.", "And three more?"]},
+            {"question_id": 2, "category": "copy", "turns": ["Repeat: one two three one two three."]},
+        ],
+    )
     return path
 
 
 @pytest.mark.real_model
 def test_quick_run_end_to_end(tiny_model_dir, prompt_file, tmp_path):
     out = tmp_path / "out"
-    code = main(["bench", "--model", str(tiny_model_dir), "--dtype", "fp32", "--prompts", str(prompt_file),
-                 "--methods", "ar,pld,hf,hf-pld", "--quick", "--max-new-tokens", "12", "--out", str(out)])
+    code = main(
+        [
+            "bench",
+            "--model",
+            str(tiny_model_dir),
+            "--dtype",
+            "fp32",
+            "--prompts",
+            str(prompt_file),
+            "--methods",
+            "ar,pld,hf,hf-pld",
+            "--quick",
+            "--max-new-tokens",
+            "12",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert results["environment"]["dtype"] == "float32" and results["environment"]["torch_threads"] >= 1
@@ -271,13 +338,32 @@ def test_broken_and_missing_peers_are_reported(tiny_model_dir, prompt_file, tmp_
     monkeypatch.setitem(PEERS, "broken", broken)
     monkeypatch.setitem(PEERS, "missing", missing)
     out = tmp_path / "out"
-    code = main(["bench", "--model", str(tiny_model_dir), "--dtype", "fp32", "--prompts", str(prompt_file),
-                 "--methods", "broken,missing", "--limit", "1", "--max-new-tokens", "4", "--tie-epsilon", "0",
-                 "--out", str(out)])
+    code = main(
+        [
+            "bench",
+            "--model",
+            str(tiny_model_dir),
+            "--dtype",
+            "fp32",
+            "--prompts",
+            str(prompt_file),
+            "--methods",
+            "broken,missing",
+            "--limit",
+            "1",
+            "--max-new-tokens",
+            "4",
+            "--tie-epsilon",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 1
     assert "LOSSLESSNESS FAILURE" in capsys.readouterr().err
     report = (out / "report.md").read_text()
     assert "LOSSLESSNESS FAILURE: 1 of 1" in report
     assert "| missing | **unavailable:** llama-cpp-python is not installed |" in report
     assert json.loads((out / "results.json").read_text())["unavailable"] == {
-        "missing": "llama-cpp-python is not installed"}
+        "missing": "llama-cpp-python is not installed"
+    }

@@ -64,9 +64,21 @@ def test_train_draft_learns_and_resumes(tmp_path):
     prompts = [f"count to {i}" for i in range(12)]
     build_distill_data(target, tokenizer, prompts, tmp_path / "data", (0, 1, 2), max_new_tokens=24, batch_size=6)
     args = argparse.Namespace(
-        model="tiny", data=str(tmp_path / "data"), out=str(tmp_path / "head"), feature_layers="0,1,2",
-        draft_vocab=256, ttt_steps=3, epochs=6, accumulate=2, lr=3e-3, max_len=128, holdout_every=6,
-        eval_every=1000, checkpoint_every=5, max_minutes=0, seed=0,
+        model="tiny",
+        data=str(tmp_path / "data"),
+        out=str(tmp_path / "head"),
+        feature_layers="0,1,2",
+        draft_vocab=256,
+        ttt_steps=3,
+        epochs=6,
+        accumulate=2,
+        lr=3e-3,
+        max_len=128,
+        holdout_every=6,
+        eval_every=1000,
+        checkpoint_every=5,
+        max_minutes=0,
+        seed=0,
     )
     train(args, target=target)
     log = [json.loads(line) for line in (tmp_path / "head" / "log.jsonl").read_text().splitlines()]

@@ -35,8 +35,9 @@ def llama():
 def generate(target, drafter, prompt: list[int], max_new_tokens: int = 48) -> tuple[list[int], GenerationStats]:
     stats = GenerationStats(method=drafter.name)
     tokens: list[int] = []
-    for chunk in generate_tokens(target, drafter, prompt, max_new_tokens=max_new_tokens, sampling=Sampling(),
-                                 stats=stats):
+    for chunk in generate_tokens(
+        target, drafter, prompt, max_new_tokens=max_new_tokens, sampling=Sampling(), stats=stats
+    ):
         tokens.extend(chunk)
     return tokens, stats
 
@@ -78,11 +79,15 @@ def test_commit_keeps_the_accepted_branch_only(llama):
     torch.testing.assert_close(after, expected, atol=2e-2, rtol=1e-3)
 
 
-@pytest.mark.parametrize("make_drafter", [
-    lambda prompt, truth: PromptLookup(),
-    lambda prompt, truth: RandomDrafter(49152, nodes=12),
-    lambda prompt, truth: OracleDrafter(prompt, truth, 49152, depth=6, width=3, error_rate=0.3),
-], ids=["pld", "random", "oracle-wide-noisy"])
+@pytest.mark.parametrize(
+    "make_drafter",
+    [
+        lambda prompt, truth: PromptLookup(),
+        lambda prompt, truth: RandomDrafter(49152, nodes=12),
+        lambda prompt, truth: OracleDrafter(prompt, truth, 49152, depth=6, width=3, error_rate=0.3),
+    ],
+    ids=["pld", "random", "oracle-wide-noisy"],
+)
 def test_speculative_equals_plain_decoding_on_llama_cpp(llama, make_drafter):
     target, prompt = llama
     plain, _ = generate(target, NoDraft(), prompt)

@@ -112,8 +112,13 @@ def drafters_for(model, prompt: list[int], truth: list[int]) -> list[Drafter]:
         tiny_eagle(model, draft_vocab=40, top_k=1, depth=6, total_tokens=8),  # chain, reduced vocabulary
         RasdDrafter(tiny_eagle(model).head, [PromptLookupRetriever()], top_k=2, depth=2, total_tokens=6),
         RasdDrafter(  # serial retrieval, every branch kept, an oracle's tree as a second retrieval source
-            tiny_eagle(model).head, [PromptLookupRetriever(), OracleRetriever(prompt, truth)], concurrent=False,
-            gate=FittedGate(threshold=0.0), top_k=2, depth=1, total_tokens=4,
+            tiny_eagle(model).head,
+            [PromptLookupRetriever(), OracleRetriever(prompt, truth)],
+            concurrent=False,
+            gate=FittedGate(threshold=0.0),
+            top_k=2,
+            depth=1,
+            total_tokens=4,
         ),
     ]
 

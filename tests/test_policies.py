@@ -5,6 +5,7 @@ curve, RADAR and LTD training improve their objective on a synthetic log, and th
 from __future__ import annotations
 
 import copy
+import itertools
 
 import numpy as np
 import pytest
@@ -19,7 +20,16 @@ from draftwise.policies import TreeEagleDrafter
 from draftwise.policies.baselines import ConfidenceThreshold, HeuristicSchedule, heuristic_calls, threshold_calls
 from draftwise.policies.logger import log_generation, prefix_size
 from draftwise.policies.ltd import LtdConfig, LtdPolicy, actors, train_ltd
-from draftwise.policies.offline import RoundSet, fixed, rounds_from_records, simulate, truncation_table
+from draftwise.policies.offline import (
+    RoundSet,
+    best_choices,
+    best_fixed,
+    fixed,
+    headroom,
+    rounds_from_records,
+    simulate,
+    truncation_table,
+)
 from draftwise.policies.radar import RadarConfig, RadarNet, RadarPolicy, evaluate, train_radar
 from draftwise.profile import CostModel, PiecewiseLinear
 from draftwise.target import TargetModel
@@ -439,3 +449,26 @@ def test_missing_policy_files_are_a_clear_error(tmp_path):
             make_policy(name, "no-such-model", 5, tmp_path)
     with pytest.raises(DraftwiseError, match="unknown policy"):
         make_policy("nope", "no-such-model", 5)
+
+
+def testbest_choices_is_the_exact_ratio_optimum():
+    rng = np.random.default_rng(1)
+    tokens, seconds = rng.uniform(1, 4, (6, 3)), rng.uniform(0.5, 2, (6, 3))
+    groups = np.asarray([0, 0, 1, 1, 2, 2])
+    rows = np.arange(6)
+    speeds = [
+        tokens[rows, np.asarray(pick)[groups]].sum() / seconds[rows, np.asarray(pick)[groups]].sum()
+        for pick in itertools.product(range(3), repeat=3)
+    ]
+    found = best_choices(tokens, seconds, groups)[groups]
+    assert tokens[rows, found].sum() / seconds[rows, found].sum() == pytest.approx(max(speeds))
+
+
+def test_headroom_bounds_the_fixed_tree_and_reads_the_confidence_signal():
+    rounds = synthetic_rounds(400)
+    train, validation = rounds.split_by_prompt(0.2)
+    cost = cost_model()
+    rows = headroom(train, validation, cost, rounds.depth, bins=2)
+    _, _, fixed_speed = best_fixed(validation, cost, rounds.depth)
+    oracle, bins = rows["hindsight oracle"]["tokens_per_s"], rows["confidence bins (2)"]["tokens_per_s"]
+    assert oracle >= bins > 1.05 * fixed_speed  # confident rounds draft deep, hopeless ones verify the root alone

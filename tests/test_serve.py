@@ -61,8 +61,9 @@ def running(app) -> Iterator[Server]:
         thread.join(30)
 
 
-def call(server: Server, method: str, path: str, body: dict | bytes | None = None,
-         content_type: str = "application/json") -> tuple[int, dict | str]:
+def call(
+    server: Server, method: str, path: str, body: dict | bytes | None = None, content_type: str = "application/json"
+) -> tuple[int, dict | str]:
     """One raw HTTP request; JSON answers come back parsed."""
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     data = body if isinstance(body, bytes | None) else json.dumps(body).encode()
@@ -96,8 +97,15 @@ def idle(server: Server) -> bool:
 def engine() -> Iterator[Engine]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # at width 64 more threads only add sync cost, the more so on a busy 2-core box
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
@@ -131,8 +139,11 @@ def test_chat_greedy_equals_engine_generate(client: openai.OpenAI, engine: Engin
 
 
 def test_chat_stream_equals_engine_generate(client: openai.OpenAI, engine: Engine) -> None:
-    chunks = list(client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=MESSAGES, max_tokens=12, stream=True, stream_options={"include_usage": True}
+        )
+    )
     expected = engine.generate(MESSAGES, max_new_tokens=12)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
@@ -153,8 +164,9 @@ def test_completions_use_the_raw_prompt(client: openai.OpenAI, engine: Engine, s
 def test_every_method_gives_the_same_greedy_text(client: openai.OpenAI) -> None:
     texts = {}
     for method in ("ar", "pld"):
-        response = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=10,
-                                                  extra_body={"method": method})
+        response = client.chat.completions.create(
+            model="tiny", messages=MESSAGES, max_tokens=10, extra_body={"method": method}
+        )
         assert response.model_extra["draftwise"]["method"] == method
         texts[method] = response.choices[0].message.content
     assert texts["ar"] == texts["pld"]
@@ -162,9 +174,14 @@ def test_every_method_gives_the_same_greedy_text(client: openai.OpenAI) -> None:
 
 def test_sampling_is_reproducible_with_a_seed(client: openai.OpenAI, engine: Engine) -> None:
     options = dict(temperature=1.0, top_p=0.9, seed=1234)
-    texts = [client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8,
-                                            extra_body={"top_k": 50}, **options).choices[0].message.content
-             for _ in range(2)]
+    texts = [
+        client.chat.completions.create(
+            model="tiny", messages=MESSAGES, max_tokens=8, extra_body={"top_k": 50}, **options
+        )
+        .choices[0]
+        .message.content
+        for _ in range(2)
+    ]
     expected = engine.generate(MESSAGES, max_new_tokens=8, top_k=50, **options).text
     assert texts == [expected, expected]
 
@@ -175,8 +192,9 @@ def test_stop_as_string_and_list(client: openai.OpenAI, engine: Engine) -> None:
     expected = engine.generate(prompt, max_new_tokens=16, chat_template=False, stop=[stop]).text
     whole = client.completions.create(model="tiny", prompt=prompt, max_tokens=16, stop=stop).choices[0]
     assert whole.text == expected and whole.finish_reason == "stop" and stop not in whole.text
-    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=16, stop=[stop, "\x00"],
-                                            stream=True))
+    chunks = list(
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=16, stop=[stop, "\x00"], stream=True)
+    )
     assert "".join(c.choices[0].text for c in chunks) == expected
     assert chunks[-1].choices[0].finish_reason == "stop"
 
@@ -214,12 +232,20 @@ BAD_REQUESTS = [
     pytest.param(CHAT, chat(stop=7), 422, "stop", "stop", id="stop-type"),
     pytest.param(CHAT, {"model": "tiny"}, 422, "messages", "Field required", id="no-messages"),
     pytest.param(CHAT, chat(messages=[]), 422, "messages", "at least 1", id="empty-message-list"),
-    pytest.param(CHAT, chat(messages=[{"role": "user", "content": "  "}]), 400, None, "messages are empty",
-                 id="blank-messages"),
-    pytest.param(CHAT, chat(messages=[{"role": "robot", "content": "hi"}]), 422, "messages",
-                 "messages.0.role", id="bad-role"),
-    pytest.param(CHAT, chat(messages=[{"role": "user", "content": "word " * 600}]), 400, None,
-                 "context window", id="chat-too-long"),
+    pytest.param(
+        CHAT, chat(messages=[{"role": "user", "content": "  "}]), 400, None, "messages are empty", id="blank-messages"
+    ),
+    pytest.param(
+        CHAT, chat(messages=[{"role": "robot", "content": "hi"}]), 422, "messages", "messages.0.role", id="bad-role"
+    ),
+    pytest.param(
+        CHAT,
+        chat(messages=[{"role": "user", "content": "word " * 600}]),
+        400,
+        None,
+        "context window",
+        id="chat-too-long",
+    ),
     pytest.param(TEXT, {"prompt": "x " * 600}, 400, None, "context window", id="prompt-too-long"),
     pytest.param(TEXT, {"prompt": ""}, 400, None, "prompt is empty", id="empty-prompt"),
     pytest.param(TEXT, {"prompt": ["a", "b"]}, 422, "prompt", "prompt", id="several-prompts"),
@@ -227,8 +253,9 @@ BAD_REQUESTS = [
 
 
 @pytest.mark.parametrize(("path", "body", "status", "param", "fragment"), BAD_REQUESTS)
-def test_bad_requests_get_openai_style_errors(server: Server, path: str, body, status: int, param: str | None,
-                                              fragment: str) -> None:
+def test_bad_requests_get_openai_style_errors(
+    server: Server, path: str, body, status: int, param: str | None, fragment: str
+) -> None:
     got, answer = call(server, "POST", path, body)
     assert got == status, answer
     error = answer["error"]
@@ -258,8 +285,7 @@ def test_openai_client_raises_its_usual_exceptions(client: openai.OpenAI) -> Non
     assert invalid.value.param == "top_p"
 
 
-def test_client_disconnect_cancels_the_generation(server: Server, client: openai.OpenAI,
-                                                   engine: Engine) -> None:
+def test_client_disconnect_cancels_the_generation(server: Server, client: openai.OpenAI, engine: Engine) -> None:
     cancelled = metric(server, "draftwise_cancelled_generations_total")
     body = json.dumps(chat(max_tokens=500, stream=True)).encode()
     head = f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -308,8 +334,9 @@ def test_load_every_request_is_answered_200_or_429(server: Server) -> None:
 
     async def one(client: openai.AsyncOpenAI, i: int) -> int:
         try:
-            await client.chat.completions.create(model="tiny", max_tokens=4,
-                                                 messages=[{"role": "user", "content": f"request {i}"}])
+            await client.chat.completions.create(
+                model="tiny", max_tokens=4, messages=[{"role": "user", "content": f"request {i}"}]
+            )
             return 200
         except openai.RateLimitError as exc:
             assert exc.code == "queue_full" and exc.response.headers["Retry-After"] == "1"
@@ -341,8 +368,7 @@ def test_shutdown_finishes_the_stream_in_flight(engine: Engine) -> None:
     workers = sum(t.name == "draftwise-worker" for t in threading.enumerate())
     with running(create_app(engine, max_queue=2)) as server:
         client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
-        chunks = iter(client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=40,
-                                                     stream=True))
+        chunks = iter(client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=40, stream=True))
         first = next(chunks)
         server.uvicorn.should_exit = True
         wait_until(lambda: refuses_connections(server.port))  # shutting down, with our stream still open

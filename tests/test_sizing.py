@@ -49,7 +49,10 @@ def test_sized_prompt_lookup_is_lossless():
     target.verify_cost = lambda n: 1.0 + 0.3 * (n - 1)
     drafter = PromptLookup()
     stats = GenerationStats(method="pld")
-    out = [t for chunk in generate_tokens(target, drafter, prompt, max_new_tokens=40, sampling=Sampling(),
-                                          stats=stats) for t in chunk]
+    out = [
+        t
+        for chunk in generate_tokens(target, drafter, prompt, max_new_tokens=40, sampling=Sampling(), stats=stats)
+        for t in chunk
+    ]
     assert out == reference
     assert drafter.stats.seen  # it learned from the rounds

@@ -180,9 +180,7 @@ class DraftHead(nn.Module):
             context_scores = context_scores.masked_fill(~causal[:m, :m], float("-inf"))
             own_scores = torch.stack([(q * d).sum(-1) for d in diag_keys], dim=-1) * scale  # (heads, m, step)
             weights = torch.cat([context_scores, own_scores], dim=-1).softmax(-1)
-            attended = weights[..., :m] @ v0[:, :m] + (
-                weights[..., m:, None] * torch.stack(diag_values, dim=2)
-            ).sum(2)
+            attended = weights[..., :m] @ v0[:, :m] + (weights[..., m:, None] * torch.stack(diag_values, dim=2)).sum(2)
             normed, hidden = self.finish(hidden, attended)
             out.append(normed)
         return out

@@ -102,8 +102,9 @@ class Engine:
 
     `model` is the HF model (None when `target` runs elsewhere, as with llama.cpp); `config` its HF config."""
 
-    def __init__(self, model, tokenizer, model_name: str = "custom", method: str = "pld", target=None,
-                 **method_options):
+    def __init__(
+        self, model, tokenizer, model_name: str = "custom", method: str = "pld", target=None, **method_options
+    ):
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.target = target if target is not None else TargetModel(model)
         self.engine_name = "hf" if model is not None else "llama"

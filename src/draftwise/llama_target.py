@@ -84,6 +84,7 @@ class LlamaCppTarget:
     def _calibrate(self) -> tuple[float, float]:
         """(a, b) of verify seconds = a + b * nodes, timed on this machine (~0.3 s at load). Tree drafters size
         their trees from it: here, unlike transformers' path, each extra verified token costs ~30% of a step."""
+
         def seconds(n: int) -> float:
             times = []
             for _ in range(3):

@@ -25,40 +25,66 @@ FULL_MAX_NEW_TOKENS = 256
 
 def register(subparsers) -> None:
     bench = subparsers.add_parser(
-        "bench", help="benchmark methods on a prompt set (tokens/s, speedup, τ, losslessness)",
+        "bench",
+        help="benchmark methods on a prompt set (tokens/s, speedup, τ, losslessness)",
         description="Run several methods on the same prompts, alternating per prompt after a warm-up, and "
-                    "write results.json, report.md and plots to --out.")
-    bench.add_argument("--model", default=DEFAULT_MODEL,
-                       help=f"embedded model name or local HF model directory (default: {DEFAULT_MODEL})")
+        "write results.json, report.md and plots to --out.",
+    )
+    bench.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"embedded model name or local HF model directory (default: {DEFAULT_MODEL})",
+    )
     bench.add_argument("--dtype", default="auto", help="auto | bf16 | fp32 | fp16")
     bench.add_argument("--device", default="cpu", help="cpu or cuda")
-    bench.add_argument("--methods", default=DEFAULT_METHODS,
-                       help=f"comma-separated, or 'all': draftwise methods and peers (hf, hf-pld, llama.cpp, "
-                            f"llama.cpp-pld); METHOD@llama runs a method on the llama engine; METHOD~TAG is a "
-                            f"second configuration of METHOD with its own --method-option METHOD~TAG.KEY=VALUE; "
-                            f"`ar` is always run as the baseline (default: {DEFAULT_METHODS})")
+    bench.add_argument(
+        "--methods",
+        default=DEFAULT_METHODS,
+        help=f"comma-separated, or 'all': draftwise methods and peers (hf, hf-pld, llama.cpp, "
+        f"llama.cpp-pld); METHOD@llama runs a method on the llama engine; METHOD~TAG is a "
+        f"second configuration of METHOD with its own --method-option METHOD~TAG.KEY=VALUE; "
+        f"`ar` is always run as the baseline (default: {DEFAULT_METHODS})",
+    )
     bench.add_argument("--draft-model", default=None, help="draft model for the draft-model method")
-    bench.add_argument("--method-option", action="append", default=[], metavar="METHOD.KEY=VALUE",
-                       help="a drafter option, e.g. pld.total_tokens=32 (repeatable)")
-    bench.add_argument("--prompts", default="spec-bench",
-                       help="spec-bench | mt-bench | humaneval | gsm | FILE.jsonl in Spec-Bench format "
-                            "(question_id, category, turns) (default: spec-bench)")
+    bench.add_argument(
+        "--method-option",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="a drafter option, e.g. pld.total_tokens=32 (repeatable)",
+    )
+    bench.add_argument(
+        "--prompts",
+        default="spec-bench",
+        help="spec-bench | mt-bench | humaneval | gsm | FILE.jsonl in Spec-Bench format "
+        "(question_id, category, turns) (default: spec-bench)",
+    )
     bench.add_argument("--categories", default=None, help="comma-separated categories to keep")
     bench.add_argument("--first-turn-only", action="store_true", help="ask only each question's first turn")
-    bench.add_argument("--limit", type=int, default=None,
-                       help="at most this many questions, taken round-robin across categories")
+    bench.add_argument(
+        "--limit", type=int, default=None, help="at most this many questions, taken round-robin across categories"
+    )
     add_sampling_args(bench)
     bench.set_defaults(max_new_tokens=None, seed=0)
-    bench.add_argument("--tie-epsilon", type=float, default=None,
-                       help="greedy outputs that part from ar where ar's top-2 logit margin is below this "
-                            "are near-ties, not mismatches (default: 1e-3 in fp32, 0.5 in bf16/fp16)")
-    bench.add_argument("--profile", type=Path, default=None,
-                       help='cost profile JSON {"verify_ms": {"<tree size>": ms}} to plot the verify cost')
-    bench.add_argument("--out", type=Path, default=Path("runs/bench"),
-                       help="output directory (default: runs/bench)")
-    bench.add_argument("--quick", action="store_true",
-                       help=f"smoke check: {QUICK_LIMIT} questions, {QUICK_MAX_NEW_TOKENS} new tokens unless "
-                            "given otherwise")
+    bench.add_argument(
+        "--tie-epsilon",
+        type=float,
+        default=None,
+        help="greedy outputs that part from ar where ar's top-2 logit margin is below this "
+        "are near-ties, not mismatches (default: 1e-3 in fp32, 0.5 in bf16/fp16)",
+    )
+    bench.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help='cost profile JSON {"verify_ms": {"<tree size>": ms}} to plot the verify cost',
+    )
+    bench.add_argument("--out", type=Path, default=Path("runs/bench"), help="output directory (default: runs/bench)")
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke check: {QUICK_LIMIT} questions, {QUICK_MAX_NEW_TOKENS} new tokens unless given otherwise",
+    )
     bench.set_defaults(func=cmd_bench)
 
 
@@ -82,8 +108,7 @@ def parse_method_options(items: list[str], draft_model: str | None) -> dict[str,
         target, sep, raw = item.partition("=")
         method, dot, key = target.partition(".")
         if not (sep and dot and method and key):
-            raise DraftwiseError(f"--method-option '{item}': expected METHOD.KEY=VALUE, "
-                                 "e.g. pld.total_tokens=32")
+            raise DraftwiseError(f"--method-option '{item}': expected METHOD.KEY=VALUE, e.g. pld.total_tokens=32")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
@@ -134,21 +159,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
     summary = metrics.aggregate(records, available)
     given = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
     env = report.environment(args.model, model, given)
-    run_settings = {"prompts": args.prompts, "categories": categories, "questions": len(questions),
-                    "max_new_tokens": max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-                    "top_k": args.top_k, "seed": args.seed, "tie_epsilon": epsilon, "options": options}
+    run_settings = {
+        "prompts": args.prompts,
+        "categories": categories,
+        "questions": len(questions),
+        "max_new_tokens": max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "tie_epsilon": epsilon,
+        "options": options,
+    }
     report.write_results(args.out / "results.json", env, run_settings, names, unavailable, summary, records)
     plot_files = plots.write_plots(args.out, summary, records, available, profile)
     text = report.render_report(env, run_settings, names, unavailable, summary, records, epsilon, plot_files)
     (args.out / "report.md").write_text(text, encoding="utf-8")
 
     print(report.overall_table(summary, names, unavailable, settings.temperature == 0))
-    print(f"\n[draftwise] wrote {args.out / 'report.md'}, results.json and {len(plot_files)} plots",
-          file=sys.stderr)
+    print(f"\n[draftwise] wrote {args.out / 'report.md'}, results.json and {len(plot_files)} plots", file=sys.stderr)
     mismatches = sum(row["mismatch"] for row in summary["overall"].values())
     if mismatches:
-        print(f"\n\033[1;31m!!! LOSSLESSNESS FAILURE: {mismatches} greedy outputs differ from ar beyond "
-              f"near-ties (ε = {epsilon:g}); see {args.out / 'report.md'} !!!\033[0m", file=sys.stderr)
+        print(
+            f"\n\033[1;31m!!! LOSSLESSNESS FAILURE: {mismatches} greedy outputs differ from ar beyond "
+            f"near-ties (ε = {epsilon:g}); see {args.out / 'report.md'} !!!\033[0m",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -161,15 +197,22 @@ def progress_bar(total: int) -> Iterator[Callable[[dict], None]]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     totals: dict[str, tuple[int, float]] = {}
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[speed]}")]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[speed]}"),
+    ]
     with Progress(*columns, console=Console(stderr=True)) as progress:
         task = progress.add_task("bench", total=total, speed="")
 
         def on_record(record: dict) -> None:
             tokens, seconds = totals.get(record["method"], (0, 0.0))
-            totals[record["method"]] = (tokens + sum(t["new_tokens"] for t in record["turns"]),
-                                        seconds + sum(t["wall_s"] for t in record["turns"]))
+            totals[record["method"]] = (
+                tokens + sum(t["new_tokens"] for t in record["turns"]),
+                seconds + sum(t["wall_s"] for t in record["turns"]),
+            )
             speed = " · ".join(f"{m} {n / s:.1f}" for m, (n, s) in totals.items() if s > 0)
             progress.update(task, advance=1, description=f"q {record['question_id']}", speed=f"{speed} tok/s")
 

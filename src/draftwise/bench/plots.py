@@ -8,8 +8,7 @@ from pathlib import Path
 from draftwise.bench.metrics import BASELINE
 from draftwise.errors import DraftwiseError
 
-SPLIT = (("prefill_s", "prefill"), ("draft_s", "draft"), ("verify_s", "verify"),
-         ("overhead_s", "loop overhead"))
+SPLIT = (("prefill_s", "prefill"), ("draft_s", "draft"), ("verify_s", "verify"), ("overhead_s", "loop overhead"))
 
 
 def load_profile(path: Path) -> dict[int, float]:
@@ -18,16 +17,22 @@ def load_profile(path: Path) -> dict[int, float]:
         points = json.loads(path.read_text())["verify_ms"]
         profile = {int(size): float(ms) for size, ms in points.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise DraftwiseError(f"--profile {path}: expected a JSON object "
-                             f'{{"verify_ms": {{"<tree size>": ms, ...}}}} ({exc})') from exc
+        raise DraftwiseError(
+            f'--profile {path}: expected a JSON object {{"verify_ms": {{"<tree size>": ms, ...}}}} ({exc})'
+        ) from exc
     if not profile:
         raise DraftwiseError(f"--profile {path} has no points")
     return dict(sorted(profile.items()))
 
 
 def _engine_turn_stats(records: list[dict], method: str) -> list[dict]:
-    return [t["stats"] for r in records if r["method"] == method and not r["error"] for t in r["turns"]
-            if t["stats"] is not None and t["stats"]["rounds"] > 0]
+    return [
+        t["stats"]
+        for r in records
+        if r["method"] == method and not r["error"]
+        for t in r["turns"]
+        if t["stats"] is not None and t["stats"]["rounds"] > 0
+    ]
 
 
 def plot_speedup(plt, summary: dict, methods: list[str], path: Path) -> None:
@@ -68,12 +73,12 @@ def plot_draft_calls(plt, records: list[dict], methods: list[str], path: Path) -
     values = {m: v for m, v in values.items() if any(v)}
     fig, ax = plt.subplots(figsize=(6, 4))
     if values:
-        ax.hist(list(values.values()), bins=min(20, max(5, sum(map(len, values.values())) // 2)),
-                label=list(values))
+        ax.hist(list(values.values()), bins=min(20, max(5, sum(map(len, values.values())) // 2)), label=list(values))
         ax.legend(fontsize="small")
     else:
-        ax.text(0.5, 0.5, "no method in this run calls a draft network", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(
+            0.5, 0.5, "no method in this run calls a draft network", ha="center", va="center", transform=ax.transAxes
+        )
     ax.set_xlabel("draft calls per round")
     ax.set_ylabel("rounds")
     ax.yaxis.get_major_locator().set_params(integer=True)
@@ -93,14 +98,17 @@ def plot_time_split(plt, summary: dict, methods: list[str], path: Path) -> None:
     def per_token_ms(seconds: list[float]) -> list[float]:
         return [1000 * s / row["new_tokens"] for s, (_, row) in zip(seconds, rows, strict=True)]
 
-    segments = [(label, per_token_ms([(row["time_split_s"] or {}).get(key, 0.0) for _, row in rows]))
-                for key, label in SPLIT]
+    segments = [
+        (label, per_token_ms([(row["time_split_s"] or {}).get(key, 0.0) for _, row in rows])) for key, label in SPLIT
+    ]
     segments += [
-        ("outside the engine (chat template, detokenise)",
-         per_token_ms([row["wall_s"] - sum(row["time_split_s"].values()) if row["time_split_s"] else 0.0
-                       for _, row in rows])),
-        ("not split (peer)",
-         per_token_ms([0.0 if row["time_split_s"] else row["wall_s"] for _, row in rows])),
+        (
+            "outside the engine (chat template, detokenise)",
+            per_token_ms(
+                [row["wall_s"] - sum(row["time_split_s"].values()) if row["time_split_s"] else 0.0 for _, row in rows]
+            ),
+        ),
+        ("not split (peer)", per_token_ms([0.0 if row["time_split_s"] else row["wall_s"] for _, row in rows])),
     ]
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:gray"]
     for (label, widths), color in zip(segments, colors, strict=True):
@@ -115,17 +123,20 @@ def plot_time_split(plt, summary: dict, methods: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_verify_cost(plt, profile: dict[int, float], records: list[dict], methods: list[str],
-                     path: Path) -> None:
+def plot_verify_cost(plt, profile: dict[int, float], records: list[dict], methods: list[str], path: Path) -> None:
     """The profiled cost of one verify forward by tree size, with this run's per-turn means on top."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     ax.plot(list(profile), list(profile.values()), "o-", color="black", label="profile")
     for method in methods:
         stats = _engine_turn_stats(records, method)
         if stats:
-            ax.scatter([s["verified_tokens"] / s["rounds"] for s in stats],
-                       [1000 * s["verify_s"] / s["rounds"] for s in stats], s=14, alpha=0.6,
-                       label=f"{method} (mean per turn)")
+            ax.scatter(
+                [s["verified_tokens"] / s["rounds"] for s in stats],
+                [1000 * s["verify_s"] / s["rounds"] for s in stats],
+                s=14,
+                alpha=0.6,
+                label=f"{method} (mean per turn)",
+            )
     ax.set_xlabel("tree size (tokens verified in one forward)")
     ax.set_ylabel("verify time per round (ms)")
     ax.set_title("Verification cost by tree size")
@@ -135,18 +146,21 @@ def plot_verify_cost(plt, profile: dict[int, float], records: list[dict], method
     plt.close(fig)
 
 
-def write_plots(out: Path, summary: dict, records: list[dict], methods: list[str],
-                profile: dict[int, float] | None) -> list[str]:
+def write_plots(
+    out: Path, summary: dict, records: list[dict], methods: list[str], profile: dict[int, float] | None
+) -> list[str]:
     """Write every plot into `out`; returns their file names (for the report)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plots = {"speedup_by_category.png": lambda p: plot_speedup(plt, summary, methods, p),
-             "tau_by_method.png": lambda p: plot_tau(plt, summary, methods, p),
-             "draft_calls_per_round.png": lambda p: plot_draft_calls(plt, records, methods, p),
-             "time_split.png": lambda p: plot_time_split(plt, summary, methods, p)}
+    plots = {
+        "speedup_by_category.png": lambda p: plot_speedup(plt, summary, methods, p),
+        "tau_by_method.png": lambda p: plot_tau(plt, summary, methods, p),
+        "draft_calls_per_round.png": lambda p: plot_draft_calls(plt, records, methods, p),
+        "time_split.png": lambda p: plot_time_split(plt, summary, methods, p),
+    }
     if profile:
         plots["verify_cost.png"] = lambda p: plot_verify_cost(plt, profile, records, methods, p)
     for name, draw in plots.items():

@@ -50,10 +50,23 @@ def environment(model_name: str, model, options: dict) -> dict:
     }
 
 
-def write_results(path: Path, env: dict, settings: dict, methods: list[str], unavailable: dict[str, str],
-                  summary: dict, records: list[dict]) -> None:
-    payload = {"environment": env, "settings": settings, "methods": methods, "unavailable": unavailable,
-               "summary": summary, "records": records}
+def write_results(
+    path: Path,
+    env: dict,
+    settings: dict,
+    methods: list[str],
+    unavailable: dict[str, str],
+    summary: dict,
+    records: list[dict],
+) -> None:
+    payload = {
+        "environment": env,
+        "settings": settings,
+        "methods": methods,
+        "unavailable": unavailable,
+        "summary": summary,
+        "records": records,
+    }
     path.write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
@@ -70,13 +83,28 @@ def time_split_cells(split: dict | None) -> list[str]:
     if not split:
         return ["–"] * 4
     total = sum(split.values())
-    return [fmt(100 * split[k] / total if total else None, ".0f", "%")
-            for k in ("prefill_s", "draft_s", "verify_s", "overhead_s")]
+    return [
+        fmt(100 * split[k] / total if total else None, ".0f", "%")
+        for k in ("prefill_s", "draft_s", "verify_s", "overhead_s")
+    ]
 
 
 def overall_table(summary: dict, methods: list[str], unavailable: dict[str, str], greedy: bool) -> str:
-    header = ["method", "tok/s", "tok/s (mean per q)", "speedup", "TTFT ms", "τ", "draft calls/round", "verified/round",
-              "prefill", "draft", "verify", "overhead", "peak RSS MiB"]
+    header = [
+        "method",
+        "tok/s",
+        "tok/s (mean per q)",
+        "speedup",
+        "TTFT ms",
+        "τ",
+        "draft calls/round",
+        "verified/round",
+        "prefill",
+        "draft",
+        "verify",
+        "overhead",
+        "peak RSS MiB",
+    ]
     header += ["identical", "near-tie", "MISMATCH"] if greedy else []
     header += ["errors"]
     rows = []
@@ -86,11 +114,18 @@ def overall_table(summary: dict, methods: list[str], unavailable: dict[str, str]
             continue
         row = summary["overall"][method]
         ttft_ms = row["ttft_s"] * 1e3 if row["ttft_s"] is not None else None
-        cells = [method, fmt(row["tokens_per_s"], ".1f"), fmt(row["tokens_per_s_mean"], ".1f"),
-                 fmt(row["speedup"], ".2f", "×"), fmt(ttft_ms, ".0f"), fmt(row["tau"]),
-                 fmt(row["draft_calls_per_round"]),
-                 fmt(row["verified_per_round"], ".1f"), *time_split_cells(row["time_split_s"]),
-                 fmt(row["peak_rss_mb"], ".0f")]
+        cells = [
+            method,
+            fmt(row["tokens_per_s"], ".1f"),
+            fmt(row["tokens_per_s_mean"], ".1f"),
+            fmt(row["speedup"], ".2f", "×"),
+            fmt(ttft_ms, ".0f"),
+            fmt(row["tau"]),
+            fmt(row["draft_calls_per_round"]),
+            fmt(row["verified_per_round"], ".1f"),
+            *time_split_cells(row["time_split_s"]),
+            fmt(row["peak_rss_mb"], ".0f"),
+        ]
         if greedy:
             reference = method in (BASELINE, "ar@llama")
             mismatch = f"**{row['mismatch']}**" if row["mismatch"] else "0"
@@ -114,26 +149,45 @@ def losslessness_section(records: list[dict], epsilon: float) -> str:
     mismatches = [r for r in compared if r["verdict"] == "mismatch"]
     near_ties = [r for r in compared if r["verdict"] == "near_tie"]
     if mismatches:
-        head = (f"> [!CAUTION]\n> # ❌ LOSSLESSNESS FAILURE: {len(mismatches)} of {len(compared)} greedy "
-                f"outputs differ from `{BASELINE}` where `{BASELINE}`'s top-2 logit margin was ≥ ε = "
-                f"{epsilon:g}.\n> A lossless method must reproduce greedy decoding token for token. "
-                f"Investigate before using any number below.")
+        head = (
+            f"> [!CAUTION]\n> # ❌ LOSSLESSNESS FAILURE: {len(mismatches)} of {len(compared)} greedy "
+            f"outputs differ from `{BASELINE}` where `{BASELINE}`'s top-2 logit margin was ≥ ε = "
+            f"{epsilon:g}.\n> A lossless method must reproduce greedy decoding token for token. "
+            f"Investigate before using any number below."
+        )
     else:
-        head = (f"✅ Lossless: all {len(compared)} greedy outputs match `{BASELINE}` "
-                f"({len(near_ties)} near-ties below ε = {epsilon:g}).")
-    details = [[r["method"], str(r["question_id"]), r["category"], r["verdict"].upper().replace("_", "-"),
-                str(r["divergence"]["turn"] + 1), str(r["divergence"]["position"]),
-                fmt(r["divergence"]["ref_margin"], ".4g")]
-               for r in mismatches + near_ties]
+        head = (
+            f"✅ Lossless: all {len(compared)} greedy outputs match `{BASELINE}` "
+            f"({len(near_ties)} near-ties below ε = {epsilon:g})."
+        )
+    details = [
+        [
+            r["method"],
+            str(r["question_id"]),
+            r["category"],
+            r["verdict"].upper().replace("_", "-"),
+            str(r["divergence"]["turn"] + 1),
+            str(r["divergence"]["position"]),
+            fmt(r["divergence"]["ref_margin"], ".4g"),
+        ]
+        for r in mismatches + near_ties
+    ]
     if details:
-        head += ("\n\nOutputs that differ (turn and token position of the first difference, "
-                 "`ar`'s margin there):\n\n")
+        head += "\n\nOutputs that differ (turn and token position of the first difference, `ar`'s margin there):\n\n"
         head += table(["method", "question", "category", "verdict", "turn", "token", "ar margin"], details)
     return head
 
 
-def render_report(env: dict, settings: dict, methods: list[str], unavailable: dict[str, str], summary: dict,
-                  records: list[dict], epsilon: float, plots: list[str]) -> str:
+def render_report(
+    env: dict,
+    settings: dict,
+    methods: list[str],
+    unavailable: dict[str, str],
+    summary: dict,
+    records: list[dict],
+    epsilon: float,
+    plots: list[str],
+) -> str:
     greedy = settings["temperature"] == 0
     errors = [r for r in records if r["error"]]
     gpu = f", {env['gpu']}" if env["gpu"] else ""
@@ -164,8 +218,10 @@ def render_report(env: dict, settings: dict, methods: list[str], unavailable: di
         category_table(summary, [m for m in methods if m not in unavailable], "tau", ".2f"),
     ]
     if errors:
-        parts += ["## Errors", table(["method", "question", "error"],
-                                     [[r["method"], str(r["question_id"]), r["error"]] for r in errors])]
+        parts += [
+            "## Errors",
+            table(["method", "question", "error"], [[r["method"], str(r["question_id"]), r["error"]] for r in errors]),
+        ]
     if plots:
         parts += ["## Plots", "\n\n".join(f"![{Path(p).stem}]({p})" for p in plots)]
     return "\n\n".join(parts) + "\n"

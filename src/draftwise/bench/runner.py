@@ -45,26 +45,48 @@ class Settings:
 Runner = Callable[[Messages, Settings, int], dict]
 
 
-def turn_record(text: str, token_ids: list[int], wall_s: float, margins: list[float] | None = None,
-                stats: dict | None = None, ttft_s: float | None = None) -> dict:
-    return {"new_tokens": len(token_ids), "wall_s": wall_s, "ttft_s": ttft_s, "token_ids": token_ids, "text": text,
-            "margins": [round(m, 5) for m in margins] if margins is not None else None, "stats": stats}
+def turn_record(
+    text: str,
+    token_ids: list[int],
+    wall_s: float,
+    margins: list[float] | None = None,
+    stats: dict | None = None,
+    ttft_s: float | None = None,
+) -> dict:
+    return {
+        "new_tokens": len(token_ids),
+        "wall_s": wall_s,
+        "ttft_s": ttft_s,
+        "token_ids": token_ids,
+        "text": text,
+        "margins": [round(m, 5) for m in margins] if margins is not None else None,
+        "stats": stats,
+    }
 
 
 def run_engine(engine: Engine, messages: Messages, settings: Settings, seed: int) -> dict:
     start = time.perf_counter()
-    generation = engine.generate(messages, max_new_tokens=settings.max_new_tokens,
-                                 temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-                                 seed=seed)
+    generation = engine.generate(
+        messages,
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        top_k=settings.top_k,
+        seed=seed,
+    )
     wall_s = time.perf_counter() - start
     stats = generation.stats
-    return turn_record(generation.text, generation.token_ids, wall_s, stats.margins,
-                       {**stats.summary(), "accepted": stats.accepted, "round_draft_calls": stats.round_draft_calls},
-                       ttft_s=stats.first_token_s)
+    return turn_record(
+        generation.text,
+        generation.token_ids,
+        wall_s,
+        stats.margins,
+        {**stats.summary(), "accepted": stats.accepted, "round_draft_calls": stats.round_draft_calls},
+        ttft_s=stats.first_token_s,
+    )
 
 
-def run_hf_generate(engine: Engine, messages: Messages, settings: Settings, seed: int,
-                    **generate_options) -> dict:
+def run_hf_generate(engine: Engine, messages: Messages, settings: Settings, seed: int, **generate_options) -> dict:
     """transformers' own `model.generate` on the same weights and chat template."""
     from transformers import GenerationConfig
 
@@ -75,16 +97,24 @@ def run_hf_generate(engine: Engine, messages: Messages, settings: Settings, seed
     # sampling defaults draftwise does not apply, and the peers must decode the same distribution.
     sampling = settings.temperature > 0
     warpers = {"temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k}
-    config = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=sampling,
-                              **(warpers if sampling else {}), num_beams=1, min_length=0,
-                              repetition_penalty=1.0, no_repeat_ngram_size=0, typical_p=1.0,
-                              eos_token_id=stop, pad_token_id=stop[0], **generate_options)
+    config = GenerationConfig(
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=sampling,
+        **(warpers if sampling else {}),
+        num_beams=1,
+        min_length=0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        typical_p=1.0,
+        eos_token_id=stop,
+        pad_token_id=stop[0],
+        **generate_options,
+    )
     input_ids = torch.tensor([prompt_ids], device=engine.target.device)
     torch.manual_seed(seed)
     with torch.inference_mode():
-        output = engine.model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
-                                       generation_config=config)
-    token_ids = output[0, len(prompt_ids):].tolist()
+        output = engine.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
+    token_ids = output[0, len(prompt_ids) :].tolist()
     text = engine.tokenizer.decode(token_ids, skip_special_tokens=True)
     return turn_record(text, token_ids, time.perf_counter() - start)
 
@@ -103,12 +133,14 @@ def _llama_cpp(model_name: str, prompt_lookup: bool):
 
     draft = LlamaPromptLookupDecoding(num_pred_tokens=10) if prompt_lookup else None
     threads = os.cpu_count() or 1
-    return llama_cpp.Llama(str(gguf), n_ctx=8192, n_batch=512, n_threads=threads, n_threads_batch=threads,
-                           draft_model=draft, verbose=False)
+    return llama_cpp.Llama(
+        str(gguf), n_ctx=8192, n_batch=512, n_threads=threads, n_threads_batch=threads, draft_model=draft, verbose=False
+    )
 
 
-def run_llama_cpp(engine: Engine, messages: Messages, settings: Settings, seed: int,
-                  prompt_lookup: bool = False) -> dict:
+def run_llama_cpp(
+    engine: Engine, messages: Messages, settings: Settings, seed: int, prompt_lookup: bool = False
+) -> dict:
     """llama-cpp-python's `Llama.generate` on the same token ids (the chat template is applied by draftwise)."""
     start = time.perf_counter()
     prompt_ids = engine.encode(messages)
@@ -143,8 +175,9 @@ def known_methods() -> list[str]:
     return [*METHODS, *PEERS, *(m + suffix for suffix in ENGINE_SUFFIXES for m in METHODS)]
 
 
-def build_runners(names: list[str], model, tokenizer, model_name: str,
-                  options: dict[str, dict]) -> tuple[dict[str, Runner], dict[str, str]]:
+def build_runners(
+    names: list[str], model, tokenizer, model_name: str, options: dict[str, dict]
+) -> tuple[dict[str, Runner], dict[str, str]]:
     """A runner per method sharing one set of weights, and the reason for each method that cannot be built."""
     baseline = Engine(model, tokenizer, model_name=model_name, method="ar")
     llama_target = None
@@ -159,12 +192,19 @@ def build_runners(names: list[str], model, tokenizer, model_name: str,
                 runners[name] = partial(run_engine, baseline)
             elif engine_name == "llama":
                 llama_target = llama_target or llama_parts(model_name)[1]  # one llama.cpp context for all
-                engine = Engine(None, tokenizer, model_name=model_name, method=method, target=llama_target,
-                                **options.get(name, options.get(method, {})))
+                engine = Engine(
+                    None,
+                    tokenizer,
+                    model_name=model_name,
+                    method=method,
+                    target=llama_target,
+                    **options.get(name, options.get(method, {})),
+                )
                 runners[name] = partial(run_engine, engine)
             else:
-                engine = Engine(model, tokenizer, model_name=model_name, method=method,
-                                **options.get(name, options.get(method, {})))
+                engine = Engine(
+                    model, tokenizer, model_name=model_name, method=method, **options.get(name, options.get(method, {}))
+                )
                 runners[name] = partial(run_engine, engine)
         except Exception as exc:  # a method that cannot run is reported, not dropped
             unavailable[name] = describe(exc)
@@ -187,8 +227,11 @@ def peak_memory() -> dict[str, float | None]:
     """Peak resident memory (MiB) since the last reset on Linux, since the process started elsewhere; and the
     peak GPU memory allocated by torch when a GPU is in use."""
     try:
-        rss = next(int(line.split()[1]) / 1024 for line in Path("/proc/self/status").read_text().splitlines()
-                   if line.startswith("VmHWM:"))
+        rss = next(
+            int(line.split()[1]) / 1024
+            for line in Path("/proc/self/status").read_text().splitlines()
+            if line.startswith("VmHWM:")
+        )
     except (OSError, StopIteration):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         rss = peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB elsewhere
@@ -196,8 +239,7 @@ def peak_memory() -> dict[str, float | None]:
     return {"peak_rss_mb": rss, "peak_gpu_mb": gpu}
 
 
-def run_question(runner: Runner, question: Question, settings: Settings,
-                 seed: int) -> tuple[list[dict], dict]:
+def run_question(runner: Runner, question: Question, settings: Settings, seed: int) -> tuple[list[dict], dict]:
     """All turns of a question as one conversation: turn k is asked after the method's own earlier answers."""
     messages: Messages = []
     turns = []
@@ -222,8 +264,13 @@ def warm_up(runners: dict[str, Runner], settings: Settings, seed: int) -> dict[s
     return failed
 
 
-def run_benchmark(runners: dict[str, Runner], questions: list[Question], settings: Settings, seed: int,
-                  on_record: Callable[[dict], None] = lambda record: None) -> list[dict]:
+def run_benchmark(
+    runners: dict[str, Runner],
+    questions: list[Question],
+    settings: Settings,
+    seed: int,
+    on_record: Callable[[dict], None] = lambda record: None,
+) -> list[dict]:
     """Every question through every method. The method order rotates per question, so slow drift (thermal,
     other load) and order effects hit all methods alike. Every method samples question i with seed + i."""
     names = list(runners)
@@ -231,8 +278,15 @@ def run_benchmark(runners: dict[str, Runner], questions: list[Question], setting
     for index, question in enumerate(questions):
         shift = index % len(names)
         for name in names[shift:] + names[:shift]:
-            record = {"index": index, "question_id": question.question_id, "category": question.category,
-                      "method": name, "error": None, "verdict": None, "turns": []}
+            record = {
+                "index": index,
+                "question_id": question.question_id,
+                "category": question.category,
+                "method": name,
+                "error": None,
+                "verdict": None,
+                "turns": [],
+            }
             try:
                 record["turns"], memory = run_question(runners[name], question, settings, seed + index)
                 record.update(memory)

@@ -223,3 +223,56 @@ def best_fixed(rounds: RoundSet, cost: CostModel, max_calls: int, mode: str = "g
             if speed > best[2]:
                 best = (calls, size, speed)
     return best
+
+
+def best_choices(tokens: np.ndarray, seconds: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Dinkelbach's method: the per-group choice (one column of `tokens`/`seconds` (R, C) for every round of a
+    group) that maximises total tokens / total seconds. Each step picks argmax of tokens - λ·seconds per group and
+    sets λ to the ratio it reaches; λ never decreases and the choice set is finite, so it ends at the optimum."""
+    n_groups = int(groups.max()) + 1
+    speed, choice = 0.0, np.zeros(n_groups, dtype=np.int64)
+    for _ in range(100):
+        gain = np.zeros((n_groups, tokens.shape[1]))
+        np.add.at(gain, groups, tokens - speed * seconds)
+        choice = gain.argmax(1)
+        picked = choice[groups]
+        rows = np.arange(len(groups))
+        new_speed = tokens[rows, picked].sum() / seconds[rows, picked].sum()
+        if new_speed <= speed * (1 + 1e-12):
+            break
+        speed = new_speed
+    return choice
+
+
+def headroom(
+    train: RoundSet, validation: RoundSet, cost: CostModel, max_calls: int, mode: str = "greedy", bins: int = 8
+) -> dict[str, dict]:
+    """How much any depth/size policy could gain over the best fixed tree on these rounds.
+
+    - `hindsight oracle`: every round picks its best (calls, size) knowing what the target accepts; no policy
+      that sees only the drafter's state reaches it.
+    - `confidence bins`: (calls, size) per bin of the root's top draft probability, fitted on `train` and
+      replayed on `validation`: what the drafter's most telling signal is worth before the first draft call.
+    """
+
+    def table(rounds: RoundSet) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+        grid = [(c, v) for c in range(max_calls + 1) for v in range(len(rounds.sizes))]
+        tokens = np.stack([rounds.tokens(np.full(len(rounds), c), np.full(len(rounds), v), mode) for c, v in grid], 1)
+        seconds = np.stack([rounds.seconds(cost, np.full(len(rounds), c), np.full(len(rounds), v)) for c, v in grid], 1)
+        return tokens, seconds, grid
+
+    def replay(rounds: RoundSet, picked: np.ndarray, grid: list[tuple[int, int]]) -> dict:
+        calls = np.asarray([grid[i][0] for i in picked])
+        size_index = np.asarray([grid[i][1] for i in picked])
+        return simulate(rounds, cost, calls, size_index, mode).summary(rounds.sizes)
+
+    tokens, seconds, grid = table(validation)
+    oracle = best_choices(tokens, seconds, np.arange(len(validation)))
+    top = train.level(0).max(1)
+    edges = np.quantile(top, np.linspace(0, 1, bins + 1)[1:-1])
+    train_tokens, train_seconds, _ = table(train)
+    per_bin = best_choices(train_tokens, train_seconds, np.digitize(top, edges))
+    return {
+        "hindsight oracle": replay(validation, oracle, grid),
+        f"confidence bins ({bins})": replay(validation, per_bin[np.digitize(validation.level(0).max(1), edges)], grid),
+    }

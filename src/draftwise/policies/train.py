@@ -27,7 +27,7 @@ from draftwise.drafters.eagle import DEFAULT_DEPTH, DEFAULT_TOTAL_TOKENS
 from draftwise.errors import DraftwiseError
 from draftwise.policies import policy_dir
 from draftwise.policies.baselines import DEFAULT_THRESHOLD, heuristic_calls, threshold_calls
-from draftwise.policies.offline import RoundSet, best_fixed, fixed, load_rounds, simulate
+from draftwise.policies.offline import RoundSet, best_fixed, fixed, headroom, load_rounds, simulate
 from draftwise.profile import CostModel, default_cost_path
 
 
@@ -198,7 +198,12 @@ def cmd_train_policy(args: argparse.Namespace) -> int:
     )
     fixed_row = f"fixed d{args.depth} V{args.size}"
     table = baseline_table(validation, cost, args.depth, args.size, args.mode)
+    table.update(headroom(train, validation, cost, rounds.depth, args.mode))
     reference = table[fixed_row]["tokens_per_s"]
+    if args.baselines_only:
+        print(f"offline figures on {len(validation)} held-out rounds ({args.mode}), no policy trained:")
+        print_table(table, reference)
+        return 0
     if args.method == "radar":
         record = train_radar_command(args, train, validation, cost, out)
     else:
@@ -241,6 +246,11 @@ def register(commands) -> None:
     parser.add_argument("--max-depth", type=int, default=8, help="LTD: most expansion calls")
     parser.add_argument("--sizes", default=None, help="LTD: verification sizes to choose from (default: logged)")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="LTD: scale every stage's PPO steps")
+    parser.add_argument(
+        "--baselines-only",
+        action="store_true",
+        help="print the baselines and the headroom (hindsight oracle, confidence bins) and train nothing",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     parser.set_defaults(func=cmd_train_policy)
