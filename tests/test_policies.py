@@ -82,6 +82,23 @@ def test_greedy_output_with_every_policy_equals_plain_decoding(tiny_model, name)
         assert all(1 <= c <= DEPTH + 1 for c in stats.round_draft_calls[1:])
 
 
+@pytest.mark.parametrize("name", ["threshold", "radar", "ltd"])
+def test_rasd_composed_with_a_policy_equals_plain_decoding(tiny_model, name):
+    """Retrieval fused into a policy-shaped tree (`--method rasd --policy NAME`) stays lossless."""
+    from draftwise.drafters.pld import PromptLookupRetriever
+    from draftwise.drafters.rasd import FittedGate, RasdDrafter
+    from draftwise.policies import policy_and_shape
+
+    prompt, n = [7, 8, 9, 10, 7, 8, 9, 10, 7, 8], 24  # repeats, so prompt lookup finds branches to fuse
+    reference = greedy_reference(tiny_model, prompt, n)
+    policy, shape = policy_and_shape(make_policies(tiny_model)[name], "tiny", depth=DEPTH, top_k=TOP_K)
+    head = tiny_eagle(tiny_model).head
+    drafter = RasdDrafter(head, [PromptLookupRetriever()], gate=FittedGate(threshold=0.0), policy=policy, **shape)
+    out, stats = run(tiny_model, drafter, prompt, n)
+    assert out == reference
+    assert stats.verified_tokens > stats.rounds  # trees, not bare roots, were verified
+
+
 def test_policies_change_the_number_of_draft_calls(tiny_model):
     prompt = [5, 17, 3]
     calls = {}
@@ -424,7 +441,7 @@ def test_train_policy_command_on_logged_rounds(tmp_path, capsys):
     [
         (["train-policy", "--method", "eagle"], "unknown policy method"),
         (["train-policy", "--method", "radar", "--rounds", "/nonexistent/rounds"], "no logged rounds"),
-        (["generate", "hi", "--method", "pld", "--policy", "radar"], "--policy applies to --method eagle"),
+        (["generate", "hi", "--method", "pld", "--policy", "radar"], "--policy applies to --method eagle and rasd"),
         (["generate", "hi", "--method", "eagle", "--policy", "bogus"], "unknown policy 'bogus'"),
         (["log-rounds", "--sizes", "0,4"], "--sizes must be positive"),
         (["profile", "--repeats", "0"], "--repeats must be >= 1"),

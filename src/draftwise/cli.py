@@ -49,7 +49,7 @@ def add_model_args(parser: argparse.ArgumentParser, method_default: str = "pld")
     parser.add_argument(
         "--policy",
         default=None,
-        help="tree policy for --method eagle, how deep to draft and how much to verify each round: "
+        help="tree policy for --method eagle or rasd, how deep to draft and how much to verify each round: "
         "fixed | threshold | heuristic | radar | ltd",
     )
 
@@ -73,8 +73,8 @@ def method_options(args: argparse.Namespace) -> dict:
 
         if args.policy not in POLICY_NAMES:
             raise DraftwiseError(f"unknown policy '{args.policy}'; choose one of {', '.join(POLICY_NAMES)}")
-        if args.method != "eagle":
-            raise DraftwiseError("--policy applies to --method eagle (radar and ltd bring their own policy)")
+        if args.method not in ("eagle", "rasd"):
+            raise DraftwiseError("--policy applies to --method eagle and rasd (radar and ltd bring their own)")
         options["policy"] = args.policy
     if args.datastore is not None:
         options["datastore"] = args.datastore

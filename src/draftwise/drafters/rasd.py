@@ -151,14 +151,21 @@ def load_rasd(
     retrieval_budget: int = 10,
     concurrent: bool = True,
     gate_threshold: float | None = None,
+    policy: str | None = None,
     **eagle_options,
 ) -> RasdDrafter:
-    """The head plus prompt lookup, plus a REST datastore when one is named (`--datastore chat|code|DIR`)."""
+    """The head plus prompt lookup, plus a REST datastore when one is named (`--datastore chat|code|DIR`);
+    `policy` (fixed | threshold | heuristic | radar | ltd) shapes the head's tree before fusion."""
     retrievers: list[Retriever] = [PromptLookupRetriever()]
     if datastore:
         retrievers.append(Datastore.load(resolve_datastore(datastore)))
     options = {k: v for k, v in eagle_options.items() if v is not None}
-    return RasdDrafter(
+    if policy is not None:
+        from draftwise.policies import policy_and_shape
+
+        tree_policy, options = policy_and_shape(policy, engine.model_name, **options)
+        options["policy"] = tree_policy
+    drafter = RasdDrafter(
         load_head(engine, draft_head),
         retrievers,
         retrieval_budget=retrieval_budget,
@@ -166,3 +173,6 @@ def load_rasd(
         gate=FittedGate(threshold=gate_threshold),
         **options,
     )
+    if policy is not None:
+        drafter.name = f"rasd-{policy}"
+    return drafter

@@ -57,11 +57,11 @@ def make_policy(name: str, model_name: str, depth: int, directory: Path | None =
     raise DraftwiseError(f"unknown policy '{name}'; choose one of {', '.join(POLICY_NAMES)}")
 
 
-def policy_drafter(
-    head: DraftHead, policy: str | TreePolicy, model_name: str, policy_dir: str | None = None, **options
-) -> TreeEagleDrafter:
-    """An eagle drafter driven by `policy` (a name or a TreePolicy). Learned policies bring the tree shape they
-    were trained for (top-k, depth, verified size); explicit options override depth and size, not top-k."""
+def policy_and_shape(
+    policy: str | TreePolicy, model_name: str, policy_dir: str | None = None, **options
+) -> tuple[TreePolicy, dict]:
+    """A policy (by name or object) and the tree shape it drafts: learned policies bring the shape they were
+    trained for (top-k, depth, verified size); explicit options override depth and size, not top-k."""
     from draftwise.policies.ltd import LtdPolicy
     from draftwise.policies.radar import RadarPolicy
 
@@ -80,9 +80,14 @@ def policy_drafter(
     if isinstance(policy, RadarPolicy | LtdPolicy) and options.get("top_k") not in (None, shape["top_k"]):
         raise DraftwiseError(f"the {policy.name} policy was trained for a top-k of {shape['top_k']}")
     shape.update({k: v for k, v in options.items() if v is not None})
+    return policy, shape
+
+
+def policy_drafter(
+    head: DraftHead, policy: str | TreePolicy, model_name: str, policy_dir: str | None = None, **options
+) -> TreeEagleDrafter:
+    """An eagle drafter driven by `policy` (a name or a TreePolicy)."""
+    policy, shape = policy_and_shape(policy, model_name, policy_dir, **options)
     drafter = TreeEagleDrafter(head, policy=policy, **shape)
     drafter.name = policy.name if policy.name in ("radar", "ltd") else f"eagle-{policy.name}"
     return drafter
-
-
-__all__ = ["POLICY_NAMES", "TreeEagleDrafter", "make_policy", "policy_dir", "policy_drafter"]
