@@ -25,6 +25,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from draftwise.cli import build_parser, main
 from draftwise.engine import Engine
+from draftwise.errors import DraftwiseError
 from draftwise.models import resolve_model
 from draftwise.serve import APIError, Job, Metrics, Worker, create_app, finished, listen
 
@@ -397,3 +398,24 @@ def test_real_model_greedy_equals_engine_generate() -> None:
         response = client.chat.completions.create(model=engine.model_name, messages=MESSAGES, max_tokens=24)
     assert response.choices[0].message.content == engine.generate(MESSAGES, max_new_tokens=24).text
     assert response.model_extra["draftwise"]["mean_accepted"] >= 1
+
+
+def test_a_loader_runs_on_the_worker_thread_and_its_errors_reach_the_caller(engine: Engine) -> None:
+    """`draftwise serve` loads the engine on the worker thread, so all torch work stays on one OpenMP team."""
+    loaded_on: list[str] = []
+
+    def load() -> Engine:
+        loaded_on.append(threading.current_thread().name)
+        return engine
+
+    with running(create_app(load)) as server:
+        client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
+        response = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6)
+        assert response.choices[0].message.content == engine.generate(MESSAGES, max_new_tokens=6).text
+    assert loaded_on == ["draftwise-worker"]
+
+    def broken() -> Engine:
+        raise DraftwiseError("no model here")
+
+    with pytest.raises(DraftwiseError, match="no model here"):
+        create_app(broken)
