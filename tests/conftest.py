@@ -12,9 +12,16 @@ from draftwise.target import TargetModel
 from draftwise.verify import Sampling
 
 
-def tiny_llama(vocab_size: int = 96, seed: int = 0, layers: int = 2, dtype=torch.float32) -> LlamaForCausalLM:
-    """A random llama small enough that thousands of forwards take seconds. Logits are scaled up so the
-    model is peaked enough to be predictable, like a real LM."""
+def tiny_llama(
+    vocab_size: int = 96,
+    seed: int = 0,
+    layers: int = 2,
+    dtype=torch.float32,
+    max_positions: int = 256,
+    peaked: bool = True,
+) -> LlamaForCausalLM:
+    """A random llama small enough that thousands of forwards take seconds. `peaked` scales the logits up so
+    the model is predictable, like a real LM."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -23,12 +30,13 @@ def tiny_llama(vocab_size: int = 96, seed: int = 0, layers: int = 2, dtype=torch
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config).to(dtype).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
+    if peaked:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(8.0)
     return model.requires_grad_(False)
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from conftest import tiny_llama
+from transformers import AutoTokenizer
 
 from draftwise.bench import parse_method_options, parse_methods
 from draftwise.bench.datasets import Question, interleave_categories, load_questions
@@ -259,17 +259,7 @@ def tiny_model_dir(tmp_path_factory):
     from draftwise.models import resolve_model
 
     path = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).eval().save_pretrained(path)
+    tiny_llama(49152, max_positions=512, peaked=False).save_pretrained(path)
     AutoTokenizer.from_pretrained(resolve_model("smollm2-135m")).save_pretrained(path)
     return path
 

@@ -20,8 +20,9 @@ import openai
 import pytest
 import torch
 import uvicorn
+from conftest import tiny_llama
 from prometheus_client.parser import text_string_to_metric_families
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 from draftwise.cli import build_parser, main
 from draftwise.engine import Engine
@@ -98,17 +99,7 @@ def idle(server: Server) -> bool:
 def engine() -> Iterator[Engine]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # at width 64 more threads only add sync cost, the more so on a busy 2-core box
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(49152, max_positions=512, peaked=False)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
     yield Engine(model, tokenizer, model_name="tiny", method="pld")
     torch.set_num_threads(threads)
