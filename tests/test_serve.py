@@ -12,6 +12,7 @@ import json
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -410,3 +411,14 @@ def test_a_loader_runs_on_the_worker_thread_and_its_errors_reach_the_caller(engi
 
     with pytest.raises(DraftwiseError, match="no model here"):
         create_app(broken)
+
+
+def test_generating_on_another_thread_than_the_load_warns_once(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The slowdown `serve` avoids by loading on its worker thread is pointed out to API users who hit it."""
+    monkeypatch.setattr(engine, "_thread", -1)  # as if loaded on another thread
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    with pytest.warns(RuntimeWarning, match="loaded on another thread"):
+        engine.generate("hi", max_new_tokens=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine.generate("hi", max_new_tokens=2)  # once only

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import threading
+import warnings
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
@@ -111,6 +113,7 @@ class Engine:
         self.default_method = method
         self._drafters: dict[str, Drafter] = {}
         self._options = {method: method_options}
+        self._thread = threading.get_ident()  # the thread whose OpenMP team torch used to build the model
         self.drafter(method)  # fail early on a bad method
 
     @classmethod
@@ -184,6 +187,7 @@ class Engine:
     ) -> TextStream:
         """Start a generation; iterate the result for text pieces."""
         sampling = check_sampling(max_new_tokens, temperature, top_p, top_k)
+        self._check_thread()
         drafter = self.drafter(method or self.default_method)
         prompt_ids = self.encode(prompt, chat_template)
         generator = torch.Generator()  # per generation, so the global RNG is never touched
@@ -204,6 +208,23 @@ class Engine:
             generator=generator,
         )
         return TextStream(self, chunks, stats, [s for s in (stop or []) if s])
+
+    def _check_thread(self) -> None:
+        """Warn once when torch work moves to a second thread on CPU. torch then starts a second OpenMP team,
+        and with more OpenMP threads than cores libgomp stops spin-waiting in every team: tree forwards ran
+        ~1.7x slower for the rest of the process (measured). Load and generate on one thread (as `serve` does)."""
+        here = threading.get_ident()
+        if here == self._thread or self.model is None or self.target.device.type != "cpu":
+            return
+        self._thread = here  # once: the second team exists from now on anyway
+        if torch.get_num_threads() > 1:
+            warnings.warn(
+                "draftwise: this engine was loaded on another thread; on CPU, torch work on a second thread can "
+                "make every forward ~1.7x slower (libgomp stops spin-waiting once OpenMP threads outnumber "
+                "cores). Load the engine on the thread that generates.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def generate(self, prompt: Prompt, **kwargs) -> Generation:
         stream = self.stream(prompt, **kwargs)
