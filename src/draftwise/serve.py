@@ -212,9 +212,8 @@ class Worker:
     """Owns the engine: runs one generation at a time on its own thread, first come first served."""
 
     def __init__(self, engine: Engine | Callable[[], Engine], max_queue: int, metrics: Metrics):
-        """`engine` may be a loader, called on the worker's own thread (what `draftwise serve` does): torch work
-        on a second thread starts a second OpenMP team, and with more OpenMP threads than cores libgomp stops
-        spin-waiting in every team, which made tree forwards ~1.7x slower (measured: eagle verify 42 -> 71 ms)."""
+        """`engine` may be a loader, called on the worker's own thread (what `draftwise serve` does), so that all
+        torch work stays on one thread (why: Engine._check_thread)."""
         self.max_queue, self.metrics = max_queue, metrics
         self.engine = engine if isinstance(engine, Engine) else None
         self._loader = None if isinstance(engine, Engine) else engine

@@ -70,9 +70,7 @@ class RasdDrafter(EagleDrafter):
         super().__init__(head, **eagle_options)
         self.retrievers, self.retrieval_budget, self.concurrent = retrievers, retrieval_budget, concurrent
         self.gate = gate or FittedGate()
-        # one torch thread in the worker: a second 2-thread OpenMP team would put more OpenMP threads than cores
-        # in the process, and libgomp then stops spin-waiting in every team, making the target's forwards ~1.7x
-        # slower for the rest of the process (measured: eagle verify 43 -> 74 ms per round)
+        # one torch thread in the worker, so it adds no OpenMP threads (why: Engine._check_thread)
         self.pool = (
             ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(1,)) if concurrent else None
         )

@@ -91,3 +91,6 @@ def policy_drafter(
     drafter = TreeEagleDrafter(head, policy=policy, **shape)
     drafter.name = policy.name if policy.name in ("radar", "ltd") else f"eagle-{policy.name}"
     return drafter
+
+
+__all__ = ["POLICY_NAMES", "TreeEagleDrafter", "make_policy", "policy_and_shape", "policy_dir", "policy_drafter"]

@@ -214,15 +214,24 @@ def fixed(rounds: RoundSet, calls: int, size: int) -> tuple[np.ndarray, np.ndarr
     return np.full(n, calls), np.full(n, rounds.size_index(size))
 
 
+def choice_table(
+    rounds: RoundSet, cost: CostModel, max_calls: int, mode: str = "greedy"
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    """(tokens, seconds) per round (R, C) for every fixed choice of the grid: C (calls, size index) pairs."""
+    grid = [(c, v) for c in range(max_calls + 1) for v in range(len(rounds.sizes))]
+    n = len(rounds)
+    tokens = np.stack([rounds.tokens(np.full(n, c), np.full(n, v), mode) for c, v in grid], 1)
+    seconds = np.stack([rounds.seconds(cost, np.full(n, c), np.full(n, v)) for c, v in grid], 1)
+    return tokens, seconds, grid
+
+
 def best_fixed(rounds: RoundSet, cost: CostModel, max_calls: int, mode: str = "greedy") -> tuple[int, int, float]:
     """The fixed (calls, size) with the highest simulated tokens/s: the grid-searched EAGLE-2 baseline."""
-    best = (0, rounds.sizes[0], 0.0)
-    for calls in range(max_calls + 1):
-        for size in rounds.sizes:
-            speed = simulate(rounds, cost, *fixed(rounds, calls, size), mode).summary(rounds.sizes)["tokens_per_s"]
-            if speed > best[2]:
-                best = (calls, size, speed)
-    return best
+    tokens, seconds, grid = choice_table(rounds, cost, max_calls, mode)
+    speeds = tokens.sum(0) / seconds.sum(0)
+    best = int(speeds.argmax())
+    calls, size_index = grid[best]
+    return calls, rounds.sizes[size_index], float(speeds[best])
 
 
 def best_choices(tokens: np.ndarray, seconds: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -255,22 +264,16 @@ def headroom(
       replayed on `validation`: what the drafter's most telling signal is worth before the first draft call.
     """
 
-    def table(rounds: RoundSet) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
-        grid = [(c, v) for c in range(max_calls + 1) for v in range(len(rounds.sizes))]
-        tokens = np.stack([rounds.tokens(np.full(len(rounds), c), np.full(len(rounds), v), mode) for c, v in grid], 1)
-        seconds = np.stack([rounds.seconds(cost, np.full(len(rounds), c), np.full(len(rounds), v)) for c, v in grid], 1)
-        return tokens, seconds, grid
-
     def replay(rounds: RoundSet, picked: np.ndarray, grid: list[tuple[int, int]]) -> dict:
         calls = np.asarray([grid[i][0] for i in picked])
         size_index = np.asarray([grid[i][1] for i in picked])
         return simulate(rounds, cost, calls, size_index, mode).summary(rounds.sizes)
 
-    tokens, seconds, grid = table(validation)
+    tokens, seconds, grid = choice_table(validation, cost, max_calls, mode)
     oracle = best_choices(tokens, seconds, np.arange(len(validation)))
     top = train.level(0).max(1)
     edges = np.quantile(top, np.linspace(0, 1, bins + 1)[1:-1])
-    train_tokens, train_seconds, _ = table(train)
+    train_tokens, train_seconds, _ = choice_table(train, cost, max_calls, mode)
     per_bin = best_choices(train_tokens, train_seconds, np.digitize(top, edges))
     return {
         "hindsight oracle": replay(validation, oracle, grid),
