@@ -17,13 +17,14 @@ from pathlib import Path
 
 import draftwise
 from draftwise.drafters.eagle import EagleDrafter
-from draftwise.training.distill import sharegpt_prompts
+from draftwise.training.distill import sharegpt_exchanges, sharegpt_prompts
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--prompts", type=int, default=6)
     parser.add_argument("--skip", type=int, default=3000, help="ShareGPT prompts to skip (the training slice)")
+    parser.add_argument("--trained", type=int, default=4000, help="ShareGPT exchanges the head was trained on")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--depths", default="3,4,6")
     parser.add_argument("--totals", default="8,12,16,24")
@@ -34,7 +35,9 @@ def main() -> None:
 
     engine = draftwise.load(method="eagle", dtype=args.dtype)
     head = engine.drafter("eagle").head
-    prompts = sharegpt_prompts(args.skip + args.prompts, seed=0)[args.skip :]
+    trained = {human for human, _ in sharegpt_exchanges(args.trained)}  # what `distill --mode forced` read
+    prompts = [p for p in sharegpt_prompts(args.skip + 4 * args.prompts, seed=0)[args.skip :] if p not in trained]
+    prompts = prompts[: args.prompts]
     grid = [
         (int(d), int(t), int(k))
         for d, t, k in itertools.product(args.depths.split(","), args.totals.split(","), args.top_ks.split(","))

@@ -79,6 +79,7 @@ def test_train_draft_learns_and_resumes(tmp_path):
         checkpoint_every=5,
         max_minutes=0,
         seed=0,
+        precision="auto",
     )
     train(args, target=target)
     log = [json.loads(line) for line in (tmp_path / "head" / "log.jsonl").read_text().splitlines()]

@@ -201,9 +201,11 @@ class DraftHead(nn.Module):
             raise DraftwiseError(f"no draft head in {directory} (needs head.safetensors and config.json)")
         raw = json.loads((directory / "config.json").read_text())
         raw["feature_layers"] = tuple(raw["feature_layers"])
-        head = cls(DraftHeadConfig(**raw))
+        head = cls(DraftHeadConfig(**raw)).to(
+            dtype
+        )  # the target's dtype: bf16 halves a head call on CPUs with bf16 units
         state = load_file(str(directory / "head.safetensors"))
-        head.load_state_dict({k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()})
+        head.load_state_dict(state)
         return head.to(device).eval()
 
 

@@ -23,8 +23,17 @@ from draftwise.tree import DraftTree
 
 HEADS_DIR = Path(__file__).resolve().parent.parent / "data" / "heads"
 
-# Chosen by the grid in benchmarks/RESULTS.md (fp32 target on the 2-core CPU).
-DEFAULT_TOP_K, DEFAULT_DEPTH, DEFAULT_TOTAL_TOKENS = 8, 3, 6
+# (top_k, depth, total_tokens) by the target's dtype, chosen by the tree grid in benchmarks/RESULTS.md on the
+# 2-core CPU. In bf16 a tree forward costs about one step up to 16 nodes (the matmuls are memory-bound), so it
+# verifies more of the tree than fp32, where 16 nodes cost ~1.6 steps.
+TREE_DEFAULTS = {torch.float32: (8, 3, 6), torch.bfloat16: (8, 3, 16)}
+DEFAULT_TOP_K, DEFAULT_DEPTH, DEFAULT_TOTAL_TOKENS = TREE_DEFAULTS[torch.float32]
+
+
+def default_shape(dtype: torch.dtype) -> dict[str, int]:
+    """The tuned tree shape for a target computing in `dtype` (fp32's for dtypes not measured)."""
+    top_k, depth, total = TREE_DEFAULTS.get(dtype, TREE_DEFAULTS[torch.float32])
+    return {"top_k": top_k, "depth": depth, "total_tokens": total}
 
 
 def shipped_head_dir(model_name: str) -> Path | None:
@@ -56,12 +65,16 @@ class EagleDrafter(Drafter):
     def __init__(
         self,
         head: DraftHead,
-        top_k: int = DEFAULT_TOP_K,
-        depth: int = DEFAULT_DEPTH,
-        total_tokens: int = DEFAULT_TOTAL_TOKENS,
+        top_k: int | None = None,
+        depth: int | None = None,
+        total_tokens: int | None = None,
         policy: TreePolicy | None = None,
     ):
         super().__init__()
+        shape = default_shape(head.lm_head.weight.dtype)
+        top_k = shape["top_k"] if top_k is None else top_k
+        depth = shape["depth"] if depth is None else depth
+        total_tokens = shape["total_tokens"] if total_tokens is None else total_tokens
         self.policy = policy or TreePolicy()
         if top_k < 1 or depth < 0 or total_tokens < 1:
             raise DraftwiseError("eagle needs top_k >= 1, depth >= 0 and total_tokens >= 1")
@@ -178,4 +191,4 @@ def load_eagle(engine, draft_head: str | None = None, policy: str | None = None,
         from draftwise.policies import policy_drafter
 
         return policy_drafter(head, policy, engine.model_name, **options)
-    return EagleDrafter(head, **{k: v for k, v in options.items() if v is not None})
+    return EagleDrafter(head, **options)

@@ -163,13 +163,14 @@ def load_rasd(
     if datastore:
         retrievers.append(Datastore.load(resolve_datastore(datastore)))
     options = {k: v for k, v in eagle_options.items() if v is not None}
+    head = load_head(engine, draft_head)
     if policy is not None:
         from draftwise.policies import policy_and_shape
 
-        tree_policy, options = policy_and_shape(policy, engine.model_name, **options)
+        tree_policy, options = policy_and_shape(policy, engine.model_name, dtype=head.lm_head.weight.dtype, **options)
         options["policy"] = tree_policy
     drafter = RasdDrafter(
-        load_head(engine, draft_head),
+        head,
         retrievers,
         retrieval_budget=retrieval_budget,
         concurrent=concurrent,

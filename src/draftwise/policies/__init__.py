@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from draftwise.draft_head import DraftHead
 from draftwise.drafters.base import DraftContext
-from draftwise.drafters.eagle import DEFAULT_DEPTH, DEFAULT_TOP_K, DEFAULT_TOTAL_TOKENS, EagleDrafter, TreePolicy
+from draftwise.drafters.eagle import EagleDrafter, TreePolicy, default_shape
 from draftwise.errors import DraftwiseError
 from draftwise.profile import POLICIES_DIR
 from draftwise.tree import DraftTree
@@ -58,14 +60,19 @@ def make_policy(name: str, model_name: str, depth: int, directory: Path | None =
 
 
 def policy_and_shape(
-    policy: str | TreePolicy, model_name: str, policy_dir: str | None = None, **options
+    policy: str | TreePolicy,
+    model_name: str,
+    policy_dir: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    **options,
 ) -> tuple[TreePolicy, dict]:
     """A policy (by name or object) and the tree shape it drafts: learned policies bring the shape they were
-    trained for (top-k, depth, verified size); explicit options override depth and size, not top-k."""
+    trained for (top-k, depth, verified size), the others the tuned shape for the head's `dtype`; explicit options
+    override depth and size, not top-k."""
     from draftwise.policies.ltd import LtdPolicy
     from draftwise.policies.radar import RadarPolicy
 
-    shape = {"top_k": DEFAULT_TOP_K, "depth": DEFAULT_DEPTH, "total_tokens": DEFAULT_TOTAL_TOKENS}
+    shape = default_shape(dtype)
     if isinstance(policy, str):
         if policy in ("radar", "ltd"):
             policy = make_policy(policy, model_name, shape["depth"], Path(policy_dir) if policy_dir else None)
@@ -87,7 +94,7 @@ def policy_drafter(
     head: DraftHead, policy: str | TreePolicy, model_name: str, policy_dir: str | None = None, **options
 ) -> TreeEagleDrafter:
     """An eagle drafter driven by `policy` (a name or a TreePolicy)."""
-    policy, shape = policy_and_shape(policy, model_name, policy_dir, **options)
+    policy, shape = policy_and_shape(policy, model_name, policy_dir, head.lm_head.weight.dtype, **options)
     drafter = TreeEagleDrafter(head, policy=policy, **shape)
     drafter.name = policy.name if policy.name in ("radar", "ltd") else f"eagle-{policy.name}"
     return drafter
