@@ -24,9 +24,9 @@ from draftwise.tree import DraftTree
 HEADS_DIR = Path(__file__).resolve().parent.parent / "data" / "heads"
 
 # (top_k, depth, total_tokens) by the target's dtype, chosen by the tree grid in benchmarks/RESULTS.md on the
-# 2-core CPU. In bf16 a tree forward costs about one step up to 16 nodes (the matmuls are memory-bound), so it
-# verifies more of the tree than fp32, where 16 nodes cost ~1.6 steps.
-TREE_DEFAULTS = {torch.float32: (8, 3, 6), torch.bfloat16: (8, 3, 16)}
+# 2-core CPU. A bf16 step takes half an fp32 one (on CPUs with bf16 units) and a tree of up to 16 nodes costs about
+# one step (memory-bound matmuls), so head calls weigh twice as much: a shallower, wider tree wins there.
+TREE_DEFAULTS = {torch.float32: (8, 3, 6), torch.bfloat16: (8, 1, 8)}
 DEFAULT_TOP_K, DEFAULT_DEPTH, DEFAULT_TOTAL_TOKENS = TREE_DEFAULTS[torch.float32]
 
 
