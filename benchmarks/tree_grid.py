@@ -17,7 +17,7 @@ from pathlib import Path
 
 import draftwise
 from draftwise.drafters.eagle import EagleDrafter
-from draftwise.training.distill import sharegpt_exchanges, sharegpt_prompts
+from draftwise.training.distill import untrained_sharegpt_prompts
 
 
 def main() -> None:
@@ -35,9 +35,7 @@ def main() -> None:
 
     engine = draftwise.load(method="eagle", dtype=args.dtype)
     head = engine.drafter("eagle").head
-    trained = {human for human, _ in sharegpt_exchanges(args.trained)}  # what `distill --mode forced` read
-    prompts = [p for p in sharegpt_prompts(args.skip + 4 * args.prompts, seed=0)[args.skip :] if p not in trained]
-    prompts = prompts[: args.prompts]
+    prompts = untrained_sharegpt_prompts(args.skip, args.prompts, args.trained)
     grid = [
         (int(d), int(t), int(k))
         for d, t, k in itertools.product(args.depths.split(","), args.totals.split(","), args.top_ks.split(","))

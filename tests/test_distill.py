@@ -48,3 +48,11 @@ def test_distill_command_rejects_bad_input(capsys, tmp_path):
     assert main(["distill", "--feature-layers", "a,b"]) == 2
     assert main(["distill", "--limit", "0"]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_untrained_prompts_skip_what_the_head_was_trained_on(monkeypatch):
+    from draftwise.training import distill
+
+    monkeypatch.setattr(distill, "sharegpt_exchanges", lambda limit: [("a", "x"), ("c", "y")][:limit])
+    monkeypatch.setattr(distill, "sharegpt_prompts", lambda limit: ["a", "b", "c", "d", "e"][:limit])
+    assert distill.untrained_sharegpt_prompts(skip=1, limit=2, trained=2) == ["b", "d"]

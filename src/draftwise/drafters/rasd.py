@@ -155,6 +155,7 @@ def load_rasd(
     concurrent: bool = True,
     gate_threshold: float | None = None,
     policy: str | None = None,
+    policy_dir: str | None = None,
     **eagle_options,
 ) -> RasdDrafter:
     """The head plus prompt lookup, plus a REST datastore when one is named (`--datastore chat|code|DIR`);
@@ -167,7 +168,8 @@ def load_rasd(
     if policy is not None:
         from draftwise.policies import policy_and_shape
 
-        tree_policy, options = policy_and_shape(policy, engine.model_name, dtype=head.lm_head.weight.dtype, **options)
+        dtype = head.lm_head.weight.dtype
+        tree_policy, options = policy_and_shape(policy, engine.model_name, policy_dir, dtype, **options)
         options["policy"] = tree_policy
     drafter = RasdDrafter(
         head,

@@ -160,9 +160,9 @@ def log_generation(
 
 def training_prompts(sharegpt: int, gsm: int, seed: int = 0) -> list[tuple[str, str]]:
     """(source, prompt) pairs for logging: ShareGPT past the head's training slice, then GSM-style problems."""
-    from draftwise.training.distill import sharegpt_prompts
+    from draftwise.training.distill import untrained_sharegpt_prompts
 
-    prompts = [("sharegpt", p) for p in sharegpt_prompts(SHAREGPT_SKIP + sharegpt, seed=seed)[SHAREGPT_SKIP:]]
+    prompts = [("sharegpt", p) for p in untrained_sharegpt_prompts(SHAREGPT_SKIP, sharegpt)]
     if gsm > 0:
         try:
             import reasoning_gym

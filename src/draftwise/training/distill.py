@@ -87,6 +87,13 @@ def sharegpt_exchanges(limit: int, seed: int = 0, max_chars: int = 3000) -> list
     return pairs[:limit]
 
 
+def untrained_sharegpt_prompts(skip: int, limit: int, trained: int = 4000) -> list[str]:
+    """ShareGPT first turns past `skip` that are not among the first `trained` exchanges `distill --mode forced`
+    reads (the shipped head's data), for tuning and policy logging on prompts the head has not seen."""
+    seen = {human for human, _ in sharegpt_exchanges(trained)}
+    return [p for p in sharegpt_prompts(skip + 4 * limit)[skip:] if p not in seen][:limit]
+
+
 def file_prompts(path: Path, limit: int) -> list[str]:
     """Prompts from a JSONL file: Spec-Bench style (`turns`: first turn used) or `{"prompt": ...}` per line."""
     prompts = []
