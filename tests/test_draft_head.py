@@ -90,3 +90,19 @@ def test_train_draft_learns_and_resumes(tmp_path):
     train(args, target=target)
     log = [json.loads(line) for line in (tmp_path / "head" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log[30:]] == list(range(31, 36))
+
+
+def test_a_loaded_head_computes_in_the_dtype_asked_for(tmp_path, head_and_data):
+    """The head runs in its target's dtype: in bf16 a head call costs half the fp32 one on CPUs with bf16 units."""
+    head, ids, features = head_and_data
+    head.save(tmp_path / "head")
+    loaded = DraftHead.load(tmp_path / "head", dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert loaded.draft_to_target.dtype == torch.long
+    loaded.attach_embedding(head.embed.to(torch.bfloat16))
+    cache = KVCache(loaded.config.num_kv_heads, loaded.config.head_dim, 32, torch.bfloat16, "cpu")
+    n = 5
+    mask = torch.ones(n, n, dtype=torch.bool).tril()
+    with torch.no_grad():
+        logits, _ = loaded.step(loaded.fuse(features[:n].bfloat16()), ids[1 : n + 1], torch.arange(n), cache, mask)
+    assert logits.dtype == torch.bfloat16 and logits.shape == (n, loaded.config.draft_vocab_size)
