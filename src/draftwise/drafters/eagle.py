@@ -23,11 +23,11 @@ from draftwise.tree import DraftTree
 
 HEADS_DIR = Path(__file__).resolve().parent.parent / "data" / "heads"
 
-# (top_k, depth, total_tokens) by the target's dtype, chosen by the tree grid in benchmarks/RESULTS.md on the
-# 2-core CPU. A bf16 step takes half an fp32 one (on CPUs with bf16 units) and a tree of up to 16 nodes costs about
-# one step (memory-bound matmuls), so head calls weigh twice as much: a shallower, wider tree wins there.
-TREE_DEFAULTS = {torch.float32: (8, 3, 6), torch.bfloat16: (8, 1, 8)}
-DEFAULT_TOP_K, DEFAULT_DEPTH, DEFAULT_TOTAL_TOKENS = TREE_DEFAULTS[torch.float32]
+# (top_k, depth, total_tokens) by the target's dtype, chosen by the tree grids in benchmarks/RESULTS.md (head v2,
+# 2-core CPU). In fp32 a 4-node tree costs less than one token (the small-batch kernel) and 6 nodes 1.3 steps,
+# so V4 wins; in bf16 a tree of up to 16 nodes costs about one step, so V8 does. Depth 1 in both: deeper trees
+# add little τ at this head's accuracy.
+TREE_DEFAULTS = {torch.float32: (8, 1, 4), torch.bfloat16: (8, 1, 8)}
 
 
 def default_shape(dtype: torch.dtype) -> dict[str, int]:
