@@ -72,7 +72,8 @@ def policy_and_shape(
     from draftwise.policies.ltd import LtdPolicy
     from draftwise.policies.radar import RadarPolicy
 
-    shape = default_shape(dtype)
+    # stop rules need depth to stop in: they draft EAGLE-2's d3 V6 tree, as the learned policies were trained against
+    shape = default_shape(dtype) if policy == "fixed" else {"top_k": 8, "depth": 3, "total_tokens": 6}
     if isinstance(policy, str):
         if policy in ("radar", "ltd"):
             policy = make_policy(policy, model_name, shape["depth"], Path(policy_dir) if policy_dir else None)
