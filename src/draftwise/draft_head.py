@@ -201,9 +201,8 @@ class DraftHead(nn.Module):
             raise DraftwiseError(f"no draft head in {directory} (needs head.safetensors and config.json)")
         raw = json.loads((directory / "config.json").read_text())
         raw["feature_layers"] = tuple(raw["feature_layers"])
-        head = cls(DraftHeadConfig(**raw)).to(
-            dtype
-        )  # the target's dtype: bf16 halves a head call on CPUs with bf16 units
+        # built in the target's dtype, not loaded into fp32: bf16 halves a head call on CPUs with bf16 units
+        head = cls(DraftHeadConfig(**raw)).to(dtype)
         state = load_file(str(directory / "head.safetensors"))
         head.load_state_dict(state)
         return head.to(device).eval()

@@ -28,6 +28,9 @@ HEADS_DIR = Path(__file__).resolve().parent.parent / "data" / "heads"
 # so V4 wins; in bf16 a tree of up to 16 nodes costs about one step, so V8 does. Depth 1 in both: deeper trees
 # add little τ at this head's accuracy.
 TREE_DEFAULTS = {torch.float32: (8, 1, 4), torch.bfloat16: (8, 1, 8)}
+# EAGLE-2's fixed tree, deep enough for a stop rule to stop in: what the stop-rule baselines draft and what the
+# learned policies are trained and measured against.
+EAGLE2_TREE = {"top_k": 8, "depth": 3, "total_tokens": 6}
 
 
 def default_shape(dtype: torch.dtype) -> dict[str, int]:

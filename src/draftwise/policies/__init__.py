@@ -15,7 +15,7 @@ import torch
 
 from draftwise.draft_head import DraftHead
 from draftwise.drafters.base import DraftContext
-from draftwise.drafters.eagle import EagleDrafter, TreePolicy, default_shape
+from draftwise.drafters.eagle import EAGLE2_TREE, EagleDrafter, TreePolicy, default_shape
 from draftwise.errors import DraftwiseError
 from draftwise.profile import POLICIES_DIR
 from draftwise.tree import DraftTree
@@ -72,8 +72,7 @@ def policy_and_shape(
     from draftwise.policies.ltd import LtdPolicy
     from draftwise.policies.radar import RadarPolicy
 
-    # stop rules need depth to stop in: they draft EAGLE-2's d3 V6 tree, as the learned policies were trained against
-    shape = default_shape(dtype) if policy == "fixed" else {"top_k": 8, "depth": 3, "total_tokens": 6}
+    shape = default_shape(dtype) if policy == "fixed" else dict(EAGLE2_TREE)  # stop rules need depth to stop in
     if isinstance(policy, str):
         if policy in ("radar", "ltd"):
             policy = make_policy(policy, model_name, shape["depth"], Path(policy_dir) if policy_dir else None)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from draftwise.drafters.eagle import EAGLE2_TREE
 from draftwise.errors import DraftwiseError
 from draftwise.policies import policy_dir
 from draftwise.policies.baselines import DEFAULT_THRESHOLD, heuristic_calls, threshold_calls
@@ -236,9 +237,10 @@ def register(commands) -> None:
     parser.add_argument("--cost", default=None, help="cost model JSON (default: data/policies/<model>/cost.json)")
     parser.add_argument("--out", default=None, help="output directory (default: data/policies/<model>/, shipped)")
     parser.add_argument("--mode", default="greedy", help="acceptance law to train for: greedy | sampling")
-    # RADAR needs room to stop early: its fixed tree is EAGLE-2's d3 V6, not the shallow per-dtype default
-    parser.add_argument("--depth", type=int, default=3, help="the fixed tree's expansion calls (RADAR's maximum)")
-    parser.add_argument("--size", type=int, default=6, help="the fixed tree's verified nodes")
+    parser.add_argument(
+        "--depth", type=int, default=EAGLE2_TREE["depth"], help="the fixed tree's expansion calls (RADAR's maximum)"
+    )
+    parser.add_argument("--size", type=int, default=EAGLE2_TREE["total_tokens"], help="the fixed tree's verified nodes")
     parser.add_argument("--alphas", default="0.005,0.01,0.02,0.04", help="RADAR: per-continue penalties tried")
     parser.add_argument("--epochs", type=int, default=100, help="RADAR: epochs per α")
     parser.add_argument("--max-depth", type=int, default=8, help="LTD: most expansion calls")

@@ -7,7 +7,6 @@ count. Checkpoints are written every `--checkpoint-every` steps and a rerun resu
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -61,15 +60,15 @@ def sequence_loss(head: DraftHead, sample: dict, layer_index: list[int], target_
     return loss, stats
 
 
-def compute_context(precision: str):
-    """bf16 autocast (fp32 master weights) where the CPU has bf16 units: ~2x the training throughput there."""
-    if precision == "auto":
-        precision = (
-            "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-        )
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def uses_bf16(precision: str) -> bool:
+    """bf16 autocast (fp32 master weights) where the CPU has bf16 units: ~4x the training steps/s there."""
+    from draftwise.models import cpu_has_native_bf16
+
+    return precision == "bf16" or (precision == "auto" and cpu_has_native_bf16())
+
+
+def autocast(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
 
 def crop(sample: dict, max_len: int) -> dict:
@@ -87,11 +86,11 @@ def crop(sample: dict, max_len: int) -> dict:
 
 
 @torch.no_grad()
-def evaluate(head, samples, layer_index, target_to_draft, steps, precision: str = "fp32") -> list[float]:
+def evaluate(head, samples, layer_index, target_to_draft, steps, bf16: bool = False) -> list[float]:
     """Held-out top-1 accuracy of each unrolled step (response positions)."""
     totals = [[0, 0] for _ in range(steps)]
     for sample in samples:
-        with compute_context(precision):
+        with autocast(bf16):
             _, stats = sequence_loss(head, sample, layer_index, target_to_draft, steps)
         for k, (c, n) in enumerate(stats):
             totals[k][0] += c
@@ -162,6 +161,7 @@ def train(args, target=None) -> Path:
     log = (out / "log.jsonl").open("a")
     bar = tqdm(total=total_steps, initial=step, desc="train-draft", unit="step")
     started = time.perf_counter() - elapsed
+    bf16 = uses_bf16(args.precision)
     head.train()
     while step < total_steps:
         epoch, offset = divmod(step * args.accumulate, len(training))
@@ -170,7 +170,7 @@ def train(args, target=None) -> Path:
         batch = [training[i] for i in order[offset : offset + args.accumulate]]
         loss_sum, acc = 0.0, [[0, 0] for _ in range(args.ttt_steps)]
         for sample in batch:
-            with compute_context(args.precision):
+            with autocast(bf16):
                 loss, stats = sequence_loss(head, sample, layer_index, target_to_draft, args.ttt_steps)
             if torch.is_tensor(loss):
                 (loss / len(batch)).backward()
@@ -190,9 +190,7 @@ def train(args, target=None) -> Path:
         record = {"step": step, "loss": loss_sum, "acc": accuracy, "lr": schedule.get_last_lr()[0], "s": elapsed}
         if step % args.eval_every == 0 or step == total_steps:
             head.eval()
-            record["heldout_acc"] = evaluate(
-                head, held_out, layer_index, target_to_draft, args.ttt_steps, args.precision
-            )
+            record["heldout_acc"] = evaluate(head, held_out, layer_index, target_to_draft, args.ttt_steps, bf16)
             head.train()
             bar.write(f"step {step}: held-out top-1 per step {[round(a, 3) for a in record['heldout_acc']]}")
         log.write(json.dumps(record) + "\n")
@@ -205,7 +203,7 @@ def train(args, target=None) -> Path:
             break
     bar.close()
     head.eval()
-    heldout = evaluate(head, held_out, layer_index, target_to_draft, args.ttt_steps, args.precision)
+    heldout = evaluate(head, held_out, layer_index, target_to_draft, args.ttt_steps, bf16)
     tokens = sum(int(s["ids"].numel() - s["response_from"]) for s in training)
     summary = {
         "train_sequences": len(training),
