@@ -47,13 +47,14 @@ def run(
     max_new_tokens: int = 24,
     sampling: Sampling | None = None,
     seed: int = 0,
+    target_class=TargetModel,
 ) -> tuple[list[int], GenerationStats]:
-    """Generate with the engine's loop; returns (new tokens, stats)."""
+    """Generate with the engine's loop on `target_class` (TargetModel or LeanTarget); returns (new tokens, stats)."""
     stats = GenerationStats(method=drafter.name)
     generator = torch.Generator().manual_seed(seed)
     tokens: list[int] = []
     for chunk in generate_tokens(
-        TargetModel(model, drafter.feature_layers),
+        target_class(model, drafter.feature_layers),
         drafter,
         prompt,
         max_new_tokens=max_new_tokens,

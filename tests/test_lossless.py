@@ -12,6 +12,7 @@ from draftwise.drafters.base import DraftContext, Drafter, NoDraft
 from draftwise.drafters.draft_model import DraftModel
 from draftwise.drafters.pld import PromptLookup, PromptLookupRetriever
 from draftwise.drafters.rasd import FittedGate, RasdDrafter
+from draftwise.lean import LeanTarget
 from draftwise.target import TargetModel
 from draftwise.tree import DraftTree
 from draftwise.verify import Sampling
@@ -123,13 +124,15 @@ def drafters_for(model, prompt: list[int], truth: list[int]) -> list[Drafter]:
     ]
 
 
+@pytest.mark.parametrize("target_class", [TargetModel, LeanTarget], ids=["hf", "lean"])
 @pytest.mark.parametrize("prompt", PROMPTS)
 @pytest.mark.parametrize("max_new_tokens", [1, 7, 40])
-def test_greedy_output_equals_plain_decoding_for_every_drafter(tiny_model, prompt, max_new_tokens):
+def test_greedy_output_equals_plain_decoding_for_every_drafter(tiny_model, prompt, max_new_tokens, target_class):
+    """Against transformers' own plain decoding, on either engine."""
     truth = greedy_reference(tiny_model, prompt, max_new_tokens + 30)
     reference = truth[:max_new_tokens]
     for drafter in drafters_for(tiny_model, prompt, truth):
-        out, stats = run(tiny_model, drafter, prompt, max_new_tokens)
+        out, stats = run(tiny_model, drafter, prompt, max_new_tokens, target_class=target_class)
         assert out == reference, f"{drafter.name} diverged from plain decoding"
         assert stats.new_tokens == max_new_tokens
         assert sum(stats.accepted) >= max_new_tokens

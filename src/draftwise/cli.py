@@ -34,9 +34,10 @@ def add_model_args(parser: argparse.ArgumentParser, method_default: str = "pld")
     parser.add_argument(
         "--engine",
         default="auto",
-        help="auto | hf | llama: who runs the target. llama = llama.cpp on the GGUF's own quantized weights "
-        "(needs `pip install 'draftwise[llama]'`); auto picks it on CPU when installed, the dtype is auto and the "
-        "method reads no hidden features (ar, pld, rest, draft-model), else hf (transformers)",
+        help="auto | lean | hf | llama: who runs the target. lean = draftwise's compact PyTorch path for llama "
+        "models (static KV cache; on CPU in bf16 the embedded GGUF's 4-bit weights stay 4-bit); hf = transformers, "
+        "for any model; llama = llama.cpp on the GGUF (needs `pip install 'draftwise[llama]'`, no hidden features). "
+        "auto = lean where it applies, else hf",
     )
     parser.add_argument("--draft-model", default=None, help="draft model for --method draft-model")
     parser.add_argument("--draft-head", default=None, help="draft head directory for --method eagle (default: shipped)")

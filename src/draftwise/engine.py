@@ -13,7 +13,7 @@ import torch
 from draftwise.decode import GenerationStats, generate_tokens
 from draftwise.drafters import Drafter, make_drafter
 from draftwise.errors import DraftwiseError
-from draftwise.models import DEFAULT_MODEL, load_model, load_tokenizer_and_config, model_gguf
+from draftwise.models import DEFAULT_MODEL, load_model, load_tokenizer_and_config, model_gguf, parse_dtype
 from draftwise.target import TargetModel
 from draftwise.verify import Sampling
 
@@ -80,23 +80,42 @@ class TextStream:
         self._chunks.close()
 
 
-ENGINES = ("auto", "hf", "llama")
+ENGINES = ("auto", "lean", "hf", "llama")
 FEATURE_METHODS = frozenset({"eagle", "rasd", "radar", "ltd"})  # draft heads read the target's hidden states
 
 
-def choose_engine(engine: str, model: str, method: str, dtype: str, device: str) -> str:
-    """`auto` runs llama.cpp where it applies (a GGUF model on CPU, dtype left to auto, a method that needs
-    no target features, llama-cpp-python installed), else transformers."""
-    from draftwise.llama_target import llama_cpp_available
-
+def choose_engine(engine: str, method: str) -> str:
+    """`auto` is the lean PyTorch path, which `load_target` swaps for transformers where the model is not a
+    plain llama. llama.cpp runs only when asked for."""
     if engine not in ENGINES:
         raise DraftwiseError(f"unknown engine '{engine}'; choose one of {', '.join(ENGINES)}")
-    if engine != "auto":
-        if engine == "llama" and method in FEATURE_METHODS:
-            raise DraftwiseError(f"method '{method}' reads the target's hidden features: use --engine hf")
-        return engine
-    fits = dtype == "auto" and device == "cpu" and method not in FEATURE_METHODS and model_gguf(model) is not None
-    return "llama" if fits and llama_cpp_available() else "hf"
+    if engine == "llama" and method in FEATURE_METHODS:
+        raise DraftwiseError(f"method '{method}' reads the target's hidden features: use --engine lean or hf")
+    return "lean" if engine == "auto" else engine
+
+
+def load_target(model: str, engine: str = "auto", dtype: str = "auto", device: str = "cpu", method: str = "ar"):
+    """(HF model or None, tokenizer, target) for `engine`. The lean engine on CPU in bf16 keeps the weights of
+    an embedded GGUF model on their own 4-bit grid (loaded in fp32 to find it, then held as int4)."""
+    from draftwise.lean import LeanTarget, lean_supported
+
+    choice = choose_engine(engine, method)
+    if choice == "llama":
+        tokenizer, target = llama_parts(model)
+        return None, tokenizer, target
+    compute = parse_dtype(dtype, device)
+    on_grid = choice == "lean" and compute == torch.bfloat16 and device == "cpu" and model_gguf(model) is not None
+    hf_model, tokenizer = load_model(model, dtype="fp32" if on_grid else dtype, device=device)
+    if choice == "lean" and not lean_supported(hf_model):
+        if engine == "lean":
+            raise DraftwiseError(f"the lean engine runs plain llama models; '{model}' is not one (use --engine hf)")
+        choice, on_grid = "hf", False
+        hf_model.to(compute)
+    if choice == "hf":
+        return hf_model, tokenizer, TargetModel(hf_model)
+    target = LeanTarget(hf_model, dtype=compute, int4=on_grid)
+    hf_model.to(compute)  # drafters and peers share it in the compute dtype
+    return hf_model, tokenizer, target
 
 
 class Engine:
@@ -109,7 +128,7 @@ class Engine:
     ):
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.target = target if target is not None else TargetModel(model)
-        self.engine_name = "hf" if model is not None else "llama"
+        self.engine_name = self.target.engine_name
         self.default_method = method
         self._drafters: dict[str, Drafter] = {}
         self._options = {method: method_options}
@@ -126,16 +145,13 @@ class Engine:
         engine: str = "auto",
         **method_options,
     ) -> Engine:
-        if choose_engine(engine, model, method, dtype, device) == "llama":
-            tokenizer, target = llama_parts(model)
-            return cls(None, tokenizer, model_name=model, method=method, target=target, **method_options)
-        hf_model, tokenizer = load_model(model, dtype=dtype, device=device)
-        return cls(hf_model, tokenizer, model_name=model, method=method, **method_options)
+        hf_model, tokenizer, target = load_target(model, engine, dtype, device, method)
+        return cls(hf_model, tokenizer, model_name=model, method=method, target=target, **method_options)
 
     @property
     def dtype_name(self) -> str:
-        """What the weights compute in: a torch dtype, or the GGUF's own quantization under llama.cpp."""
-        return str(self.model.dtype).removeprefix("torch.") if self.model is not None else "gguf"
+        """What the target computes in: a torch dtype, or the GGUF's own quantization under llama.cpp."""
+        return self.target.dtype_name
 
     def drafter(self, method: str) -> Drafter:
         if method not in self._drafters:
@@ -254,5 +270,5 @@ def load(
     engine: str = "auto",
     **method_options,
 ) -> Engine:
-    """Load a model and return an Engine (see Engine.generate / Engine.stream). `engine`: auto | hf | llama."""
+    """Load a model and return an Engine (see Engine.generate / Engine.stream). `engine`: auto | lean | hf | llama."""
     return Engine.load(model, method=method, dtype=dtype, device=device, engine=engine, **method_options)

@@ -49,6 +49,8 @@ def _import_llama_cpp():
 class LlamaCppTarget:
     """A GGUF model in llama.cpp, driven one draft tree at a time (see the module docstring)."""
 
+    engine_name = "llama"
+    dtype_name = "gguf"
     feature_layers: tuple[int, ...] = ()
     max_leaves = MAX_BRANCHES
 

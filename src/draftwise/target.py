@@ -30,6 +30,7 @@ class TargetModel:
     and num_layers is the final (normed) feature that feeds the LM head. Draft heads read these.
     """
 
+    engine_name = "hf"
     max_leaves: int | None = None  # no limit on tree shape
     verify_cost = None  # not measured: on this path a tree of 6-16 nodes costs ~1.7x one token, drafters go big
 
@@ -46,6 +47,10 @@ class TargetModel:
     @property
     def num_layers(self) -> int:
         return int(self.config.num_hidden_layers)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.model.dtype).removeprefix("torch.")
 
     @property
     def length(self) -> int:

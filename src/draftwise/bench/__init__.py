@@ -38,10 +38,13 @@ def register(subparsers) -> None:
     bench.add_argument("--dtype", default="auto", help="auto | bf16 | fp32 | fp16")
     bench.add_argument("--device", default="cpu", help="cpu or cuda")
     bench.add_argument(
+        "--engine", default="auto", help="auto | lean | hf: who runs the target for draftwise methods (default: auto)"
+    )
+    bench.add_argument(
         "--methods",
         default=DEFAULT_METHODS,
         help=f"comma-separated, or 'all': draftwise methods and peers (hf, hf-pld, llama.cpp, "
-        f"llama.cpp-pld); METHOD@llama runs a method on the llama engine; METHOD~TAG is a "
+        f"llama.cpp-pld); METHOD@llama or METHOD@hf runs a method on another engine; METHOD~TAG is a "
         f"second configuration of METHOD with its own --method-option METHOD~TAG.KEY=VALUE; "
         f"`ar` is always run as the baseline (default: {DEFAULT_METHODS})",
     )
@@ -119,8 +122,7 @@ def parse_method_options(items: list[str], draft_model: str | None) -> dict[str,
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from draftwise.bench import datasets, metrics, plots, report, runner
-    from draftwise.engine import check_sampling
-    from draftwise.models import load_model
+    from draftwise.engine import check_sampling, load_target
 
     limit = args.limit if args.limit is not None else (QUICK_LIMIT if args.quick else None)
     max_new_tokens = args.max_new_tokens or (QUICK_MAX_NEW_TOKENS if args.quick else FULL_MAX_NEW_TOKENS)
@@ -137,9 +139,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise DraftwiseError(f"cannot create --out {args.out}: {exc}") from exc
 
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    if args.engine == "llama":
+        raise DraftwiseError("bench runs llama.cpp per method: name them METHOD@llama, or the peer llama.cpp")
+    model, tokenizer, target = load_target(args.model, args.engine, args.dtype, args.device)
     settings = runner.Settings(max_new_tokens, args.temperature, args.top_p, args.top_k)
-    runners, unavailable = runner.build_runners(names, model, tokenizer, args.model, options)
+    runners, unavailable = runner.build_runners(names, model, tokenizer, args.model, options, target)
     print(f"[draftwise] warming up {', '.join(runners)}", file=sys.stderr, flush=True)
     unavailable.update(runner.warm_up(runners, settings, args.seed))
     runners = {n: r for n, r in runners.items() if n not in unavailable}
@@ -158,7 +162,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         metrics.assign_verdicts(records, epsilon)
     summary = metrics.aggregate(records, available)
     given = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
-    env = report.environment(args.model, model, given)
+    env = report.environment(args.model, model, given) | {"engine": target.engine_name, "compute": target.dtype_name}
     run_settings = {
         "prompts": args.prompts,
         "categories": categories,

@@ -176,10 +176,11 @@ def known_methods() -> list[str]:
 
 
 def build_runners(
-    names: list[str], model, tokenizer, model_name: str, options: dict[str, dict]
+    names: list[str], model, tokenizer, model_name: str, options: dict[str, dict], target=None
 ) -> tuple[dict[str, Runner], dict[str, str]]:
-    """A runner per method sharing one set of weights, and the reason for each method that cannot be built."""
-    baseline = Engine(model, tokenizer, model_name=model_name, method="ar")
+    """A runner per method sharing one set of weights (and `target`, the bench's engine; transformers when
+    None), and the reason for each method that cannot be built."""
+    baseline = Engine(model, tokenizer, model_name=model_name, method="ar", target=target)
     llama_target = None
     runners: dict[str, Runner] = {}
     unavailable: dict[str, str] = {}
@@ -203,7 +204,12 @@ def build_runners(
                 runners[name] = partial(run_engine, engine)
             else:
                 engine = Engine(
-                    model, tokenizer, model_name=model_name, method=method, **options.get(name, options.get(method, {}))
+                    model,
+                    tokenizer,
+                    model_name=model_name,
+                    method=method,
+                    target=None if engine_name == "hf" else target,
+                    **options.get(name, options.get(method, {})),
                 )
                 runners[name] = partial(run_engine, engine)
         except Exception as exc:  # a method that cannot run is reported, not dropped

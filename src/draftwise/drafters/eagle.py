@@ -23,19 +23,26 @@ from draftwise.tree import DraftTree
 
 HEADS_DIR = Path(__file__).resolve().parent.parent / "data" / "heads"
 
-# (top_k, depth, total_tokens) by the target's dtype, chosen by the tree grids in benchmarks/RESULTS.md (head v2,
-# 2-core CPU). In fp32 a 4-node tree costs less than one token (the small-batch kernel) and 6 nodes 1.3 steps,
-# so V4 wins; in bf16 a tree of up to 16 nodes costs about one step, so V8 does. Depth 1 in both: deeper trees
-# add little τ at this head's accuracy.
-TREE_DEFAULTS = {torch.float32: (8, 1, 4), torch.bfloat16: (8, 1, 8)}
+# (top_k, depth, total_tokens) by what the target computes in, chosen by the tree grids in benchmarks/RESULTS.md
+# (head v2, 2-core CPU). transformers fp32: a 4-node tree costs less than one token (the small-batch kernel), so
+# V4 wins; transformers bf16: a tree of up to 16 nodes costs about one step, so V8 does. The lean engine's int4
+# weights make a step 2x cheaper but not a tree: 8 nodes cost 1.9 steps, so only the root's best 2 children pay.
+# Depth 0-1 everywhere: deeper trees add little τ at this head's accuracy.
+TREE_DEFAULTS = {"float32": (8, 1, 4), "bfloat16": (8, 1, 8), "bfloat16+int4": (8, 0, 3)}
 # EAGLE-2's fixed tree, deep enough for a stop rule to stop in: what the stop-rule baselines draft and what the
 # learned policies are trained and measured against.
 EAGLE2_TREE = {"top_k": 8, "depth": 3, "total_tokens": 6}
 
 
-def default_shape(dtype: torch.dtype) -> dict[str, int]:
-    """The tuned tree shape for a target computing in `dtype` (fp32's for dtypes not measured)."""
-    top_k, depth, total = TREE_DEFAULTS.get(dtype, TREE_DEFAULTS[torch.float32])
+def target_compute(head: DraftHead) -> str:
+    """What the target this head drafts for computes in ("float32", "bfloat16", "bfloat16+int4"): set by
+    `load_head`, else the head's own dtype."""
+    return getattr(head, "target_compute", None) or str(head.lm_head.weight.dtype).removeprefix("torch.")
+
+
+def default_shape(compute: str) -> dict[str, int]:
+    """The tuned tree shape for a target computing in `compute` (fp32's where none was measured)."""
+    top_k, depth, total = TREE_DEFAULTS.get(compute, TREE_DEFAULTS["float32"])
     return {"top_k": top_k, "depth": depth, "total_tokens": total}
 
 
@@ -74,7 +81,7 @@ class EagleDrafter(Drafter):
         policy: TreePolicy | None = None,
     ):
         super().__init__()
-        shape = default_shape(head.lm_head.weight.dtype)
+        shape = default_shape(target_compute(head))
         top_k = shape["top_k"] if top_k is None else top_k
         depth = shape["depth"] if depth is None else depth
         total_tokens = shape["total_tokens"] if total_tokens is None else total_tokens
@@ -185,6 +192,7 @@ def load_head(engine, draft_head: str | None = None) -> DraftHead:
         raise DraftwiseError(f"the draft head in {directory} was trained for another model (vocab/hidden size differ)")
     if max(c.feature_layers) > target.config.num_hidden_layers:
         raise DraftwiseError(f"the draft head in {directory} reads layers the model does not have")
+    head.target_compute = engine.target.dtype_name
     return head.attach_embedding(target.get_input_embeddings().weight)
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from draftwise.drafters.base import DraftContext, RoundResult
-from draftwise.drafters.eagle import EagleDrafter, load_head
+from draftwise.drafters.eagle import EagleDrafter, load_head, target_compute
 from draftwise.drafters.pld import PromptLookupRetriever
 from draftwise.retrieval import Datastore, Retriever, resolve_datastore
 from draftwise.tree import DraftTree
@@ -168,8 +168,7 @@ def load_rasd(
     if policy is not None:
         from draftwise.policies import policy_and_shape
 
-        dtype = head.lm_head.weight.dtype
-        tree_policy, options = policy_and_shape(policy, engine.model_name, policy_dir, dtype, **options)
+        tree_policy, options = policy_and_shape(policy, engine.model_name, policy_dir, target_compute(head), **options)
         options["policy"] = tree_policy
     drafter = RasdDrafter(
         head,

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from draftwise.draft_head import DraftHead
 from draftwise.drafters.base import DraftContext
-from draftwise.drafters.eagle import EAGLE2_TREE, EagleDrafter, TreePolicy, default_shape
+from draftwise.drafters.eagle import EAGLE2_TREE, EagleDrafter, TreePolicy, default_shape, target_compute
 from draftwise.errors import DraftwiseError
 from draftwise.profile import POLICIES_DIR
 from draftwise.tree import DraftTree
@@ -63,16 +61,16 @@ def policy_and_shape(
     policy: str | TreePolicy,
     model_name: str,
     policy_dir: str | None = None,
-    dtype: torch.dtype = torch.float32,
+    compute: str = "float32",
     **options,
 ) -> tuple[TreePolicy, dict]:
     """A policy (by name or object) and the tree shape it drafts: learned policies bring the shape they were
-    trained for (top-k, depth, verified size), the others the tuned shape for the head's `dtype`; explicit options
+    trained for (top-k, depth, verified size), the others the tuned shape for the target's `compute`; explicit options
     override depth and size, not top-k."""
     from draftwise.policies.ltd import LtdPolicy
     from draftwise.policies.radar import RadarPolicy
 
-    shape = default_shape(dtype) if policy == "fixed" else dict(EAGLE2_TREE)  # stop rules need depth to stop in
+    shape = default_shape(compute) if policy == "fixed" else dict(EAGLE2_TREE)  # stop rules need depth to stop in
     if isinstance(policy, str):
         if policy in ("radar", "ltd"):
             policy = make_policy(policy, model_name, shape["depth"], Path(policy_dir) if policy_dir else None)
@@ -94,7 +92,7 @@ def policy_drafter(
     head: DraftHead, policy: str | TreePolicy, model_name: str, policy_dir: str | None = None, **options
 ) -> TreeEagleDrafter:
     """An eagle drafter driven by `policy` (a name or a TreePolicy)."""
-    policy, shape = policy_and_shape(policy, model_name, policy_dir, head.lm_head.weight.dtype, **options)
+    policy, shape = policy_and_shape(policy, model_name, policy_dir, target_compute(head), **options)
     drafter = TreeEagleDrafter(head, policy=policy, **shape)
     drafter.name = policy.name if policy.name in ("radar", "ltd") else f"eagle-{policy.name}"
     return drafter

@@ -1,0 +1,306 @@
+"""A compact forward for llama-architecture targets: what a decode step costs once framework overhead is gone.
+
+On this CPU a transformers bf16 step at a short context spends ~8 ms in matmuls and ~10 ms in Python,
+dispatch and cache bookkeeping (benchmarks/RESULTS.md, "Engines"). This path runs the same weights with
+about a dozen tensor ops per layer: fused QKV and gate/up projections, rotary tables precomputed for
+every position, a preallocated KV cache written by position (so a tree's rejected nodes cost nothing to
+drop), and `scaled_dot_product_attention` with the tree mask, grouped-query heads folded into the query
+length so the cache is never repeated. It implements the same interface as `TargetModel`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from draftwise.kernels import SMALL_BATCH
+from draftwise.target import TargetOutput
+from draftwise.tree import DraftTree
+
+
+def lean_supported(model) -> bool:
+    """Plain llama: no attention or MLP bias, SiLU MLP (any rope type: the model's own rotary module is used)."""
+    config = model.config
+    return (
+        getattr(config, "model_type", None) == "llama"
+        and not getattr(config, "attention_bias", False)
+        and not getattr(config, "mlp_bias", False)
+        and getattr(config, "hidden_act", "silu") == "silu"
+    )
+
+
+class Dense:
+    """y = x W^T in the compute dtype; in fp32 on CPU, few-row products as W x^T (see kernels.py)."""
+
+    def __init__(self, weight: Tensor, dtype: torch.dtype) -> None:
+        self.weight = weight.to(dtype).contiguous()
+        self.small_batch = SMALL_BATCH if dtype == torch.float32 and weight.device.type == "cpu" else range(0)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.shape[0] in self.small_batch:
+            return torch.mm(self.weight, x.t()).t()
+        return F.linear(x, self.weight)
+
+
+class Int4Groups:
+    """y = x W^T with W held as 4-bit codes in groups of 32 along the input, run by PyTorch's int4 CPU kernel,
+    which computes (q - 8) * scale + zero per group. Built only where the weights already lie on such a grid,
+    so it is the same model in fewer bytes:
+    - a GGUF Q4_1 tensor (W = scale * q + min, q in 0..15): one 4-bit product, a quarter of bf16's bytes;
+    - a GGUF Q8_0 tensor (W = scale * q, q in -127..127): q = 16 * high + low, two 4-bit products.
+    The kernel beats a bf16 matmul only for a few rows (decode steps and small draft trees); bigger batches,
+    prefills above all, use a dense bf16 copy."""
+
+    GROUP = 32
+    # measured on the default model: Q4_1 layers 1.8x faster than bf16 at 1 row, even at 16; the Q8_0 LM head
+    # 1.6x faster at 1 row, 1.2x at 4, slower from 8
+    MAX_ROWS = {1: 16, 2: 4}
+
+    def __init__(self, weight: Tensor, parts: list[tuple[Tensor, Tensor, Tensor]]) -> None:
+        """`parts`: (codes 0..15, scale, zero) per 4-bit product, codes (rows, cols), scale and zero (rows, groups)."""
+        self.parts = [
+            (
+                torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1),
+                torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous(),
+            )
+            for codes, scale, zero in parts
+        ]
+        self.max_rows = self.MAX_ROWS[len(parts)]
+        self.dense = weight.to(torch.bfloat16).contiguous()
+
+    @classmethod
+    def exact(cls, weight: Tensor) -> Int4Groups | None:
+        """Int4Groups of an fp32 CPU `weight` on a Q4_1 or Q8_0 grid (checked exactly, per group), else None."""
+        rows, cols = weight.shape
+        if cols % cls.GROUP or weight.device.type != "cpu" or weight.dtype != torch.float32:
+            return None
+        groups = weight.reshape(rows, cols // cls.GROUP, cls.GROUP)
+        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        scale = (high - low) / 15
+        codes = torch.round((groups - low) / scale.clamp_min(1e-30)).clamp(0, 15)
+        if torch.equal(codes * scale + low, groups):
+            return cls(weight, [(codes.reshape(rows, cols), scale[..., 0], low[..., 0] + 8 * scale[..., 0])])
+        scale = groups.abs().amax(-1, keepdim=True) / 127
+        codes = torch.round(groups / scale.clamp_min(1e-30))
+        if not torch.equal(codes * scale, groups):
+            return None
+        low_codes = torch.remainder(codes, 16)
+        high_codes = (codes - low_codes) / 16 + 8
+        scale = scale[..., 0]
+        return cls(
+            weight,
+            [
+                (high_codes.reshape(rows, cols), 16 * scale, torch.zeros_like(scale)),
+                (low_codes.reshape(rows, cols), scale, 8 * scale),
+            ],
+        )
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.shape[0] > self.max_rows:
+            return F.linear(x, self.dense)
+        out = None
+        for packed, scales_and_zeros in self.parts:
+            part = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, self.GROUP, scales_and_zeros)
+            out = part if out is None else out + part
+        return out
+
+
+def _projection(weights: list[Tensor], dtype: torch.dtype, int4: bool):
+    weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+    if int4 and dtype == torch.bfloat16:
+        packed = Int4Groups.exact(weight.detach())
+        if packed is not None:
+            return packed
+    return Dense(weight.detach(), dtype)
+
+
+class _Layer:
+    __slots__ = ("norm1", "qkv", "o", "norm2", "gate_up", "down")
+
+    def __init__(self, layer, dtype: torch.dtype, int4: bool) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.norm1 = layer.input_layernorm.weight.detach().to(dtype)
+        self.qkv = _projection([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], dtype, int4)
+        self.o = _projection([attn.o_proj.weight], dtype, int4)
+        self.norm2 = layer.post_attention_layernorm.weight.detach().to(dtype)
+        self.gate_up = _projection([mlp.gate_proj.weight, mlp.up_proj.weight], dtype, int4)
+        self.down = _projection([mlp.down_proj.weight], dtype, int4)
+
+
+class LeanTarget:
+    """A llama target with a static KV cache; same contract as `TargetModel` (see target.py)."""
+
+    engine_name = "lean"
+    max_leaves: int | None = None
+
+    def __init__(
+        self,
+        model,
+        feature_layers: tuple[int, ...] = (),
+        max_length: int | None = None,
+        dtype: torch.dtype | None = None,
+        int4: bool = False,
+    ):
+        config = model.config
+        self.model = model
+        self.config = config
+        self.device = next(model.parameters()).device
+        self.dtype = dtype or next(model.parameters()).dtype
+        self.max_length = int(max_length or getattr(config, "max_position_embeddings", 2048))
+        self.feature_layers = tuple(feature_layers)
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        self.embed = model.model.embed_tokens.weight.detach().to(self.dtype)
+        self.norm = model.model.norm.weight.detach().to(self.dtype)
+        self.lm_head = _projection([model.lm_head.weight], self.dtype, int4)
+        self.layers = [_Layer(layer, self.dtype, int4) for layer in model.model.layers]
+        self.cos, self.sin = self._rotary_tables(model)
+        shape = (len(self.layers), 2, self.kv_heads, self.max_length, self.head_dim)
+        self.kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self._length = 0
+        # measured seconds to verify a tree of N nodes (root included), for drafters that size trees by cost
+        self.verify_cost: Callable[[int], float] | None = None
+        if self.device.type == "cpu":
+            a, b = self._calibrate()
+            self.verify_cost = lambda nodes: a + b * nodes
+
+    def _calibrate(self, context: int = 128) -> tuple[float, float]:
+        """(a, b) of verify seconds = a + b * nodes at a chat-sized context, timed at load (~0.2 s for the
+        default model). With int4 weights a node costs ~9% of a step, so tree sizes should follow the cost."""
+        context = min(context, self.max_length - 8)
+        self.prefill(torch.arange(context, device=self.device) % self.config.vocab_size)
+
+        def seconds(nodes: int) -> float:
+            tokens = torch.arange(nodes, device=self.device)
+            positions = torch.arange(context, context + nodes, device=self.device)[None]
+            mask = torch.ones(nodes, context + nodes, dtype=torch.bool, device=self.device).tril(context)
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                self.forward(tokens, positions, mask[None, None])
+                times.append(time.perf_counter() - start)
+                self.truncate(context)
+            return min(times)
+
+        one, eight = seconds(1), seconds(8)
+        self.reset()
+        slope = max(eight - one, 0.0) / 7
+        return one - slope, slope
+
+    def _rotary_tables(self, model) -> tuple[Tensor, Tensor]:
+        """cos/sin for every position from the model's own rotary module (any rope type it supports)."""
+        positions = torch.arange(self.max_length, device=self.device)[None]
+        probe = torch.zeros(1, dtype=torch.float32, device=self.device)
+        cos, sin = model.model.rotary_emb(probe, positions)
+        return cos[0].to(self.dtype), sin[0].to(self.dtype)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def dtype_name(self) -> str:
+        name = str(self.dtype).removeprefix("torch.")
+        return f"{name}+int4" if isinstance(self.layers[0].qkv, Int4Groups) else name
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def reset(self) -> None:
+        self._length = 0
+
+    def _rms_norm(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+
+    def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+    def _run(self, token_ids: Tensor, positions: Tensor, mask: Tensor | None, logits_rows: slice | None):
+        """Append `token_ids` (N,) at cache slots [length, length + N) with rotary `positions` (N,).
+        `mask` (N, length + N) bool or None for causal-over-new-tokens. Returns (logits or None, features)."""
+        n, start = token_ids.numel(), self._length
+        end = start + n
+        if end > self.max_length:
+            raise ValueError(f"context of {end} tokens exceeds the model's {self.max_length}")
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        group = heads // kv_heads
+        q_size, kv_size = heads * head_dim, kv_heads * head_dim
+        cos, sin = self.cos[positions][None], self.sin[positions][None]  # (1, N, D)
+        if mask is not None and n == 1:
+            mask = None  # one token attends to everything cached
+        if mask is not None:
+            # grouped heads are folded into the query length: row g * N + i is head (kv, g) at node i
+            mask = mask.repeat(group, 1)
+        if mask is None and n > 1:  # causal over the new tokens (is_causal would see the folded rows)
+            mask = torch.ones(n, end, dtype=torch.bool, device=self.device).tril(start).repeat(group, 1)
+        features = {}
+        x = self.embed[token_ids]  # (N, H)
+        for index, layer in enumerate(self.layers):
+            if index in self.feature_layers:
+                features[index] = x
+            h = self._rms_norm(x, layer.norm1)
+            qkv = layer.qkv(h)
+            q = qkv[:, :q_size].view(n, heads, head_dim).transpose(0, 1)  # (heads, N, D)
+            k = qkv[:, q_size : q_size + kv_size].view(n, kv_heads, head_dim).transpose(0, 1)
+            v = qkv[:, q_size + kv_size :].view(n, kv_heads, head_dim).transpose(0, 1)
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            cache = self.kv[index]
+            cache[0, :, start:end] = k
+            cache[1, :, start:end] = v
+            q = q.reshape(1, kv_heads, group * n, head_dim)
+            attn = F.scaled_dot_product_attention(q, cache[None, 0, :, :end], cache[None, 1, :, :end], attn_mask=mask)
+            attn = attn.reshape(heads, n, head_dim).transpose(0, 1).reshape(n, q_size)
+            x = x + layer.o(attn)
+            h = self._rms_norm(x, layer.norm2)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
+        x = self._rms_norm(x, self.norm)
+        features[len(self.layers)] = x
+        self._length = end
+        logits = None if logits_rows is None else self.lm_head(x[logits_rows])
+        stacked = torch.stack([features[i] for i in self.feature_layers], dim=1) if self.feature_layers else None
+        return logits, stacked
+
+    @torch.inference_mode()
+    def prefill(self, token_ids: Tensor) -> Tensor | None:
+        self.reset()
+        if token_ids.numel() == 0:
+            return None
+        token_ids = token_ids.to(self.device)
+        positions = torch.arange(token_ids.numel(), device=self.device)
+        return self._run(token_ids, positions, None, None)[1]
+
+    @torch.inference_mode()
+    def forward(self, token_ids: Tensor, position_ids: Tensor, attention_mask: Tensor) -> TargetOutput:
+        """Same arguments as `TargetModel.forward`: positions (1, N), bool mask (1, 1, N, cache + N)."""
+        logits, features = self._run(
+            token_ids.to(self.device),
+            position_ids[0].to(self.device),
+            attention_mask[0, 0].to(self.device),
+            slice(None),
+        )
+        return TargetOutput(logits.float(), features)
+
+    def forward_tree(self, tree: DraftTree) -> TargetOutput:
+        past = self.length
+        return self.forward(tree.tokens, tree.position_ids(past), tree.attention_mask(past))
+
+    def truncate(self, length: int) -> None:
+        self._length = min(self._length, length)
+
+    @torch.inference_mode()
+    def commit(self, past_length: int, path: list[int]) -> None:
+        n = len(path)
+        if path != list(range(n)):
+            slots = torch.tensor(path, device=self.device) + past_length
+            self.kv[:, :, :, past_length : past_length + n] = self.kv[:, :, :, slots]
+        self.truncate(past_length + n)

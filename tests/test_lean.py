@@ -1,0 +1,106 @@
+"""The lean engine: the same numbers as transformers in fp32 (logits, features, the cache after a commit; greedy
+losslessness for every drafter is in test_lossless), int4 weights only where they are exact, and speculative
+decoding on 4-bit weights equal to its own plain decoding up to bf16 near-ties."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import run, tiny_eagle, tiny_llama
+from test_lossless import OracleDrafter, RandomDrafter
+
+from draftwise.drafters.base import NoDraft
+from draftwise.drafters.eagle import EagleDrafter
+from draftwise.engine import choose_engine
+from draftwise.errors import DraftwiseError
+from draftwise.lean import Int4Groups, LeanTarget, lean_supported
+from draftwise.target import TargetModel
+from draftwise.tree import DraftTree
+from draftwise.verify import NEAR_TIE_EPSILON, compare_greedy
+
+PROMPT = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]
+
+
+def test_lean_forward_matches_transformers_in_fp32(tiny_model):
+    layers = (0, 1, 2)
+    hf, lean = TargetModel(tiny_model, layers), LeanTarget(tiny_model, layers)
+    torch.testing.assert_close(lean.prefill(torch.tensor(PROMPT)), hf.prefill(torch.tensor(PROMPT)))
+    tree = DraftTree(torch.tensor([7, 11, 12, 13, 14, 15]), torch.tensor([-1, 0, 0, 1, 2, 2]), torch.zeros(6))
+    ours, ref = lean.forward_tree(tree), hf.forward_tree(tree)
+    torch.testing.assert_close(ours.logits, ref.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours.features, ref.features, atol=1e-5, rtol=1e-5)
+    # after keeping the branch 0 -> 2 -> 5, both caches continue identically
+    hf.commit(len(PROMPT), [0, 2, 5])
+    lean.commit(len(PROMPT), [0, 2, 5])
+    assert lean.length == hf.length == len(PROMPT) + 3
+    step = DraftTree.root_only(9)
+    torch.testing.assert_close(lean.forward_tree(step).logits, hf.forward_tree(step).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_lean_rejects_what_it_cannot_run():
+    model = tiny_llama()
+    assert lean_supported(model)
+    model.config.mlp_bias = True
+    assert not lean_supported(model)
+    assert choose_engine("auto", "eagle") == "lean"
+    with pytest.raises(DraftwiseError, match="hidden features"):
+        choose_engine("llama", "eagle")
+    with pytest.raises(DraftwiseError, match="unknown engine"):
+        choose_engine("vllm", "ar")
+    target = LeanTarget(tiny_llama(max_positions=16))
+    with pytest.raises(ValueError, match="exceeds"):
+        target.prefill(torch.arange(17))
+
+
+def on_4bit_grid(weight: torch.Tensor, seed: int) -> torch.Tensor:
+    """`weight` snapped to a Q4_1-style grid: per group of 32, 16 levels from the group's min to its max."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, cols = weight.shape
+    codes = torch.randint(0, 16, (rows, cols // 32, 32), generator=generator).float()
+    codes[..., 0], codes[..., 1] = 0, 15  # each group spans its whole grid, as a quantizer's output does
+    scale = weight.reshape(rows, cols // 32, 32).std(-1, keepdim=True).half().float() / 4
+    low = weight.reshape(rows, cols // 32, 32).mean(-1, keepdim=True).half().float() - 8 * scale
+    return (codes * scale + low).reshape(rows, cols)
+
+
+def quantized_llama(vocab: int = 96) -> torch.nn.Module:
+    """A tiny llama whose decoder matrices lie on a 4-bit grid, as a dequantized Q4_1 GGUF's do."""
+    model = tiny_llama(vocab, seed=5, layers=2)
+    with torch.no_grad():
+        for i, module in enumerate(model.model.layers.modules()):
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(on_4bit_grid(module.weight, seed=i))
+    return model
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="no int4 CPU kernel")
+def test_int4_groups_only_where_exact_and_same_product():
+    weight = on_4bit_grid(torch.randn(64, 128), seed=1)
+    packed = Int4Groups.exact(weight)
+    assert packed is not None
+    assert Int4Groups.exact(torch.randn(64, 128)) is None  # off-grid weights stay dense
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    torch.testing.assert_close(packed(x).float(), x.float() @ weight.t(), atol=0.1, rtol=0.02)
+    big = torch.randn(40, 128, dtype=torch.bfloat16)  # a prefill: the dense copy
+    torch.testing.assert_close(packed(big).float(), big.float() @ weight.t(), atol=0.1, rtol=0.02)
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="no int4 CPU kernel")
+def test_speculation_on_int4_weights_equals_its_own_plain_decoding():
+    model = quantized_llama()
+
+    def lean_int4(m, layers=()):
+        return LeanTarget(m, layers, dtype=torch.bfloat16, int4=True)
+
+    assert lean_int4(model).dtype_name == "bfloat16+int4"
+    reference, plain = run(model, NoDraft(), PROMPT, 40, target_class=lean_int4)
+    truth = reference + [0] * 20
+    eagle = EagleDrafter(tiny_eagle(copy.deepcopy(model).to(torch.bfloat16)).head.to(torch.bfloat16), 8, 2, 8)
+    drafters = [RandomDrafter(96, nodes=12), OracleDrafter(PROMPT, truth, 96, depth=6, width=3, error_rate=0.2), eagle]
+    for drafter in drafters:
+        out, _ = run(model, drafter, PROMPT, 40, target_class=lean_int4)
+        # bf16: a tree forward may round a near-tie the other way (verify.compare_greedy), nothing else
+        verdict = compare_greedy(reference, plain.margins, out, NEAR_TIE_EPSILON["bf16"])
+        assert verdict != "mismatch", f"{drafter.name} diverged from plain decoding on int4 weights"
