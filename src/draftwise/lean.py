@@ -160,7 +160,7 @@ class LeanTarget:
         self.norm = model.model.norm.weight.detach().to(self.dtype)
         self.lm_head = _projection([model.lm_head.weight], self.dtype, int4)
         self.layers = [_Layer(layer, self.dtype, int4) for layer in model.model.layers]
-        self.cos, self.sin = self._rotary_tables(model)
+        self.cos, self.signed_sin = self._rotary_tables(model)
         shape = (len(self.layers), 2, self.kv_heads, self.max_length, self.head_dim)
         self.kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self._length = 0
@@ -198,7 +198,10 @@ class LeanTarget:
         positions = torch.arange(self.max_length, device=self.device)[None]
         probe = torch.zeros(1, dtype=torch.float32, device=self.device)
         cos, sin = model.model.rotary_emb(probe, positions)
-        return cos[0].to(self.dtype), sin[0].to(self.dtype)
+        half = self.head_dim // 2
+        # rotate_half(x) * sin == roll(x, half) * [-sin_low, sin_high]: one roll instead of slices, neg and cat
+        signed_sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
+        return cos[0].to(self.dtype), signed_sin.to(self.dtype)
 
     @property
     def num_layers(self) -> int:
@@ -219,11 +222,6 @@ class LeanTarget:
     def _rms_norm(self, x: Tensor, weight: Tensor) -> Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
 
-    def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
-
     def _run(self, token_ids: Tensor, positions: Tensor, mask: Tensor | None, logits_rows: slice | None):
         """Append `token_ids` (N,) at cache slots [length, length + N) with rotary `positions` (N,).
         `mask` (N, length + N) bool or None for causal-over-new-tokens. Returns (logits or None, features)."""
@@ -234,7 +232,7 @@ class LeanTarget:
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         group = heads // kv_heads
         q_size, kv_size = heads * head_dim, kv_heads * head_dim
-        cos, sin = self.cos[positions][None], self.sin[positions][None]  # (1, N, D)
+        cos, signed_sin = self.cos[positions][:, None], self.signed_sin[positions][:, None]  # (N, 1, D)
         if mask is not None and n == 1:
             mask = None  # one token attends to everything cached
         if mask is not None:
@@ -249,10 +247,10 @@ class LeanTarget:
                 features[index] = x
             h = self._rms_norm(x, layer.norm1)
             qkv = layer.qkv(h)
-            q = qkv[:, :q_size].view(n, heads, head_dim).transpose(0, 1)  # (heads, N, D)
-            k = qkv[:, q_size : q_size + kv_size].view(n, kv_heads, head_dim).transpose(0, 1)
+            qk = qkv[:, : q_size + kv_size].view(n, heads + kv_heads, head_dim)
+            qk = torch.addcmul(qk * cos, qk.roll(head_dim // 2, -1), signed_sin)  # rotary, q and k at once
+            q, k = qk[:, :heads].transpose(0, 1), qk[:, heads:].transpose(0, 1)  # (heads, N, D)
             v = qkv[:, q_size + kv_size :].view(n, kv_heads, head_dim).transpose(0, 1)
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             cache = self.kv[index]
             cache[0, :, start:end] = k
             cache[1, :, start:end] = v
