@@ -235,18 +235,18 @@ def profile(
     prompts: int,
     max_new_tokens: int,
     log: Callable[[str], None] = print,
+    engine_name: str = "auto",
 ) -> CostModel:
     """Measure and fit this machine's cost model for `model` with its draft head (a random head of the default
     shape if none ships: a head call's cost does not depend on its weights)."""
     from draftwise.draft_head import DraftHead, DraftHeadConfig
     from draftwise.drafters.eagle import EagleDrafter, load_head
     from draftwise.engine import Engine
-    from draftwise.target import TargetModel
 
     load = os.getloadavg()[0]
     if load > 1.0:
         log(f"warning: load average {load:.1f}: other work on this machine will inflate the timings")
-    engine = Engine.load(model, method="ar", dtype=dtype, engine="hf")  # the eagle policies run on hf
+    engine = Engine.load(model, method="ar", dtype=dtype, engine=engine_name)
     try:
         head = load_head(engine, draft_head)
         head_source = draft_head or "shipped"
@@ -259,10 +259,12 @@ def profile(
     log(f"head calls ({head_source}) by frontier width {HEAD_WIDTHS} at contexts {CONTEXTS} ...")
     head_samples = measure_head(head, HEAD_WIDTHS, CONTEXTS, repeats)
     log(f"target verify forwards by tree size {VERIFY_SIZES} at contexts {CONTEXTS} ...")
-    verify_samples = measure_verify(TargetModel(engine.model), VERIFY_SIZES, CONTEXTS, repeats)
+    verify_samples = measure_verify(engine.target, VERIFY_SIZES, CONTEXTS, repeats)
     meta = {
         "model": model,
         "dtype": str(engine.model.dtype).removeprefix("torch."),
+        "engine": engine.engine_name,
+        "compute": engine.target.dtype_name,
         "device": str(engine.target.device),
         "threads": torch.get_num_threads(),
         "head": head_source,
@@ -285,7 +287,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
         raise DraftwiseError("--repeats must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    cost = profile(args.model, args.dtype, args.draft_head, args.repeats, args.prompts, args.max_new_tokens)
+    options = (args.draft_head, args.repeats, args.prompts, args.max_new_tokens)
+    cost = profile(args.model, args.dtype, *options, engine_name=args.engine)
     out = Path(args.out) if args.out else default_cost_path(args.model)
     cost.save(out)
     print(f"round overhead {cost.round_overhead_ms:.1f} ms")
@@ -301,6 +304,7 @@ def register(commands) -> None:
     parser = commands.add_parser("profile", help="measure this machine's round cost model (for tree policies)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--engine", default="auto", help="auto | lean | hf: the engine whose costs to measure")
     parser.add_argument("--draft-head", default=None, help="draft head directory (default: shipped)")
     parser.add_argument("--out", default=None, help="JSON path (default: data/policies/<model>/cost.json)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (the fastest counts)")
