@@ -5,6 +5,7 @@ curve, RADAR and LTD training improve their objective on a synthetic log, and th
 from __future__ import annotations
 
 import copy
+import json
 import itertools
 
 import numpy as np
@@ -489,3 +490,14 @@ def test_headroom_bounds_the_fixed_tree_and_reads_the_confidence_signal():
     _, _, fixed_speed = best_fixed(validation, cost, rounds.depth)
     oracle, bins = rows["hindsight oracle"]["tokens_per_s"], rows["confidence bins (2)"]["tokens_per_s"]
     assert oracle >= bins > 1.05 * fixed_speed  # confident rounds draft deep, hopeless ones verify the root alone
+
+
+def test_shipped_policies_are_chosen_by_the_target_compute():
+    from draftwise.policies import policy_dir
+
+    default = policy_dir("smollm2-135m")
+    assert (default / "cost.json").exists()
+    assert policy_dir("smollm2-135m", "float32") == default  # no separate fit: the default one
+    lean = policy_dir("smollm2-135m", "bfloat16+int4")
+    assert lean == default / "bfloat16-int4" and (lean / "radar.safetensors").exists()
+    assert json.loads((lean / "cost.json").read_text())["meta"]["engine"] == "lean"

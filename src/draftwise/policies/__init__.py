@@ -21,8 +21,12 @@ from draftwise.tree import DraftTree
 POLICY_NAMES = ("fixed", "threshold", "heuristic", "radar", "ltd")
 
 
-def policy_dir(model_name: str) -> Path:
-    return POLICIES_DIR / Path(model_name).name
+def policy_dir(model_name: str, compute: str | None = None) -> Path:
+    """The shipped policies for a model: those fitted to the cost model of the target's `compute` (a
+    subdirectory such as `bfloat16-int4/`, the lean engine's) where they exist, else the model's default fit."""
+    directory = POLICIES_DIR / Path(model_name).name
+    fitted = directory / compute.replace("+", "-") if compute else None
+    return fitted if fitted is not None and (fitted / "cost.json").exists() else directory
 
 
 class TreeEagleDrafter(EagleDrafter):
@@ -36,8 +40,11 @@ class TreeEagleDrafter(EagleDrafter):
         return self._tree(root, root_logits, root_hidden, committed, budget)
 
 
-def make_policy(name: str, model_name: str, depth: int, directory: Path | None = None, seed: int = 0) -> TreePolicy:
-    """A policy by name; radar and ltd load their trained weights from `directory` (default: shipped)."""
+def make_policy(
+    name: str, model_name: str, depth: int, directory: Path | None = None, seed: int = 0, compute: str | None = None
+) -> TreePolicy:
+    """A policy by name; radar and ltd load their trained weights from `directory` (default: shipped, for the
+    target's `compute`)."""
     from draftwise.policies.baselines import ConfidenceThreshold, HeuristicSchedule
 
     if name == "fixed":
@@ -49,11 +56,11 @@ def make_policy(name: str, model_name: str, depth: int, directory: Path | None =
     if name == "radar":
         from draftwise.policies.radar import RadarPolicy
 
-        return RadarPolicy.load(directory or policy_dir(model_name), seed=seed)
+        return RadarPolicy.load(directory or policy_dir(model_name, compute), seed=seed)
     if name == "ltd":
         from draftwise.policies.ltd import LtdPolicy
 
-        return LtdPolicy.load(directory or policy_dir(model_name))
+        return LtdPolicy.load(directory or policy_dir(model_name, compute))
     raise DraftwiseError(f"unknown policy '{name}'; choose one of {', '.join(POLICY_NAMES)}")
 
 
@@ -73,7 +80,8 @@ def policy_and_shape(
     shape = default_shape(compute) if policy == "fixed" else dict(EAGLE2_TREE)  # stop rules need depth to stop in
     if isinstance(policy, str):
         if policy in ("radar", "ltd"):
-            policy = make_policy(policy, model_name, shape["depth"], Path(policy_dir) if policy_dir else None)
+            directory = Path(policy_dir) if policy_dir else None
+            policy = make_policy(policy, model_name, shape["depth"], directory, compute=compute)
         else:
             policy = make_policy(policy, model_name, options.get("depth") or shape["depth"])
     if isinstance(policy, RadarPolicy):

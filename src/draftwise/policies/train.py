@@ -136,7 +136,8 @@ def write_card(out: Path, model: str) -> None:
     if cost_path.exists():
         meta = json.loads(cost_path.read_text())["meta"]
         lines += [
-            f"Cost model: {meta.get('model')} {meta.get('dtype')} on {meta.get('device')}, "
+            f"Cost model: {meta.get('model')} on the {meta.get('engine', 'hf')} engine in "
+            f"{meta.get('compute', meta.get('dtype'))} on {meta.get('device')}, "
             f"{meta.get('threads')} threads, profiled {meta.get('date')}.",
             "",
         ]
