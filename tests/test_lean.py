@@ -15,7 +15,7 @@ from draftwise.drafters.base import NoDraft
 from draftwise.drafters.eagle import EagleDrafter
 from draftwise.engine import choose_engine
 from draftwise.errors import DraftwiseError
-from draftwise.lean import Int4Groups, LeanTarget, lean_supported
+from draftwise.lean import Int4Groups, LeanTarget, lean_supported, quantize_draft_linears
 from draftwise.target import TargetModel
 from draftwise.tree import DraftTree
 from draftwise.verify import NEAR_TIE_EPSILON, compare_greedy
@@ -104,3 +104,16 @@ def test_speculation_on_int4_weights_equals_its_own_plain_decoding():
         # bf16: a tree forward may round a near-tie the other way (verify.compare_greedy), nothing else
         verdict = compare_greedy(reference, plain.margins, out, NEAR_TIE_EPSILON["bf16"])
         assert verdict != "mismatch", f"{drafter.name} diverged from plain decoding on int4 weights"
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="no int4 CPU kernel")
+def test_draft_linears_on_the_nearest_4bit_grid_stay_close():
+    torch.manual_seed(0)
+    head = torch.nn.Sequential(torch.nn.Linear(64, 96, bias=False), torch.nn.Linear(96, 32, bias=True))
+    head = head.to(torch.bfloat16)
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    before = head(x).float()
+    assert quantize_draft_linears(head) == 1  # the biased layer is left alone
+    after = head(x).float()
+    assert not torch.equal(before, after)  # lossy, as a drafter may be
+    assert (after - before).norm() < 0.15 * before.norm()

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from draftwise.kernels import SMALL_BATCH
 from draftwise.target import TargetOutput
@@ -73,6 +73,16 @@ class Int4Groups:
         self.dense = weight.to(torch.bfloat16).contiguous()
 
     @classmethod
+    def nearest(cls, weight: Tensor) -> Int4Groups:
+        """The nearest Q4_1-style grid (per group of 32, 16 levels from min to max): lossy, for drafters."""
+        rows, cols = weight.shape
+        groups = weight.float().reshape(rows, cols // cls.GROUP, cls.GROUP)
+        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        scale = ((high - low) / 15).clamp_min(1e-8)
+        codes = torch.round((groups - low) / scale).clamp(0, 15)
+        return cls(weight.float(), [(codes.reshape(rows, cols), scale[..., 0], low[..., 0] + 8 * scale[..., 0])])
+
+    @classmethod
     def exact(cls, weight: Tensor) -> Int4Groups | None:
         """Int4Groups of an fp32 CPU `weight` on a Q4_1 or Q8_0 grid (checked exactly, per group), else None."""
         rows, cols = weight.shape
@@ -107,6 +117,32 @@ class Int4Groups:
             part = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, self.GROUP, scales_and_zeros)
             out = part if out is None else out + part
         return out
+
+
+class Int4Linear(nn.Linear):
+    """An nn.Linear that runs its `int4` copy (set by `quantize_draft_linears`)."""
+
+    int4: Int4Groups
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.int4(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
+
+
+def quantize_draft_linears(module: nn.Module) -> int:
+    """Run every bias-free bf16 CPU nn.Linear of a *drafter* on the nearest 4-bit grid, in place; returns how many.
+    Lossy, which a drafter may be: its weights change what it proposes, never what verification accepts. For the
+    default draft head on the lean engine a call drops from ~1.2 to ~0.5 ms (its 8192-token LM head dominates)."""
+    switched = 0
+    for linear in module.modules():
+        weight = linear.weight if type(linear) is nn.Linear else None
+        if weight is None or linear.bias is not None or weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
+            continue
+        if weight.shape[1] % Int4Groups.GROUP:
+            continue
+        linear.int4 = Int4Groups.nearest(weight.detach())
+        linear.__class__ = Int4Linear
+        switched += 1
+    return switched
 
 
 def _projection(weights: list[Tensor], dtype: torch.dtype, int4: bool):
