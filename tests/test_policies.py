@@ -5,8 +5,8 @@ curve, RADAR and LTD training improve their objective on a synthetic log, and th
 from __future__ import annotations
 
 import copy
-import json
 import itertools
+import json
 
 import numpy as np
 import pytest

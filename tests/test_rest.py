@@ -20,7 +20,9 @@ from draftwise.cli import main
 from draftwise.drafters.pld import PromptLookupRetriever
 from draftwise.drafters.rest import RestDrafter
 from draftwise.errors import DraftwiseError
+from draftwise.lean import LeanTarget
 from draftwise.retrieval import Datastore, Retriever, build_datastore, frequent_prefix_tree
+from draftwise.target import TargetModel
 from draftwise.tree import DraftTree
 from draftwise.verify import Sampling
 
@@ -168,13 +170,14 @@ def tiny_datastore(model, path: Path) -> tuple[list[list[int]], list[list[int]]]
     return prompts, outputs
 
 
-def test_rest_greedy_is_lossless(tiny_model, tmp_path):
+@pytest.mark.parametrize("target_class", [TargetModel, LeanTarget], ids=["hf", "lean (trees sized by cost)"])
+def test_rest_greedy_is_lossless(tiny_model, tmp_path, target_class):
     prompts, outputs = tiny_datastore(tiny_model, tmp_path / "ds")
     for total_tokens in (4, 16):
         drafter = RestDrafter(datastore=str(tmp_path / "ds"), total_tokens=total_tokens, vocab_size=96)
         accepted = []
         for prompt, want in zip(prompts, outputs, strict=True):
-            got, stats = run(tiny_model, drafter, prompt, 32)
+            got, stats = run(tiny_model, drafter, prompt, 32, target_class=target_class)
             assert got == want
             accepted.append(stats.mean_accepted)
         assert max(accepted) > 2  # retrieval really drafts the model's own continuations

@@ -55,4 +55,4 @@ def test_sized_prompt_lookup_is_lossless():
         for t in chunk
     ]
     assert out == reference
-    assert drafter.stats.seen  # it learned from the rounds
+    assert drafter.sizer.stats.seen  # it learned from the rounds

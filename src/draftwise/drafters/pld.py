@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from draftwise.drafters.base import DraftContext, Drafter, RoundResult
-from draftwise.drafters.sizing import AcceptanceStats, size_for_throughput
+from draftwise.drafters.sizing import CostSizer
 from draftwise.tree import DraftTree
 
 
@@ -64,8 +64,7 @@ class PromptLookup(Drafter):
         super().__init__()
         self.retriever = PromptLookupRetriever(max_ngram, min_ngram, num_pred_tokens, max_matches)
         self.total_tokens = total_tokens
-        self.stats = AcceptanceStats()
-        self._sized: tuple[DraftTree, list] | None = None
+        self.sizer = CostSizer()
 
     def propose(self, context: DraftContext) -> DraftTree:
         root = int(context.tokens[-1])
@@ -75,15 +74,11 @@ class PromptLookup(Drafter):
         tree = DraftTree.from_sequences(root, spans).select_top(min(self.total_tokens, context.budget))
         if context.verify_cost is None:
             return tree
-        tree = size_for_throughput(tree, self.stats.path_probs(tree, node_kinds(tree, n)), context.verify_cost)
-        self._sized = (tree, node_kinds(tree, n))
-        return tree
+        self.sizer.size(tree, node_kinds(tree, n), context.verify_cost)
+        return self.sizer.sized
 
     def observe(self, result: RoundResult) -> None:
-        if self._sized is not None:
-            tree, kinds = self._sized
-            self.stats.update(tree, kinds, result.path)
-            self._sized = None
+        self.sizer.observe(result.path)
 
 
 def node_kinds(tree: DraftTree, ngram: int) -> list[tuple[int, int, bool]]:

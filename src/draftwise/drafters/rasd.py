@@ -23,6 +23,7 @@ from torch import Tensor
 from draftwise.drafters.base import DraftContext, RoundResult
 from draftwise.drafters.eagle import EagleDrafter, load_head, target_compute
 from draftwise.drafters.pld import PromptLookupRetriever
+from draftwise.drafters.sizing import CostSizer
 from draftwise.retrieval import Datastore, Retriever, resolve_datastore
 from draftwise.tree import DraftTree
 
@@ -77,6 +78,7 @@ class RasdDrafter(EagleDrafter):
         self._branches: list[tuple[int, float]] = []  # this round's kept branches: first node, head probability
         self._draft_tree: DraftTree | None = None
         self.retrieval_s = 0.0
+        self.sizer = CostSizer()
 
     def _retrieve(self, tokens: Tensor) -> DraftTree | None:
         tree = None
@@ -100,9 +102,19 @@ class RasdDrafter(EagleDrafter):
             self.cache.length = committed
         retrieved = job.result() if job else self._retrieve(tokens)
         self._draft_tree, self._branches = draft, []
-        if retrieved is None or retrieved.size == 1:
-            return draft
-        return self._fuse(draft, self._prune(retrieved, root_logits))
+        fused = draft
+        if retrieved is not None and retrieved.size > 1:
+            fused = self._fuse(draft, self._prune(retrieved, root_logits))
+        return fused if context.verify_cost is None else self._size(fused, draft, context.verify_cost)
+
+    def _size(self, fused: DraftTree, draft: DraftTree, verify_cost) -> DraftTree:
+        """Where the target measured its tree cost (the lean and llama engines), keep only the nodes that pay:
+        acceptance rates per node kind are counted online, as for prompt lookup (sizing.py)."""
+        keep = self.sizer.size(fused, rasd_node_kinds(fused, draft.size), verify_cost)
+        new_index = {old: new for new, old in enumerate(keep.tolist())}
+        self._branches = [(new_index[node], p) for node, p in self._branches if node in new_index]
+        self._draft_tree = draft.subtree(keep[keep < draft.size])  # the head's nodes still come first
+        return self.sizer.sized
 
     def _prune(self, retrieved: DraftTree, root_logits: Tensor) -> DraftTree:
         """Drop first-level branches whose first token the head finds unlikely (per the gate)."""
@@ -125,6 +137,7 @@ class RasdDrafter(EagleDrafter):
 
     def observe(self, result: RoundResult) -> None:
         super().observe(result)
+        self.sizer.observe(result.path)
         if not self._branches or self._draft_tree is None:
             return
         accepted_drafts = len(result.path) - 1
@@ -145,6 +158,17 @@ class RasdDrafter(EagleDrafter):
                 break
             n += 1
         return n
+
+
+def rasd_node_kinds(fused: DraftTree, draft_size: int) -> list[tuple]:
+    """What predicts a fused node's acceptance: the head's own nodes by depth and cumulative log-probability
+    (in nats, bucketed), retrieved-only nodes by depth."""
+    depths = fused.depths.clamp_max(8).tolist()
+    scores = (-fused.scores).clamp(0, 8).floor().int().tolist()
+    return [
+        ("head", d, s) if i < draft_size else ("retrieved", d)
+        for i, (d, s) in enumerate(zip(depths, scores, strict=True))
+    ]
 
 
 def load_rasd(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from draftwise.drafters.base import DraftContext, Drafter
+from draftwise.drafters.base import DraftContext, Drafter, RoundResult
+from draftwise.drafters.sizing import CostSizer
 from draftwise.errors import DraftwiseError
 from draftwise.retrieval import Datastore, resolve_datastore
 from draftwise.tree import DraftTree
@@ -41,7 +42,20 @@ class RestDrafter(Drafter):
                 f"({self.store.meta.get('model', '?')}); this model has {vocab_size}"
             )
 
+        self.sizer = CostSizer()
+
     def propose(self, context: DraftContext) -> DraftTree:
         budget = min(self.total_tokens, context.budget)
         tree = self.store.retrieve(context.tokens, budget)
-        return tree if tree is not None else DraftTree.root_only(int(context.tokens[-1]))
+        if tree is None:
+            return DraftTree.root_only(int(context.tokens[-1]))
+        if context.verify_cost is None:
+            return tree
+        # a node's kind: its depth and how often the corpus continued this way (log-frequency, bucketed)
+        depths = tree.depths.clamp_max(8).tolist()
+        frequency = (-tree.scores).clamp(0, 6).floor().int().tolist()
+        self.sizer.size(tree, list(zip(depths, frequency, strict=True)), context.verify_cost)
+        return self.sizer.sized
+
+    def observe(self, result: RoundResult) -> None:
+        self.sizer.observe(result.path)

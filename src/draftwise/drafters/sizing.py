@@ -51,15 +51,46 @@ class AcceptanceStats:
                 self.accepted[kinds[i]] += i in on_path
 
 
-def size_for_throughput(tree: DraftTree, probs: Sequence[float], verify_cost: Callable[[int], float]) -> DraftTree:
-    """The subtree of the most likely nodes whose expected tokens per verification second is highest."""
-    order = sorted(range(1, tree.size), key=lambda i: -probs[i])  # stable: a child never outranks its parent
+def nodes_for_throughput(probs: Sequence[float], verify_cost: Callable[[int], float]) -> torch.Tensor:
+    """Sorted indices of the most likely nodes (root included) whose expected tokens per verification second
+    is highest; `probs` are path probabilities, each no higher than its parent's."""
+    order = sorted(range(1, len(probs)), key=lambda i: -probs[i])  # stable: a child never outranks its parent
     best_rate, best_keep, expected = 1.0 / verify_cost(1), 0, 1.0
     for kept, node in enumerate(order, start=1):
         expected += probs[node]
         rate = expected / verify_cost(kept + 1)
         if rate > best_rate:
             best_rate, best_keep = rate, kept
-    if best_keep == tree.size - 1:
-        return tree
-    return tree.subtree(torch.tensor([0, *order[:best_keep]], dtype=torch.long))
+    return torch.tensor(sorted([0, *order[:best_keep]]), dtype=torch.long)
+
+
+def size_for_throughput(tree: DraftTree, probs: Sequence[float], verify_cost: Callable[[int], float]) -> DraftTree:
+    """The subtree of the most likely nodes whose expected tokens per verification second is highest."""
+    keep = nodes_for_throughput(probs, verify_cost)
+    return tree if keep.numel() == tree.size else tree.subtree(keep)
+
+
+class CostSizer:
+    """A drafter's tree sizing by cost: `size` keeps the nodes that pay under the target's measured cost, given
+    each node's kind; `observe` counts the verdict on what was kept."""
+
+    def __init__(self) -> None:
+        self.stats = AcceptanceStats()
+        self._sized: tuple[DraftTree, list[NodeKind]] | None = None
+
+    def size(self, tree: DraftTree, kinds: Sequence[NodeKind], verify_cost: Callable[[int], float]) -> torch.Tensor:
+        """Sorted indices of the nodes of `tree` to verify; `sized` is the tree they make."""
+        keep = nodes_for_throughput(self.stats.path_probs(tree, kinds), verify_cost)
+        sized = tree if keep.numel() == tree.size else tree.subtree(keep)
+        self._sized = (sized, [kinds[i] for i in keep.tolist()])
+        return keep
+
+    @property
+    def sized(self) -> DraftTree:
+        assert self._sized is not None
+        return self._sized[0]
+
+    def observe(self, path: Sequence[int]) -> None:
+        if self._sized is not None:
+            self.stats.update(*self._sized, path)
+            self._sized = None
