@@ -501,3 +501,4 @@ def test_shipped_policies_are_chosen_by_the_target_compute():
     lean = policy_dir("smollm2-135m", "bfloat16+int4")
     assert lean == default / "bfloat16-int4" and (lean / "radar.safetensors").exists()
     assert json.loads((lean / "cost.json").read_text())["meta"]["engine"] == "lean"
+    assert json.loads((policy_dir("smollm2-135m", "bfloat16") / "cost.json").read_text())["meta"]["engine"] == "hf"
