@@ -193,7 +193,8 @@ def render_report(
     gpu = f", {env['gpu']}" if env["gpu"] else ""
     parts = [
         "# draftwise bench",
-        f"{env['model']} ({env['dtype']}, {env['device']}{gpu}) on {env['cpu']}, {env['torch_threads']} "
+        f"{env['model']} ({env.get('compute', env['dtype'])} on the {env.get('engine', 'hf')} engine, "
+        f"{env['device']}{gpu}) on {env['cpu']}, {env['torch_threads']} "
         f"threads; torch {env['torch']}, transformers {env['transformers']}, draftwise {env['draftwise']}.",
         f"Prompts `{settings['prompts']}`: {settings['questions']} questions, max "
         f"{settings['max_new_tokens']} new tokens, temperature {settings['temperature']:g}, seed "
