@@ -212,8 +212,13 @@ CASES = [(SAMPLING_CASES[0], name) for name in SAMPLING_MAKERS] + [
 ]
 
 
-@pytest.mark.parametrize(("sampling", "name"), CASES, ids=lambda v: str(v))
-def test_sampling_preserves_the_target_distribution(sampling, name):
+LEAN_CASES = [(SAMPLING_CASES[0], "wide", "lean"), (SAMPLING_CASES[1], "eagle", "lean")]
+
+
+@pytest.mark.parametrize(
+    ("sampling", "name", "engine"), [(s, n, "hf") for s, n in CASES] + LEAN_CASES, ids=lambda v: str(v)
+)
+def test_sampling_preserves_the_target_distribution(sampling, name, engine):
     """Chi-square goodness of fit of the first two sampled tokens against the exact law (p > 1e-4)."""
     vocab, trials = 8, 1200
     model = tiny_llama(vocab, seed=3)
@@ -222,9 +227,11 @@ def test_sampling_preserves_the_target_distribution(sampling, name):
     prompt = [1, 2, 3, 1, 2]
     law = exact_two_token_law(model, prompt, sampling)
     drafter = SAMPLING_MAKERS[name](prompt, vocab)
+    lean = LeanTarget(model, drafter.feature_layers) if engine == "lean" else None  # one, reset by each prefill
+    target_class = TargetModel if lean is None else (lambda *_: lean)
     counts = torch.zeros(vocab * vocab)
     for seed in range(trials):
-        out, _ = run(model, drafter, prompt, max_new_tokens=2, sampling=sampling, seed=seed)
+        out, _ = run(model, drafter, prompt, max_new_tokens=2, sampling=sampling, seed=seed, target_class=target_class)
         counts[out[0] * vocab + out[1]] += 1
     support = law > 0
     assert counts[~support].sum() == 0, f"{name}: sampled a token outside the target's support"
