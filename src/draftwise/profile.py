@@ -134,8 +134,15 @@ class CostModel:
         return cls.from_json(json.loads(path.read_text()))
 
 
-def default_cost_path(model_name: str) -> Path:
-    return POLICIES_DIR / Path(model_name).name / "cost.json"
+def fit_dir(model_name: str, compute: str | None = None) -> Path:
+    """Where a model's cost model and policies for a target computing in `compute` live: the model's directory
+    for fp32 (the original fit), a subdirectory per compute otherwise (e.g. `bfloat16-int4/`, the lean engine's)."""
+    directory = POLICIES_DIR / Path(model_name).name
+    return directory if compute in (None, "float32") else directory / compute.replace("+", "-")
+
+
+def default_cost_path(model_name: str, compute: str | None = None) -> Path:
+    return fit_dir(model_name, compute) / "cost.json"
 
 
 # --- measuring ---------------------------------------------------------------------------------------------------
@@ -289,24 +296,29 @@ def cmd_profile(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     options = (args.draft_head, args.repeats, args.prompts, args.max_new_tokens)
     cost = profile(args.model, args.dtype, *options, engine_name=args.engine)
-    out = Path(args.out) if args.out else default_cost_path(args.model)
+    out = Path(args.out) if args.out else default_cost_path(args.model, cost.meta["compute"])
     cost.save(out)
     print(f"round overhead {cost.round_overhead_ms:.1f} ms")
     for width in (1, 3, 8):
         print(f"head call, width {width:>2}, context 300: {cost.head(width, 300):6.2f} ms")
     for n in (1, 2, 4, 8, 16, 32, 64):
         print(f"verify N={n:>2}, context 300: {cost.verify(n, 300):6.1f} ms")
-    print(f"saved {out}")
+    print(f"saved {out}; fit policies to it with `draftwise train-policy --method radar|ltd --cost {out}`")
     return 0
 
 
 def register(commands) -> None:
     parser = commands.add_parser("profile", help="measure this machine's round cost model (for tree policies)")
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--dtype", default="auto", help="auto | bf16 | fp32 (default: auto, what generation uses)")
     parser.add_argument("--engine", default="auto", help="auto | lean | hf: the engine whose costs to measure")
     parser.add_argument("--draft-head", default=None, help="draft head directory (default: shipped)")
-    parser.add_argument("--out", default=None, help="JSON path (default: data/policies/<model>/cost.json)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="JSON path (default: data/policies/<model>/[<compute>/]cost.json, where `--method radar|ltd` look for "
+        "the policies of a target computing in <compute>)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (the fastest counts)")
     parser.add_argument("--prompts", type=int, default=3, help="generations used to measure the round overhead")
     parser.add_argument("--max-new-tokens", type=int, default=64)

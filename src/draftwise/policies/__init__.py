@@ -15,18 +15,17 @@ from draftwise.draft_head import DraftHead
 from draftwise.drafters.base import DraftContext
 from draftwise.drafters.eagle import EAGLE2_TREE, EagleDrafter, TreePolicy, default_shape, target_compute
 from draftwise.errors import DraftwiseError
-from draftwise.profile import POLICIES_DIR
+from draftwise.profile import fit_dir
 from draftwise.tree import DraftTree
 
 POLICY_NAMES = ("fixed", "threshold", "heuristic", "radar", "ltd")
 
 
 def policy_dir(model_name: str, compute: str | None = None) -> Path:
-    """The shipped policies for a model: those fitted to the cost model of the target's `compute` (a
-    subdirectory such as `bfloat16-int4/`, the lean engine's) where they exist, else the model's default fit."""
-    directory = POLICIES_DIR / Path(model_name).name
-    fitted = directory / compute.replace("+", "-") if compute else None
-    return fitted if fitted is not None and (fitted / "cost.json").exists() else directory
+    """The shipped policies for a model: those fitted to the cost model of the target's `compute` where they
+    exist (`profile.fit_dir`), else the model's default (fp32) fit."""
+    fitted = fit_dir(model_name, compute)
+    return fitted if (fitted / "cost.json").exists() else fit_dir(model_name)
 
 
 class TreeEagleDrafter(EagleDrafter):

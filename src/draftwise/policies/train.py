@@ -186,7 +186,7 @@ def cmd_train_policy(args: argparse.Namespace) -> int:
     if not rounds_dir.is_dir():
         raise DraftwiseError(f"no logged rounds at {rounds_dir}; run `draftwise log-rounds --out {rounds_dir}` first")
     cost = CostModel.load(Path(args.cost) if args.cost else default_cost_path(args.model))
-    out = Path(args.out) if args.out else policy_dir(args.model)
+    out = Path(args.out) if args.out else Path(args.cost).parent if args.cost else policy_dir(args.model)
     start = time.perf_counter()
     rounds = load_rounds(rounds_dir)
     if args.depth > rounds.depth:
@@ -236,7 +236,11 @@ def register(commands) -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--rounds", default="runs/policy-rounds", help="directory written by `draftwise log-rounds`")
     parser.add_argument("--cost", default=None, help="cost model JSON (default: data/policies/<model>/cost.json)")
-    parser.add_argument("--out", default=None, help="output directory (default: data/policies/<model>/, shipped)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default: the --cost file's directory, else data/policies/<model>/)",
+    )
     parser.add_argument("--mode", default="greedy", help="acceptance law to train for: greedy | sampling")
     parser.add_argument(
         "--depth", type=int, default=EAGLE2_TREE["depth"], help="the fixed tree's expansion calls (RADAR's maximum)"
