@@ -109,13 +109,10 @@ def load_target(model: str, engine: str = "auto", dtype: str = "auto", device: s
     if choice == "lean" and not lean_supported(hf_model):
         if engine == "lean":
             raise DraftwiseError(f"the lean engine runs plain llama models; '{model}' is not one (use --engine hf)")
-        choice, on_grid = "hf", False
-        hf_model.to(compute)
-    if choice == "hf":
-        return hf_model, tokenizer, TargetModel(hf_model)
-    target = LeanTarget(hf_model, dtype=compute, int4=on_grid)
+        choice = "hf"
+    lean = LeanTarget(hf_model, dtype=compute, int4=on_grid) if choice == "lean" else None
     hf_model.to(compute)  # drafters and peers share it in the compute dtype
-    return hf_model, tokenizer, target
+    return hf_model, tokenizer, lean if lean is not None else TargetModel(hf_model)
 
 
 class Engine:

@@ -14,15 +14,20 @@ from torch import Tensor, nn
 SMALL_BATCH = range(2, 49)
 
 
+def small_batch_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x W^T (+ bias), as W x^T for 2-48 rows."""
+    rows = x.numel() // x.shape[-1]
+    if rows not in SMALL_BATCH:
+        return F.linear(x, weight, bias)
+    out = torch.mm(weight, x.reshape(rows, -1).t()).t()
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
 class SmallBatchLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.numel() // x.shape[-1]
-        if rows not in SMALL_BATCH:
-            return F.linear(x, self.weight, self.bias)
-        out = torch.mm(self.weight, x.reshape(rows, -1).t()).t()
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return small_batch_linear(x, self.weight, self.bias)
 
 
 def use_small_batch_linear(model: nn.Module) -> int:

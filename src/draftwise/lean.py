@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from draftwise.kernels import SMALL_BATCH
+from draftwise.kernels import small_batch_linear
 from draftwise.target import TargetOutput
 from draftwise.tree import DraftTree
 
@@ -38,12 +38,11 @@ class Dense:
 
     def __init__(self, weight: Tensor, dtype: torch.dtype) -> None:
         self.weight = weight.to(dtype).contiguous()
-        self.small_batch = SMALL_BATCH if dtype == torch.float32 and weight.device.type == "cpu" else range(0)
+        fp32_cpu = dtype == torch.float32 and weight.device.type == "cpu"
+        self.linear = small_batch_linear if fp32_cpu else F.linear
 
     def __call__(self, x: Tensor) -> Tensor:
-        if x.shape[0] in self.small_batch:
-            return torch.mm(self.weight, x.t()).t()
-        return F.linear(x, self.weight)
+        return self.linear(x, self.weight)
 
 
 class Int4Groups:
@@ -73,14 +72,26 @@ class Int4Groups:
         self.dense = weight.to(torch.bfloat16).contiguous()
 
     @classmethod
-    def nearest(cls, weight: Tensor) -> Int4Groups:
-        """The nearest Q4_1-style grid (per group of 32, 16 levels from min to max): lossy, for drafters."""
+    def _q4_1_grid(cls, weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(groups, codes, scale, minimum): `weight` in groups of 32 and its nearest Q4_1-style grid, 16 levels
+        from each group's min to its max."""
         rows, cols = weight.shape
         groups = weight.float().reshape(rows, cols // cls.GROUP, cls.GROUP)
         low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
-        scale = ((high - low) / 15).clamp_min(1e-8)
-        codes = torch.round((groups - low) / scale).clamp(0, 15)
-        return cls(weight.float(), [(codes.reshape(rows, cols), scale[..., 0], low[..., 0] + 8 * scale[..., 0])])
+        scale = (high - low) / 15
+        codes = torch.round((groups - low) / scale.clamp_min(1e-30)).clamp(0, 15)
+        return groups, codes, scale, low
+
+    @classmethod
+    def _q4_1(cls, weight: Tensor, codes: Tensor, scale: Tensor, low: Tensor) -> Int4Groups:
+        codes, scale, low = codes.reshape(weight.shape), scale[..., 0], low[..., 0]
+        return cls(weight.float(), [(codes, scale, low + 8 * scale)])
+
+    @classmethod
+    def nearest(cls, weight: Tensor) -> Int4Groups:
+        """The nearest Q4_1-style grid: lossy, for drafters."""
+        _, codes, scale, low = cls._q4_1_grid(weight)
+        return cls._q4_1(weight, codes, scale, low)
 
     @classmethod
     def exact(cls, weight: Tensor) -> Int4Groups | None:
@@ -88,12 +99,9 @@ class Int4Groups:
         rows, cols = weight.shape
         if cols % cls.GROUP or weight.device.type != "cpu" or weight.dtype != torch.float32:
             return None
-        groups = weight.reshape(rows, cols // cls.GROUP, cls.GROUP)
-        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
-        scale = (high - low) / 15
-        codes = torch.round((groups - low) / scale.clamp_min(1e-30)).clamp(0, 15)
+        groups, codes, scale, low = cls._q4_1_grid(weight)
         if torch.equal(codes * scale + low, groups):
-            return cls(weight, [(codes.reshape(rows, cols), scale[..., 0], low[..., 0] + 8 * scale[..., 0])])
+            return cls._q4_1(weight, codes, scale, low)
         scale = groups.abs().amax(-1, keepdim=True) / 127
         codes = torch.round(groups / scale.clamp_min(1e-30))
         if not torch.equal(codes * scale, groups):
@@ -269,13 +277,13 @@ class LeanTarget:
         group = heads // kv_heads
         q_size, kv_size = heads * head_dim, kv_heads * head_dim
         cos, signed_sin = self.cos[positions][:, None], self.signed_sin[positions][:, None]  # (N, 1, D)
-        if mask is not None and n == 1:
+        if n == 1:
             mask = None  # one token attends to everything cached
+        elif mask is None:  # causal over the new tokens (is_causal would see the folded rows)
+            mask = torch.ones(n, end, dtype=torch.bool, device=self.device).tril(start)
         if mask is not None:
             # grouped heads are folded into the query length: row g * N + i is head (kv, g) at node i
             mask = mask.repeat(group, 1)
-        if mask is None and n > 1:  # causal over the new tokens (is_causal would see the folded rows)
-            mask = torch.ones(n, end, dtype=torch.bool, device=self.device).tril(start).repeat(group, 1)
         features = {}
         x = self.embed[token_ids]  # (N, H)
         for index, layer in enumerate(self.layers):
@@ -314,19 +322,17 @@ class LeanTarget:
         return self._run(token_ids, positions, None, None)[1]
 
     @torch.inference_mode()
-    def forward(self, token_ids: Tensor, position_ids: Tensor, attention_mask: Tensor) -> TargetOutput:
-        """Same arguments as `TargetModel.forward`: positions (1, N), bool mask (1, 1, N, cache + N)."""
-        logits, features = self._run(
-            token_ids.to(self.device),
-            position_ids[0].to(self.device),
-            attention_mask[0, 0].to(self.device),
-            slice(None),
-        )
+    def forward(self, token_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None) -> TargetOutput:
+        """Same arguments as `TargetModel.forward`: positions (1, N), bool mask (1, 1, N, cache + N); a mask of
+        None is causal over the new tokens."""
+        mask = attention_mask[0, 0].to(self.device) if attention_mask is not None else None
+        logits, features = self._run(token_ids.to(self.device), position_ids[0].to(self.device), mask, slice(None))
         return TargetOutput(logits.float(), features)
 
     def forward_tree(self, tree: DraftTree) -> TargetOutput:
         past = self.length
-        return self.forward(tree.tokens, tree.position_ids(past), tree.attention_mask(past))
+        mask = tree.attention_mask(past) if tree.size > 1 else None  # a lone root attends to the whole cache
+        return self.forward(tree.tokens, tree.position_ids(past), mask)
 
     def truncate(self, length: int) -> None:
         self._length = min(self._length, length)

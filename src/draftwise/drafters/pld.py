@@ -74,8 +74,7 @@ class PromptLookup(Drafter):
         tree = DraftTree.from_sequences(root, spans).select_top(min(self.total_tokens, context.budget))
         if context.verify_cost is None:
             return tree
-        self.sizer.size(tree, node_kinds(tree, n), context.verify_cost)
-        return self.sizer.sized
+        return self.sizer.size(tree, node_kinds(tree, n), context.verify_cost)[0]
 
     def observe(self, result: RoundResult) -> None:
         self.sizer.observe(result.path)

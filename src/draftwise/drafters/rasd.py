@@ -110,11 +110,11 @@ class RasdDrafter(EagleDrafter):
     def _size(self, fused: DraftTree, draft: DraftTree, verify_cost) -> DraftTree:
         """Where the target measured its tree cost (the lean and llama engines), keep only the nodes that pay:
         acceptance rates per node kind are counted online, as for prompt lookup (sizing.py)."""
-        keep = self.sizer.size(fused, rasd_node_kinds(fused, draft.size), verify_cost)
+        sized, keep = self.sizer.size(fused, rasd_node_kinds(fused, draft.size), verify_cost)
         new_index = {old: new for new, old in enumerate(keep.tolist())}
         self._branches = [(new_index[node], p) for node, p in self._branches if node in new_index]
         self._draft_tree = draft.subtree(keep[keep < draft.size])  # the head's nodes still come first
-        return self.sizer.sized
+        return sized
 
     def _prune(self, retrieved: DraftTree, root_logits: Tensor) -> DraftTree:
         """Drop first-level branches whose first token the head finds unlikely (per the gate)."""

@@ -54,8 +54,7 @@ class RestDrafter(Drafter):
         # a node's kind: its depth and how often the corpus continued this way (log-frequency, bucketed)
         depths = tree.depths.clamp_max(8).tolist()
         frequency = (-tree.scores).clamp(0, 6).floor().int().tolist()
-        self.sizer.size(tree, list(zip(depths, frequency, strict=True)), context.verify_cost)
-        return self.sizer.sized
+        return self.sizer.size(tree, list(zip(depths, frequency, strict=True)), context.verify_cost)[0]
 
     def observe(self, result: RoundResult) -> None:
         self.sizer.observe(result.path)

@@ -78,17 +78,14 @@ class CostSizer:
         self.stats = AcceptanceStats()
         self._sized: tuple[DraftTree, list[NodeKind]] | None = None
 
-    def size(self, tree: DraftTree, kinds: Sequence[NodeKind], verify_cost: Callable[[int], float]) -> torch.Tensor:
-        """Sorted indices of the nodes of `tree` to verify; `sized` is the tree they make."""
+    def size(
+        self, tree: DraftTree, kinds: Sequence[NodeKind], verify_cost: Callable[[int], float]
+    ) -> tuple[DraftTree, torch.Tensor]:
+        """The subtree to verify and its node indices in `tree` (sorted)."""
         keep = nodes_for_throughput(self.stats.path_probs(tree, kinds), verify_cost)
         sized = tree if keep.numel() == tree.size else tree.subtree(keep)
         self._sized = (sized, [kinds[i] for i in keep.tolist()])
-        return keep
-
-    @property
-    def sized(self) -> DraftTree:
-        assert self._sized is not None
-        return self._sized[0]
+        return sized, keep
 
     def observe(self, path: Sequence[int]) -> None:
         if self._sized is not None:
