@@ -142,9 +142,14 @@ class DraftHead(nn.Module):
         q, k, v = self.project(hidden, token_ids)
         theta = self.config.rope_theta
         keys, values = cache.append(rotate(k, positions, theta), v)
-        q = rotate(q, positions, theta)
-        attended = F.scaled_dot_product_attention(q, self._expand_kv(keys), self._expand_kv(values), attn_mask=mask)
-        normed, hidden = self.finish(hidden, attended)
+        heads, n, dim = q.shape
+        kv_heads = keys.shape[0]
+        group = heads // kv_heads
+        # grouped query heads folded into the query length (row g * N + i is head (kv, g) at pair i), so the
+        # cache is attended where it lies instead of being copied once per query head every call
+        q = rotate(q, positions, theta).reshape(1, kv_heads, group * n, dim)
+        attended = F.scaled_dot_product_attention(q, keys[None], values[None], attn_mask=mask.repeat(group, 1))
+        normed, hidden = self.finish(hidden, attended.reshape(heads, n, dim))
         return self.lm_head(normed), hidden
 
     def unroll(self, features: Tensor, token_ids: Tensor, steps: int) -> list[Tensor]:
