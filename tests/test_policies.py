@@ -442,6 +442,7 @@ def test_train_policy_command_on_logged_rounds(tmp_path, capsys):
     [
         (["train-policy", "--method", "eagle"], "unknown policy method"),
         (["train-policy", "--method", "radar", "--rounds", "/nonexistent/rounds"], "no logged rounds"),
+        (["train-policy", "--method", "radar", "--max-tau-loss", "1.5"], "--max-tau-loss must be in"),
         (["generate", "hi", "--method", "pld", "--policy", "radar"], "--policy applies to --method eagle and rasd"),
         (["generate", "hi", "--method", "eagle", "--policy", "bogus"], "unknown policy 'bogus'"),
         (["log-rounds", "--sizes", "0,4"], "--sizes must be positive"),
@@ -502,3 +503,14 @@ def test_shipped_policies_are_chosen_by_the_target_compute():
     assert lean == default / "bfloat16-int4" and (lean / "radar.safetensors").exists()
     assert json.loads((lean / "cost.json").read_text())["meta"]["engine"] == "lean"
     assert json.loads((policy_dir("smollm2-135m", "bfloat16") / "cost.json").read_text())["meta"]["engine"] == "hf"
+
+
+def test_radar_keeps_the_fastest_run_that_keeps_tau():
+    from draftwise.policies.train import fastest_keeping_tau
+
+    fast_lossy = (1.20, -1.5, "fast", {"tau_ratio": 0.95})
+    slower_keeps = (1.10, -2.0, "keeps", {"tau_ratio": 0.995})
+    slowest_keeps = (1.05, -3.0, "slowest", {"tau_ratio": 1.0})
+    assert fastest_keeping_tau([fast_lossy, slower_keeps, slowest_keeps], 0.01)[2] == "keeps"
+    assert fastest_keeping_tau([fast_lossy, slower_keeps], 0.10)[2] == "fast"
+    assert fastest_keeping_tau([fast_lossy], 0.01)[2] == "fast"  # nothing keeps τ: the fastest

@@ -57,6 +57,13 @@ def print_table(rows: dict[str, dict], reference: float) -> None:
         )
 
 
+def fastest_keeping_tau(runs: list[tuple], max_tau_loss: float) -> tuple:
+    """RADAR's promise is fewer draft calls at the fixed tree's acceptance: of (speed ratio, -calls, ..., report)
+    runs, the fastest whose validation τ stays within `max_tau_loss` of the fixed tree's, else the fastest."""
+    keeps_tau = [r for r in runs if r[-1]["tau_ratio"] >= 1 - max_tau_loss] or runs
+    return max(keeps_tau, key=lambda r: (r[0], r[1]))
+
+
 def train_radar_command(args, train: RoundSet, validation: RoundSet, cost: CostModel, out: Path) -> dict:
     from draftwise.policies.radar import RadarConfig, RadarNet, RadarPolicy, evaluate, measure_query_ms, train_radar
 
@@ -81,8 +88,7 @@ def train_radar_command(args, train: RoundSet, validation: RoundSet, cost: CostM
                 f"(fixed {report['fixed_draft_calls']:.0f}, -{100 * report['calls_reduction']:.1f}%), "
                 f"τ ratio {report['tau_ratio']:.3f}, tokens/s ratio {report['speed_ratio']:.3f}"
             )
-    runs.sort(key=lambda r: (r[0], r[1]), reverse=True)
-    _, _, alpha, sample, net, config, report = runs[0]
+    _, _, alpha, sample, net, config, report = fastest_keeping_tau(runs, args.max_tau_loss)
     policy = RadarPolicy(net, config)
     policy.save(out)
     print(f"chose α {alpha:g}, {'sampled' if sample else 'argmax'} stops; saved {out / 'radar.safetensors'}")
@@ -180,6 +186,8 @@ def cmd_train_policy(args: argparse.Namespace) -> int:
         raise DraftwiseError(f"unknown policy method '{args.method}'; choose radar or ltd")
     if args.mode not in ("greedy", "sampling"):
         raise DraftwiseError("--mode must be greedy or sampling")
+    if not 0 <= args.max_tau_loss < 1:
+        raise DraftwiseError("--max-tau-loss must be in [0, 1)")
     if args.threads:
         torch.set_num_threads(args.threads)
     rounds_dir = Path(args.rounds)
@@ -248,6 +256,12 @@ def register(commands) -> None:
     parser.add_argument("--size", type=int, default=EAGLE2_TREE["total_tokens"], help="the fixed tree's verified nodes")
     parser.add_argument("--alphas", default="0.005,0.01,0.02,0.04", help="RADAR: per-continue penalties tried")
     parser.add_argument("--epochs", type=int, default=100, help="RADAR: epochs per α")
+    parser.add_argument(
+        "--max-tau-loss",
+        type=float,
+        default=0.01,
+        help="RADAR: keep the fastest α whose validation τ is within this fraction of the fixed tree's",
+    )
     parser.add_argument("--max-depth", type=int, default=8, help="LTD: most expansion calls")
     parser.add_argument("--sizes", default=None, help="LTD: verification sizes to choose from (default: logged)")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="LTD: scale every stage's PPO steps")
