@@ -514,3 +514,5 @@ def test_radar_keeps_the_fastest_run_that_keeps_tau():
     assert fastest_keeping_tau([fast_lossy, slower_keeps, slowest_keeps], 0.01)[2] == "keeps"
     assert fastest_keeping_tau([fast_lossy, slower_keeps], 0.10)[2] == "fast"
     assert fastest_keeping_tau([fast_lossy], 0.01)[2] == "fast"  # nothing keeps τ: the fastest
+    never_stops = (0.99, -4.0, "never stops", {"tau_ratio": 1.0})
+    assert fastest_keeping_tau([fast_lossy, never_stops], 0.01)[2] == "fast"
