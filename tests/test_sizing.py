@@ -56,3 +56,20 @@ def test_sized_prompt_lookup_is_lossless():
     ]
     assert out == reference
     assert drafter.sizer.stats.seen  # it learned from the rounds
+
+
+def test_rasd_node_kinds_tell_sources_apart():
+    """A fused tree's head nodes, prompt-lookup nodes and datastore nodes are counted as different kinds, so a
+    source that never pays (a code datastore on prose) stops being verified without cutting the one that does."""
+    from draftwise.drafters.rasd import rasd_node_kinds
+
+    head = DraftTree(torch.tensor([7, 1, 2]), torch.tensor([-1, 0, 0]), torch.tensor([0.0, -0.5, -2.5]))
+    lookup = DraftTree.from_sequences(7, [[1, 4, 9]])  # one match: every node agreed on (score 0)
+    datastore = DraftTree.from_sequences(7, [[8], [3]])  # two continuations that disagree
+    fused = head.merge(lookup)
+    sources = [-1] * head.size + [0] * (fused.size - head.size)
+    fused_all = fused.merge(datastore)
+    sources += [1] * (fused_all.size - fused.size)
+    kinds = rasd_node_kinds(fused_all, sources)
+    assert kinds[:3] == [("head", 0, 0), ("head", 1, 0), ("head", 1, 2)]  # token 1 is shared: it stays the head's
+    assert kinds[3:] == [("retrieved", 0, 2, True), ("retrieved", 0, 3, True)] + [("retrieved", 1, 1, False)] * 2

@@ -80,13 +80,20 @@ class RasdDrafter(EagleDrafter):
         self.retrieval_s = 0.0
         self.sizer = CostSizer()
 
-    def _retrieve(self, tokens: Tensor) -> DraftTree | None:
-        tree = None
-        for retriever in self.retrievers:
-            found = retriever.retrieve(tokens, self.retrieval_budget + 1)
-            if found is not None:
-                tree = found if tree is None else tree.merge(found).select_top(self.retrieval_budget + 1)
-        return tree
+    def _retrieve(self, tokens: Tensor) -> list[tuple[int, DraftTree]]:
+        """(retriever index, retrieval tree) of every retriever that found something."""
+        found = [(i, r.retrieve(tokens, self.retrieval_budget + 1)) for i, r in enumerate(self.retrievers)]
+        return [(i, tree) for i, tree in found if tree is not None and tree.size > 1]
+
+    def _pooled(self, found: list[tuple[int, DraftTree]]) -> list[tuple[int, DraftTree]]:
+        """Every source's proposals in one trie cut to the retrieval budget by score: where the target gives no
+        cost to size by, the budget is what keeps the fused tree small."""
+        if len(found) < 2:
+            return found
+        pooled = found[0][1]
+        for _, tree in found[1:]:
+            pooled = pooled.merge(tree)
+        return [(found[0][0], pooled.select_top(self.retrieval_budget + 1))]
 
     @torch.inference_mode()
     def propose(self, context: DraftContext) -> DraftTree:
@@ -100,40 +107,42 @@ class RasdDrafter(EagleDrafter):
             draft = self._tree(root, root_logits, root_hidden, committed, min(self.total_tokens, context.budget))
         finally:
             self.cache.length = committed
-        retrieved = job.result() if job else self._retrieve(tokens)
-        self._draft_tree, self._branches = draft, []
-        fused = draft
-        if retrieved is not None and retrieved.size > 1:
-            fused = self._fuse(draft, self._prune(retrieved, root_logits))
-        return fused if context.verify_cost is None else self._size(fused, draft, context.verify_cost)
+        found = job.result() if job else self._retrieve(tokens)
+        if context.verify_cost is None:
+            found = self._pooled(found)
+        fused, sources, kept = draft, [-1] * draft.size, []  # source of each node: -1 = the head's own
+        for source, tree in found:
+            pruned, branches = self._prune(tree, root_logits)
+            before = fused.size
+            fused = fused.merge(pruned)
+            sources += [source] * (fused.size - before)
+            kept += branches
+        # where each kept branch's first token sits in the fused tree, to credit it when the verdict comes
+        first_level = {int(fused.tokens[i]): i for i in fused.children()[0]}
+        self._draft_tree, self._branches = draft, list({first_level[t]: p for t, p in kept}.items())
+        return fused if context.verify_cost is None else self._size(fused, draft, sources, context.verify_cost)
 
-    def _size(self, fused: DraftTree, draft: DraftTree, verify_cost) -> DraftTree:
+    def _size(self, fused: DraftTree, draft: DraftTree, sources: list[int], verify_cost) -> DraftTree:
         """Where the target measured its tree cost (the lean and llama engines), keep only the nodes that pay:
         acceptance rates per node kind are counted online, as for prompt lookup (sizing.py)."""
-        sized, keep = self.sizer.size(fused, rasd_node_kinds(fused, draft.size), verify_cost)
+        sized, keep = self.sizer.size(fused, rasd_node_kinds(fused, sources), verify_cost)
         new_index = {old: new for new, old in enumerate(keep.tolist())}
         self._branches = [(new_index[node], p) for node, p in self._branches if node in new_index]
         self._draft_tree = draft.subtree(keep[keep < draft.size])  # the head's nodes still come first
         return sized
 
-    def _prune(self, retrieved: DraftTree, root_logits: Tensor) -> DraftTree:
-        """Drop first-level branches whose first token the head finds unlikely (per the gate)."""
+    def _prune(self, retrieved: DraftTree, root_logits: Tensor) -> tuple[DraftTree, list[tuple[int, float]]]:
+        """Drop first-level branches whose first token the head finds unlikely (per the gate); returns the pruned
+        tree and the kept branches' (first token, head probability)."""
         probs = torch.zeros(self.head.config.target_vocab_size)
         probs[self.head.draft_to_target.cpu()] = root_logits.float().softmax(-1).cpu()
         first = torch.tensor(retrieved.children()[0], dtype=torch.long)
         first_probs = probs[retrieved.tokens[first]]
         kept = first[self.gate.keep(first_probs)]
-        self._branches = [(int(retrieved.tokens[n]), float(probs[retrieved.tokens[n]])) for n in kept]
+        branches = [(int(retrieved.tokens[n]), float(probs[retrieved.tokens[n]])) for n in kept]
         in_kept_branch = retrieved.ancestors[:, kept].any(1)
         in_kept_branch[0] = True
-        return retrieved.subtree(in_kept_branch.nonzero().flatten())
-
-    def _fuse(self, draft: DraftTree, pruned: DraftTree) -> DraftTree:
-        fused = draft.merge(pruned)
-        # where each kept branch's first token sits in the fused tree, to credit it when the verdict comes
-        first_level = {int(fused.tokens[i]): i for i in fused.children()[0]}
-        self._branches = [(first_level[token], p) for token, p in self._branches]
-        return fused
+        return retrieved.subtree(in_kept_branch.nonzero().flatten()), branches
 
     def observe(self, result: RoundResult) -> None:
         super().observe(result)
@@ -160,14 +169,15 @@ class RasdDrafter(EagleDrafter):
         return n
 
 
-def rasd_node_kinds(fused: DraftTree, draft_size: int) -> list[tuple]:
+def rasd_node_kinds(fused: DraftTree, sources: list[int]) -> list[tuple]:
     """What predicts a fused node's acceptance: the head's own nodes by depth and cumulative log-probability
-    (in nats, bucketed), retrieved-only nodes by depth."""
+    (in nats, bucketed); retrieved nodes by their source (prompt lookup and a datastore differ a lot), depth
+    and whether the source's matches all agree on them (score 0)."""
     depths = fused.depths.clamp_max(8).tolist()
-    scores = (-fused.scores).clamp(0, 8).floor().int().tolist()
+    scores = fused.scores.tolist()
     return [
-        ("head", d, s) if i < draft_size else ("retrieved", d)
-        for i, (d, s) in enumerate(zip(depths, scores, strict=True))
+        ("head", d, min(8, int(-s))) if source < 0 else ("retrieved", source, d, s > -1e-6)
+        for d, s, source in zip(depths, scores, sources, strict=True)
     ]
 
 
