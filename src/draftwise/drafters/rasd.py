@@ -3,9 +3,11 @@
 Each round, retrieval (prompt lookup and/or a REST datastore) runs in a worker thread while the head drafts,
 instead of after it (the paper's first stated limitation). The retrieval trie's first-level branches are
 gated by the head's root distribution, then the kept branches are merged into the EAGLE-2 tree by longest
-prefix matching and the fused tree is verified in one pass. Retrieved tokens are deterministic proposals,
-so verification stays lossless in greedy and sampling modes (in sampling mode the head's tree is its
-deterministic top-k tree too).
+prefix matching and the fused tree is verified in one pass. Where the target reports its verification cost
+(lean, llama.cpp), each source's trie is fused on its own and the fused tree keeps the nodes that pay, counted
+by source (sizing.py); elsewhere the sources are pooled into one trie cut to the retrieval budget.
+Retrieved tokens are deterministic proposals, so verification stays lossless in greedy and sampling modes
+(in sampling mode the head's tree is its deterministic top-k tree too).
 
 The gate (the paper's second limitation: hand-set thresholds) is fitted online from the rounds it logs: a
 branch is kept while branches with a similar head probability have added, on average plus an exploration
