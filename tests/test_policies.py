@@ -516,3 +516,21 @@ def test_radar_keeps_the_fastest_run_that_keeps_tau():
     assert fastest_keeping_tau([fast_lossy], 0.01)[2] == "fast"  # nothing keeps τ: the fastest
     never_stops = (0.99, -4.0, "never stops", {"tau_ratio": 1.0})
     assert fastest_keeping_tau([fast_lossy, never_stops], 0.01)[2] == "fast"
+
+
+def test_radar_query_matches_its_network():
+    """The NumPy query runs the same LSTM cell and MLP as RadarNet.step, round after round."""
+    from draftwise.policies.radar import RadarConfig, RadarNet, RadarPolicy
+
+    torch.manual_seed(0)
+    net = RadarNet(8).eval()
+    policy = RadarPolicy(net, RadarConfig(top_k=8, depth=4, sample=False))  # thresholded: comparable
+    for _ in range(5):
+        policy.begin_round(0)
+        memory = None
+        for call in range(4):
+            scores = -torch.rand(8).sort().values * 6
+            with torch.inference_mode():
+                logits, memory = net.step(scores, memory)
+            assert policy.keep_going(call, scores, scores) == bool(logits[1] >= logits[0])
+            assert np.allclose(policy.h, memory[0].flatten().numpy(), atol=1e-5)

@@ -255,7 +255,9 @@ def register(commands) -> None:
         "--depth", type=int, default=EAGLE2_TREE["depth"], help="the fixed tree's expansion calls (RADAR's maximum)"
     )
     parser.add_argument("--size", type=int, default=EAGLE2_TREE["total_tokens"], help="the fixed tree's verified nodes")
-    parser.add_argument("--alphas", default="0.005,0.01,0.02,0.04", help="RADAR: per-continue penalties tried")
+    parser.add_argument(
+        "--alphas", default="0.001,0.002,0.005,0.01,0.02,0.04", help="RADAR: per-continue penalties tried"
+    )
     parser.add_argument("--epochs", type=int, default=100, help="RADAR: epochs per α")
     parser.add_argument(
         "--max-tau-loss",
