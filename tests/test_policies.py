@@ -519,7 +519,7 @@ def test_radar_keeps_the_fastest_run_that_keeps_tau():
 
 
 def test_radar_query_matches_its_network():
-    """The NumPy query runs the same LSTM cell and MLP as RadarNet.step, round after round."""
+    """The NumPy query runs the same LSTM cell and MLP as RadarNet (the network training fits), round after round."""
     from draftwise.policies.radar import RadarConfig, RadarNet, RadarPolicy
 
     torch.manual_seed(0)
@@ -527,10 +527,10 @@ def test_radar_query_matches_its_network():
     policy = RadarPolicy(net, RadarConfig(top_k=8, depth=4, sample=False))  # thresholded: comparable
     for _ in range(5):
         policy.begin_round(0)
-        memory = None
-        for call in range(4):
-            scores = -torch.rand(8).sort().values * 6
-            with torch.inference_mode():
-                logits, memory = net.step(scores, memory)
-            assert policy.keep_going(call, scores, scores) == bool(logits[1] >= logits[0])
-            assert np.allclose(policy.h, memory[0].flatten().numpy(), atol=1e-5)
+        states = -torch.rand(4, 8).sort().values * 6  # the round's frontier score vectors, one per call
+        with torch.inference_mode():
+            logits = net(states[None])[0]
+            hidden = net.lstm(states[None])[0][0]
+        for call, scores in enumerate(states):
+            assert policy.keep_going(call, scores, scores) == bool(logits[call, 1] >= logits[call, 0])
+            assert np.allclose(policy.h, hidden[call].numpy(), atol=1e-5)

@@ -63,11 +63,6 @@ class RadarNet(nn.Module):
         out, _ = self.lstm(states)
         return self.mlp(torch.cat([out, states], -1))
 
-    def step(self, state: Tensor, memory: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """One query: state (k,) and the (h, c) carried through the round -> logits (2,)."""
-        out, memory = self.lstm(state.view(1, 1, -1), memory)
-        return self.mlp(torch.cat([out[0, 0], state])), memory
-
 
 class RadarPolicy(TreePolicy):
     """Asks the LSTM before every expansion call; the drafter reranks whatever exists when it stops."""
@@ -91,7 +86,7 @@ class RadarPolicy(TreePolicy):
         }
         self.weights = {k: v.detach().float().numpy().copy() for k, v in weights.items()}
         self.hidden_size = lstm.hidden_size
-        self.h = self.c = np.zeros(self.hidden_size, dtype=np.float32)
+        self.begin_round(0)
 
     def begin_round(self, committed: int):
         self.h = self.c = np.zeros(self.hidden_size, dtype=np.float32)
