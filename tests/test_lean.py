@@ -84,7 +84,18 @@ def test_int4_groups_only_where_exact_and_same_product():
     x = torch.randn(3, 128, dtype=torch.bfloat16)
     torch.testing.assert_close(packed(x).float(), x.float() @ weight.t(), atol=0.1, rtol=0.02)
     big = torch.randn(40, 128, dtype=torch.bfloat16)  # a prefill: the dense copy
+    assert packed(big).dtype == torch.bfloat16
     torch.testing.assert_close(packed(big).float(), big.float() @ weight.t(), atol=0.1, rtol=0.02)
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="no int4 CPU kernel")
+@pytest.mark.parametrize("native", [True, False])
+def test_int4_dense_copy_follows_the_cpu(monkeypatch, native):
+    """Where bf16 is emulated (AVX2) the dense copy for prefills is fp32 and the Q8_0 LM head stays int4 longer."""
+    monkeypatch.setattr("draftwise.lean.cpu_has_native_bf16", lambda: native)
+    layer = Int4Groups.exact(on_4bit_grid(torch.randn(64, 128), seed=2))
+    assert layer.dense.dtype == (torch.bfloat16 if native else torch.float32)
+    assert layer.max_rows == Int4Groups.MAX_ROWS[native][1]
 
 
 @pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="no int4 CPU kernel")

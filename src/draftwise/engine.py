@@ -95,16 +95,18 @@ def choose_engine(engine: str, method: str) -> str:
 
 
 def load_target(model: str, engine: str = "auto", dtype: str = "auto", device: str = "cpu", method: str = "ar"):
-    """(HF model or None, tokenizer, target) for `engine`. The lean engine on CPU in bf16 keeps the weights of
-    an embedded GGUF model on their own 4-bit grid (loaded in fp32 to find it, then held as int4)."""
+    """(HF model or None, tokenizer, target) for `engine`. The lean engine on CPU in bf16 (its `auto`) keeps the
+    weights of an embedded GGUF model on their own 4-bit grid (loaded in fp32 to find it, then held as int4)."""
     from draftwise.lean import LeanTarget, lean_supported
 
     choice = choose_engine(engine, method)
     if choice == "llama":
         tokenizer, target = llama_parts(model)
         return None, tokenizer, target
-    compute = parse_dtype(dtype, device)
-    on_grid = choice == "lean" and compute == torch.bfloat16 and device == "cpu" and model_gguf(model) is not None
+    gguf = choice == "lean" and device == "cpu" and model_gguf(model) is not None
+    # the GGUF's own 4-bit grid runs in bf16: a step 2.8x faster than fp32 even where bf16 is emulated (AVX2)
+    compute = torch.bfloat16 if gguf and dtype == "auto" else parse_dtype(dtype, device)
+    on_grid = gguf and compute == torch.bfloat16
     hf_model, tokenizer = load_model(model, dtype="fp32" if on_grid else dtype, device=device)
     if choice == "lean" and not lean_supported(hf_model):
         if engine == "lean":

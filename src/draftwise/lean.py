@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from draftwise.kernels import small_batch_linear
+from draftwise.models import cpu_has_native_bf16
 from draftwise.target import TargetOutput
 from draftwise.tree import DraftTree
 
@@ -51,13 +52,15 @@ class Int4Groups:
     so it is the same model in fewer bytes:
     - a GGUF Q4_1 tensor (W = scale * q + min, q in 0..15): one 4-bit product, a quarter of bf16's bytes;
     - a GGUF Q8_0 tensor (W = scale * q, q in -127..127): q = 16 * high + low, two 4-bit products.
-    The kernel beats a bf16 matmul only for a few rows (decode steps and small draft trees); bigger batches,
-    prefills above all, use a dense bf16 copy."""
+    The kernel beats a dense matmul only for a few rows (decode steps and draft trees); bigger batches,
+    prefills above all, use a dense copy: bf16 where the CPU multiplies bf16 natively, else fp32 (emulated bf16
+    GEMMs on AVX2 made a 1000-token prefill take 13 s against 2.4 s in fp32)."""
 
     GROUP = 32
-    # measured on the default model: Q4_1 layers 1.8x faster than bf16 at 1 row, even at 16; the Q8_0 LM head
-    # 1.6x faster at 1 row, 1.2x at 4, slower from 8
-    MAX_ROWS = {1: 16, 2: 4}
+    # rows up to which the int4 kernel beats the dense copy, by number of 4-bit products, measured on the default
+    # model. Native bf16 (AVX-512 BF16): Q4_1 layers 1.8x faster than bf16 at 1 row and at 16, the Q8_0 LM head
+    # 1.6x at 1 row, 1.2x at 4, slower from 8. AVX2: the LM head in int4 beats fp32 even at 64 rows (60 / 71 ms).
+    MAX_ROWS = {True: {1: 16, 2: 4}, False: {1: 16, 2: 64}}
 
     def __init__(self, weight: Tensor, parts: list[tuple[Tensor, Tensor, Tensor]]) -> None:
         """`parts`: (codes 0..15, scale, zero) per 4-bit product, codes (rows, cols), scale and zero (rows, groups)."""
@@ -68,8 +71,9 @@ class Int4Groups:
             )
             for codes, scale, zero in parts
         ]
-        self.max_rows = self.MAX_ROWS[len(parts)]
-        self.dense = weight.to(torch.bfloat16).contiguous()
+        native = cpu_has_native_bf16()
+        self.max_rows = self.MAX_ROWS[native][len(parts)]
+        self.dense = weight.to(torch.bfloat16 if native else torch.float32).contiguous()
 
     @classmethod
     def _q4_1_grid(cls, weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -119,7 +123,7 @@ class Int4Groups:
 
     def __call__(self, x: Tensor) -> Tensor:
         if x.shape[0] > self.max_rows:
-            return F.linear(x, self.dense)
+            return F.linear(x.to(self.dense.dtype), self.dense).to(x.dtype)
         out = None
         for packed, scales_and_zeros in self.parts:
             part = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, self.GROUP, scales_and_zeros)

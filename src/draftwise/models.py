@@ -7,6 +7,7 @@ under a second.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
@@ -160,6 +161,7 @@ def resolve_model(name_or_path: str) -> Path:
     return path
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """True when the CPU multiplies bf16 natively (AVX-512 BF16 or AMX). Without it, bf16 matmuls over
     more than one token are emulated and a 16-token tree costs ~9x a 1-token step (measured on AVX2)."""
