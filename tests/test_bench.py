@@ -41,7 +41,7 @@ def test_greedy_comparison_against_ar():
 
 def test_tie_epsilon_by_dtype():
     assert tie_epsilon("float32") == tie_epsilon("fp32") == 1e-3
-    assert tie_epsilon("bfloat16") == tie_epsilon("float16") == 0.5
+    assert tie_epsilon("bfloat16") == tie_epsilon("float16") == 1.0
 
 
 def turn(
