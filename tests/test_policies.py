@@ -493,14 +493,17 @@ def test_headroom_bounds_the_fixed_tree_and_reads_the_confidence_signal():
     assert oracle >= bins > 1.05 * fixed_speed  # confident rounds draft deep, hopeless ones verify the root alone
 
 
-def test_shipped_policies_are_chosen_by_the_target_compute():
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_shipped_policies_are_chosen_by_the_target_compute(monkeypatch, native_bf16):
     from draftwise.policies import policy_dir
 
+    monkeypatch.setattr("draftwise.profile.cpu_has_native_bf16", lambda: native_bf16)
     default = policy_dir("smollm2-135m")
     assert (default / "cost.json").exists()
     assert policy_dir("smollm2-135m", "float32") == default  # no separate fit: the default one
     lean = policy_dir("smollm2-135m", "bfloat16+int4")
-    assert lean == default / "bfloat16-int4" and (lean / "radar.safetensors").exists()
+    assert lean == default / ("bfloat16-int4" if native_bf16 else "bfloat16-int4-avx2")
+    assert (lean / "radar.safetensors").exists()
     assert json.loads((lean / "cost.json").read_text())["meta"]["engine"] == "lean"
     assert json.loads((policy_dir("smollm2-135m", "bfloat16") / "cost.json").read_text())["meta"]["engine"] == "hf"
 

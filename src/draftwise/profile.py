@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from draftwise.errors import DraftwiseError
+from draftwise.models import cpu_has_native_bf16
 
 POLICIES_DIR = Path(__file__).resolve().parent / "data" / "policies"
 HEAD_WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16)
@@ -136,9 +137,15 @@ class CostModel:
 
 def fit_dir(model_name: str, compute: str | None = None) -> Path:
     """Where a model's cost model and policies for a target computing in `compute` live: the model's directory
-    for fp32 (the original fit), a subdirectory per compute otherwise (e.g. `bfloat16-int4/`, the lean engine's)."""
+    for fp32 (the original fit), a subdirectory per compute otherwise (e.g. `bfloat16-int4/`, the lean engine's).
+    bf16 int4 on a CPU without native bf16 (where the grid kernel could not be built) gets its own
+    (`bfloat16-int4-avx2/`): the same weights cost very differently there (a verified node ~25% of a step against
+    ~13%, a head call ~15% against ~6%). fp32 on the GGUF grid (`float32-int4/`) runs only on such CPUs."""
     directory = POLICIES_DIR / Path(model_name).name
-    return directory if compute in (None, "float32") else directory / compute.replace("+", "-")
+    if compute in (None, "float32"):
+        return directory
+    name = compute.replace("+", "-")
+    return directory / (f"{name}-avx2" if compute == "bfloat16+int4" and not cpu_has_native_bf16() else name)
 
 
 def default_cost_path(model_name: str, compute: str | None = None) -> Path:

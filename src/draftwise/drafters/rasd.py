@@ -81,6 +81,9 @@ class RasdDrafter(EagleDrafter):
         self._draft_tree: DraftTree | None = None
         self.retrieval_s = 0.0
         self.sizer = CostSizer()
+        draft_to_target = head.draft_to_target.cpu()
+        self._draft_index = torch.full((head.config.target_vocab_size,), -1, dtype=torch.long)
+        self._draft_index[draft_to_target] = torch.arange(draft_to_target.numel())
 
     def _retrieve(self, tokens: Tensor) -> list[tuple[int, DraftTree]]:
         """(retriever index, retrieval tree) of every retriever that found something."""
@@ -136,12 +139,13 @@ class RasdDrafter(EagleDrafter):
     def _prune(self, retrieved: DraftTree, root_logits: Tensor) -> tuple[DraftTree, list[tuple[int, float]]]:
         """Drop first-level branches whose first token the head finds unlikely (per the gate); returns the pruned
         tree and the kept branches' (first token, head probability)."""
-        probs = torch.zeros(self.head.config.target_vocab_size)
-        probs[self.head.draft_to_target.cpu()] = root_logits.float().softmax(-1).cpu()
         first = torch.tensor(retrieved.children()[0], dtype=torch.long)
-        first_probs = probs[retrieved.tokens[first]]
-        kept = first[self.gate.keep(first_probs)]
-        branches = [(int(retrieved.tokens[n]), float(probs[retrieved.tokens[n]])) for n in kept]
+        draft_ids = self._draft_index[retrieved.tokens[first]]  # -1: outside the head's vocabulary
+        root_probs = root_logits.float().softmax(-1).cpu()
+        first_probs = torch.where(draft_ids >= 0, root_probs[draft_ids.clamp_min(0)], 0.0)
+        keep = self.gate.keep(first_probs)
+        kept = first[keep]
+        branches = list(zip(retrieved.tokens[kept].tolist(), first_probs[keep].tolist(), strict=True))
         in_kept_branch = retrieved.ancestors[:, kept].any(1)
         in_kept_branch[0] = True
         return retrieved.subtree(in_kept_branch.nonzero().flatten()), branches

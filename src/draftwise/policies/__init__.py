@@ -22,10 +22,11 @@ POLICY_NAMES = ("fixed", "threshold", "heuristic", "radar", "ltd")
 
 
 def policy_dir(model_name: str, compute: str | None = None) -> Path:
-    """The shipped policies for a model: those fitted to the cost model of the target's `compute` where they
-    exist (`profile.fit_dir`), else the model's default (fp32) fit."""
+    """The shipped policies for a model: those fitted to the cost model of the target's `compute` on this kind of
+    CPU where they exist (`profile.fit_dir`), else those for the compute, else the model's default (fp32) fit."""
     fitted = fit_dir(model_name, compute)
-    return fitted if (fitted / "cost.json").exists() else fit_dir(model_name)
+    candidates = [fitted, fitted.with_name(fitted.name.removesuffix("-avx2")), fit_dir(model_name)]
+    return next(d for d in candidates if (d / "cost.json").exists() or d == candidates[-1])
 
 
 class TreeEagleDrafter(EagleDrafter):

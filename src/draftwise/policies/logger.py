@@ -223,9 +223,10 @@ def log_rounds(
             raise DraftwiseError(f"{out} holds rounds logged with other settings: {old['settings']}; use another --out")
     prompts = training_prompts(sharegpt, gsm)
     meta_path.write_text(json.dumps({"settings": settings, "prompts": len(prompts)}, indent=2) + "\n")
-    engine = Engine.load(model, method="ar", dtype=dtype, engine="hf")  # the eagle policies run on hf
+    engine = Engine.load(model, method="ar", dtype=dtype)  # the engine generation runs on: lean where it applies
     drafter = EagleDrafter(load_head(engine, draft_head), top_k=top_k, depth=depth, total_tokens=max(sizes))
-    target = TargetModel(engine.model, drafter.feature_layers)
+    target = engine.target
+    target.feature_layers = drafter.feature_layers
     law = Sampling(temperature)
     total = 0
     bar = tqdm(list(enumerate(prompts)), desc="prompts", unit="prompt")
