@@ -15,7 +15,8 @@ from draftwise.drafters.base import NoDraft
 from draftwise.drafters.eagle import EagleDrafter
 from draftwise.engine import choose_engine
 from draftwise.errors import DraftwiseError
-from draftwise.lean import Int4Groups, LeanTarget, lean_supported, quantize_draft_linears
+from draftwise.kernels import grid_kernel
+from draftwise.lean import GridLinear, Int4Groups, LeanTarget, gguf_grid, lean_supported, quantize_draft_linears
 from draftwise.target import TargetModel
 from draftwise.tree import DraftTree
 from draftwise.verify import NEAR_TIE_EPSILON, compare_greedy
@@ -118,13 +119,69 @@ def test_speculation_on_int4_weights_equals_its_own_plain_decoding():
 
 
 @pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="no int4 CPU kernel")
-def test_draft_linears_on_the_nearest_4bit_grid_stay_close():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_draft_linears_on_the_nearest_4bit_grid_stay_close(dtype):
+    if dtype == torch.float32 and grid_kernel() is None:
+        pytest.skip("fp32 drafters use the grid kernel")
     torch.manual_seed(0)
     head = torch.nn.Sequential(torch.nn.Linear(64, 96, bias=False), torch.nn.Linear(96, 32, bias=True))
-    head = head.to(torch.bfloat16)
-    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    head = head.to(dtype)
+    x = torch.randn(5, 64, dtype=dtype)
     before = head(x).float()
     assert quantize_draft_linears(head) == 1  # the biased layer is left alone
     after = head(x).float()
     assert not torch.equal(before, after)  # lossy, as a drafter may be
     assert (after - before).norm() < 0.15 * before.norm()
+
+
+def on_8bit_grid(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` snapped to a Q8_0-style grid: per group of 32, scale * q with q in -127..127."""
+    rows, cols = weight.shape
+    groups = weight.reshape(rows, cols // 32, 32)
+    scale = (groups.abs().amax(-1, keepdim=True) / 127).half().float()
+    return (torch.round(groups / scale).clamp(-127, 127) * scale).reshape(rows, cols)
+
+
+needs_grid_kernel = pytest.mark.skipif(grid_kernel() is None, reason="no AVX2 grid kernel on this machine")
+
+
+@needs_grid_kernel
+@pytest.mark.parametrize("grid", ["q4_1", "q8_0"])
+def test_grid_kernel_is_exact_and_gives_each_row_the_same_bits(grid):
+    torch.manual_seed(0)
+    raw = torch.randn(96, 160)
+    weight = on_4bit_grid(raw, seed=3) if grid == "q4_1" else on_8bit_grid(raw)
+    assert (gguf_grid(weight).low is None) == (grid == "q8_0")
+    layer = GridLinear.exact(weight)
+    x = torch.randn(11, 160)
+    y = layer(x)
+    torch.testing.assert_close(y, (x.double() @ weight.double().t()).float(), atol=1e-5, rtol=1e-5)
+    # a row's output does not depend on the rows beside it: what makes tree verification exact in fp32
+    for rows in (slice(0, 1), slice(2, 5), slice(3, 11)):
+        assert torch.equal(layer(x[rows]), y[rows])
+    prefill = torch.randn(GridLinear.MAX_ROWS + 1, 160)  # dense fp32 copy
+    torch.testing.assert_close(layer(prefill), prefill @ weight.t(), atol=1e-4, rtol=1e-4)
+    assert GridLinear.exact(torch.randn(96, 160)) is None  # off the grid: stays dense
+
+
+def test_without_the_grid_kernel_fp32_weights_stay_dense(monkeypatch):
+    monkeypatch.setattr("draftwise.lean.grid_kernel", lambda: None)
+    target = LeanTarget(quantized_llama(), dtype=torch.float32, int4=True)
+    assert target.dtype_name == "float32"
+
+
+@needs_grid_kernel
+def test_speculation_on_grid_weights_equals_plain_decoding_token_for_token():
+    model = quantized_llama()
+
+    def lean_grid(m, layers=()):
+        return LeanTarget(m, layers, dtype=torch.float32, int4=True)
+
+    assert lean_grid(model).dtype_name == "float32+int4"
+    reference, _ = run(model, NoDraft(), PROMPT, 40, target_class=lean_grid)
+    truth = reference + [0] * 20
+    eagle = EagleDrafter(tiny_eagle(copy.deepcopy(model)).head, 8, 2, 8)
+    drafters = [RandomDrafter(96, nodes=12), OracleDrafter(PROMPT, truth, 96, depth=6, width=3, error_rate=0.2), eagle]
+    for drafter in drafters:
+        out, _ = run(model, drafter, PROMPT, 40, target_class=lean_grid)
+        assert out == reference, f"{drafter.name} diverged from plain decoding on grid weights in fp32"

@@ -7,6 +7,12 @@ One token (plain decoding) and long prefills keep the stock kernel, which is fas
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import warnings
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,3 +45,46 @@ def use_small_batch_linear(model: nn.Module) -> int:
             module.__class__ = SmallBatchLinear
             switched += 1
     return switched
+
+
+# --- GGUF-grid matmul for AVX2 CPUs (csrc/grid_matmul.cpp) -------------------------------------------------------
+
+_GRID_SOURCE = Path(__file__).resolve().parent / "csrc" / "grid_matmul.cpp"
+_grid_module = None
+
+
+def cpu_has_avx2_fma() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+def grid_kernel():
+    """The compiled grid-matmul extension, built once per machine (~1 min, cached under the draftwise cache),
+    or None where it cannot be: no AVX2/FMA, no C++ compiler, or DRAFTWISE_GRID_KERNEL=0."""
+    global _grid_module
+    if _grid_module is None:
+        _grid_module = False
+        if os.environ.get("DRAFTWISE_GRID_KERNEL", "1") != "0" and cpu_has_avx2_fma():
+            from torch.utils import cpp_extension
+
+            from draftwise.models import cache_dir
+
+            build = cache_dir() / "kernels" / f"torch-{torch.__version__}"
+            build.mkdir(parents=True, exist_ok=True)
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    _grid_module = cpp_extension.load(
+                        "draftwise_grid_matmul",
+                        [str(_GRID_SOURCE)],
+                        extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+                        build_directory=str(build),
+                    )
+            except Exception as error:  # no compiler, no headers: the stock int4 kernel stays
+                warnings.warn(
+                    f"draftwise: grid kernel not built ({type(error).__name__}); using torch's int4 kernel",
+                    stacklevel=2,
+                )
+    return _grid_module or None

@@ -5,22 +5,27 @@ runs the same weights with about a dozen tensor ops per layer: fused QKV and gat
 precomputed for every position, a preallocated KV cache written by position (so a tree's rejected nodes cost
 nothing to drop), and `scaled_dot_product_attention` with the tree mask, grouped-query heads folded into the
 query length so the cache is never repeated. On CPU in bf16, weights that lie on a GGUF 4-bit or 8-bit block
-grid run through PyTorch's int4 kernel (`Int4Groups`): a step takes 6.4 ms. Same contract as `TargetModel`.
+grid run through PyTorch's int4 kernel (`Int4Groups`): a step takes 6.4 ms on an AVX-512 BF16 EPYC and 23 ms
+on an AVX2 one, where the kernel's cost grows with every row (a 2-node tree costs 1.2 steps there, 1.1 on
+AVX-512). Same contract as `TargetModel`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from draftwise.kernels import small_batch_linear
+from draftwise.kernels import grid_kernel, small_batch_linear
 from draftwise.models import cpu_has_native_bf16
 from draftwise.target import TargetOutput
 from draftwise.tree import DraftTree
+
+GROUP = 32  # GGUF block size along the input
 
 
 def lean_supported(model) -> bool:
@@ -46,6 +51,47 @@ class Dense:
         return self.linear(x, self.weight)
 
 
+class Grid(NamedTuple):
+    """A weight on a GGUF block grid, groups of 32 along the input: w = scale * code + low (Q4_1, codes 0..15)
+    or w = scale * code (Q8_0, codes -127..127, low None). codes (rows, cols), scale and low (rows, cols / 32)."""
+
+    codes: Tensor
+    scale: Tensor
+    low: Tensor | None
+
+    def flat(self) -> Grid:
+        """From `_nearest_q4_1`'s grouped shapes (rows, groups, 32 | 1) to the documented ones."""
+        rows = self.codes.shape[0]
+        low = None if self.low is None else self.low[..., 0]
+        return Grid(self.codes.reshape(rows, -1), self.scale[..., 0], low)
+
+
+def _nearest_q4_1(weight: Tensor) -> tuple[Tensor, Grid]:
+    """(weight in groups of 32, its nearest Q4_1-style grid: 16 levels from each group's min to its max)."""
+    rows, cols = weight.shape
+    groups = weight.float().reshape(rows, cols // GROUP, GROUP)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = (high - low) / 15
+    codes = torch.round((groups - low) / scale.clamp_min(1e-30)).clamp(0, 15)
+    return groups, Grid(codes, scale, low)
+
+
+def gguf_grid(weight: Tensor) -> Grid | None:
+    """The Q4_1 or Q8_0 grid an fp32 CPU `weight` lies on exactly (checked per group, with the GGUF's own
+    dequantization: an fp32 multiply, then an add), else None."""
+    if weight.shape[1] % GROUP or weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return None
+    groups, nearest = _nearest_q4_1(weight)
+    codes, scale, low = nearest
+    if torch.equal(codes * scale + low, groups):
+        return nearest.flat()
+    scale = groups.abs().amax(-1, keepdim=True) / 127
+    codes = torch.round(groups / scale.clamp_min(1e-30))
+    if not torch.equal(codes * scale, groups):
+        return None
+    return Grid(codes, scale, None).flat()
+
+
 class Int4Groups:
     """y = x W^T with W held as 4-bit codes in groups of 32 along the input, run by PyTorch's int4 CPU kernel,
     which computes (q - 8) * scale + zero per group. Built only where the weights already lie on such a grid,
@@ -56,7 +102,7 @@ class Int4Groups:
     prefills above all, use a dense copy: bf16 where the CPU multiplies bf16 natively, else fp32 (emulated bf16
     GEMMs on AVX2 made a 1000-token prefill take 13 s against 2.4 s in fp32)."""
 
-    GROUP = 32
+    GROUP = GROUP
     # rows up to which the int4 kernel beats the dense copy, by number of 4-bit products, measured on the default
     # model. Native bf16 (AVX-512 BF16): Q4_1 layers 1.8x faster than bf16 at 1 row and at 16, the Q8_0 LM head
     # 1.6x at 1 row, 1.2x at 4, slower from 8. AVX2: the LM head in int4 beats fp32 even at 64 rows (60 / 71 ms).
@@ -76,50 +122,23 @@ class Int4Groups:
         self.dense = weight.to(torch.bfloat16 if native else torch.float32).contiguous()
 
     @classmethod
-    def _q4_1_grid(cls, weight: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(groups, codes, scale, minimum): `weight` in groups of 32 and its nearest Q4_1-style grid, 16 levels
-        from each group's min to its max."""
-        rows, cols = weight.shape
-        groups = weight.float().reshape(rows, cols // cls.GROUP, cls.GROUP)
-        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
-        scale = (high - low) / 15
-        codes = torch.round((groups - low) / scale.clamp_min(1e-30)).clamp(0, 15)
-        return groups, codes, scale, low
-
-    @classmethod
-    def _q4_1(cls, weight: Tensor, codes: Tensor, scale: Tensor, low: Tensor) -> Int4Groups:
-        codes, scale, low = codes.reshape(weight.shape), scale[..., 0], low[..., 0]
-        return cls(weight.float(), [(codes, scale, low + 8 * scale)])
-
-    @classmethod
     def nearest(cls, weight: Tensor) -> Int4Groups:
         """The nearest Q4_1-style grid: lossy, for drafters."""
-        _, codes, scale, low = cls._q4_1_grid(weight)
-        return cls._q4_1(weight, codes, scale, low)
+        codes, scale, low = _nearest_q4_1(weight)[1].flat()
+        return cls(weight.float(), [(codes, scale, low + 8 * scale)])
 
     @classmethod
     def exact(cls, weight: Tensor) -> Int4Groups | None:
         """Int4Groups of an fp32 CPU `weight` on a Q4_1 or Q8_0 grid (checked exactly, per group), else None."""
-        rows, cols = weight.shape
-        if cols % cls.GROUP or weight.device.type != "cpu" or weight.dtype != torch.float32:
+        grid = gguf_grid(weight)
+        if grid is None:
             return None
-        groups, codes, scale, low = cls._q4_1_grid(weight)
-        if torch.equal(codes * scale + low, groups):
-            return cls._q4_1(weight, codes, scale, low)
-        scale = groups.abs().amax(-1, keepdim=True) / 127
-        codes = torch.round(groups / scale.clamp_min(1e-30))
-        if not torch.equal(codes * scale, groups):
-            return None
-        low_codes = torch.remainder(codes, 16)
-        high_codes = (codes - low_codes) / 16 + 8
-        scale = scale[..., 0]
-        return cls(
-            weight,
-            [
-                (high_codes.reshape(rows, cols), 16 * scale, torch.zeros_like(scale)),
-                (low_codes.reshape(rows, cols), scale, 8 * scale),
-            ],
-        )
+        if grid.low is not None:
+            return cls(weight, [(grid.codes, grid.scale, grid.low + 8 * grid.scale)])
+        low_codes = torch.remainder(grid.codes, 16)
+        high_codes = (grid.codes - low_codes) / 16 + 8
+        zeros = torch.zeros_like(grid.scale)
+        return cls(weight, [(high_codes, 16 * grid.scale, zeros), (low_codes, grid.scale, 8 * grid.scale)])
 
     def __call__(self, x: Tensor) -> Tensor:
         if x.shape[0] > self.max_rows:
@@ -131,27 +150,70 @@ class Int4Groups:
         return out
 
 
+class GridLinear:
+    """y = x W^T in fp32 with W kept on its GGUF grid (Q4_1 or Q8_0), run by draftwise's AVX2 kernel
+    (csrc/grid_matmul.cpp) for up to `MAX_ROWS` rows: decode steps and every verification tree. The kernel gives
+    each row the same bits whatever the rows beside it, so a tree node's logits equal a lone step's. Prefills
+    use a dense fp32 copy (MKL's GEMM is faster there, and a prompt is never verified)."""
+
+    MAX_ROWS = 64
+
+    def __init__(self, weight: Tensor, grid: Grid, kernel) -> None:
+        rows, cols = grid.codes.shape
+        tiles = rows // 8
+        by_tile = grid.codes.to(torch.int64).reshape(tiles, 8, cols).transpose(1, 2)  # (tiles, cols, 8)
+        if grid.low is None:
+            self.codes = by_tile.to(torch.int8).contiguous()
+        else:  # 8 nibbles to an int32 word, nibble i for output 8t + i
+            words = (by_tile << (4 * torch.arange(8))).sum(-1)
+            self.codes = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+
+        def by_group(t: Tensor) -> Tensor:
+            return t.float().reshape(tiles, 8, -1).transpose(1, 2).contiguous()  # (tiles, groups, 8)
+
+        self.scale = by_group(grid.scale)
+        self.low = None if grid.low is None else by_group(grid.low)
+        self.kernel = kernel
+        self.dense = weight.float().contiguous()
+
+    @classmethod
+    def exact(cls, weight: Tensor) -> GridLinear | None:
+        """A GridLinear of `weight` where it lies on a GGUF grid, rows come in 32s and the kernel builds."""
+        kernel = grid_kernel()
+        grid = gguf_grid(weight) if kernel is not None and weight.shape[0] % 32 == 0 else None
+        return None if grid is None else cls(weight, grid, kernel)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.shape[0] > self.MAX_ROWS:
+            return F.linear(x, self.dense)
+        return self.kernel.grid_matmul(x, self.codes, self.scale, self.low)
+
+
 class Int4Linear(nn.Linear):
     """An nn.Linear that runs its `int4` copy (set by `quantize_draft_linears`)."""
 
-    int4: Int4Groups
+    int4: Int4Groups | GridLinear
 
     def forward(self, x: Tensor) -> Tensor:
         return self.int4(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
 
 
 def quantize_draft_linears(module: nn.Module) -> int:
-    """Run every bias-free bf16 CPU nn.Linear of a *drafter* on the nearest 4-bit grid, in place; returns how many.
-    Lossy, which a drafter may be: its weights change what it proposes, never what verification accepts. For the
-    default draft head on the lean engine a call drops from ~1.2 to ~0.5 ms (its 8192-token LM head dominates)."""
+    """Run every bias-free bf16 or fp32 CPU nn.Linear of a *drafter* on the nearest 4-bit grid, in place (fp32
+    ones only where the grid kernel runs); returns how many. Lossy, which a drafter may be: its weights change
+    what it proposes, never what verification accepts. For the default draft head on the lean engine a call drops
+    from ~1.2 to ~0.5 ms (its 8192-token LM head dominates)."""
     switched = 0
     for linear in module.modules():
         weight = linear.weight if type(linear) is nn.Linear else None
-        if weight is None or linear.bias is not None or weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
+        if weight is None or linear.bias is not None or weight.device.type != "cpu" or weight.shape[1] % GROUP:
             continue
-        if weight.shape[1] % Int4Groups.GROUP:
+        if weight.dtype == torch.bfloat16:
+            linear.int4 = Int4Groups.nearest(weight.detach())
+        elif weight.dtype == torch.float32 and grid_kernel() is not None and weight.shape[0] % 32 == 0:
+            linear.int4 = GridLinear(weight.detach(), _nearest_q4_1(weight.detach())[1].flat(), grid_kernel())
+        else:
             continue
-        linear.int4 = Int4Groups.nearest(weight.detach())
         linear.__class__ = Int4Linear
         switched += 1
     return switched
@@ -159,8 +221,8 @@ def quantize_draft_linears(module: nn.Module) -> int:
 
 def _projection(weights: list[Tensor], dtype: torch.dtype, int4: bool):
     weight = torch.cat(weights) if len(weights) > 1 else weights[0]
-    if int4 and dtype == torch.bfloat16:
-        packed = Int4Groups.exact(weight.detach())
+    if int4 and dtype in (torch.bfloat16, torch.float32):
+        packed = (Int4Groups if dtype == torch.bfloat16 else GridLinear).exact(weight.detach())
         if packed is not None:
             return packed
     return Dense(weight.detach(), dtype)
@@ -258,7 +320,7 @@ class LeanTarget:
     @property
     def dtype_name(self) -> str:
         name = str(self.dtype).removeprefix("torch.")
-        return f"{name}+int4" if isinstance(self.layers[0].qkv, Int4Groups) else name
+        return f"{name}+int4" if isinstance(self.layers[0].qkv, Int4Groups | GridLinear) else name
 
     @property
     def length(self) -> int:
