@@ -100,22 +100,29 @@ def test_int4_dense_copy_follows_the_cpu(monkeypatch, native):
 
 
 @pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="no int4 CPU kernel")
-def test_speculation_on_int4_weights_equals_its_own_plain_decoding():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_speculation_on_4bit_weights_equals_its_own_plain_decoding(dtype):
+    """bf16 (torch's int4 kernel): up to near-ties. fp32 (the grid kernel): token for token, because each row's
+    product has the same bits whatever the rows beside it."""
+    if dtype == torch.float32 and grid_kernel() is None:
+        pytest.skip("fp32 on the grid needs the grid kernel")
     model = quantized_llama()
 
     def lean_int4(m, layers=()):
-        return LeanTarget(m, layers, dtype=torch.bfloat16, int4=True)
+        return LeanTarget(m, layers, dtype=dtype, int4=True)
 
-    assert lean_int4(model).dtype_name == "bfloat16+int4"
+    assert lean_int4(model).dtype_name == f"{str(dtype).removeprefix('torch.')}+int4"
     reference, plain = run(model, NoDraft(), PROMPT, 40, target_class=lean_int4)
     truth = reference + [0] * 20
-    eagle = EagleDrafter(tiny_eagle(copy.deepcopy(model).to(torch.bfloat16)).head.to(torch.bfloat16), 8, 2, 8)
+    eagle = EagleDrafter(tiny_eagle(copy.deepcopy(model).to(dtype)).head.to(dtype), 8, 2, 8)
     drafters = [RandomDrafter(96, nodes=12), OracleDrafter(PROMPT, truth, 96, depth=6, width=3, error_rate=0.2), eagle]
     for drafter in drafters:
         out, _ = run(model, drafter, PROMPT, 40, target_class=lean_int4)
-        # bf16: a tree forward may round a near-tie the other way (verify.compare_greedy), nothing else
-        verdict = compare_greedy(reference, plain.margins, out, NEAR_TIE_EPSILON["bf16"])
-        assert verdict != "mismatch", f"{drafter.name} diverged from plain decoding on int4 weights"
+        if dtype == torch.float32:
+            assert out == reference, f"{drafter.name} diverged from plain decoding on grid weights in fp32"
+        else:  # a tree forward may round a near-tie the other way (verify.compare_greedy), nothing else
+            verdict = compare_greedy(reference, plain.margins, out, NEAR_TIE_EPSILON["bf16"])
+            assert verdict != "mismatch", f"{drafter.name} diverged from plain decoding on int4 weights"
 
 
 @pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="no int4 CPU kernel")
@@ -168,20 +175,3 @@ def test_without_the_grid_kernel_fp32_weights_stay_dense(monkeypatch):
     monkeypatch.setattr("draftwise.lean.grid_kernel", lambda: None)
     target = LeanTarget(quantized_llama(), dtype=torch.float32, int4=True)
     assert target.dtype_name == "float32"
-
-
-@needs_grid_kernel
-def test_speculation_on_grid_weights_equals_plain_decoding_token_for_token():
-    model = quantized_llama()
-
-    def lean_grid(m, layers=()):
-        return LeanTarget(m, layers, dtype=torch.float32, int4=True)
-
-    assert lean_grid(model).dtype_name == "float32+int4"
-    reference, _ = run(model, NoDraft(), PROMPT, 40, target_class=lean_grid)
-    truth = reference + [0] * 20
-    eagle = EagleDrafter(tiny_eagle(copy.deepcopy(model)).head, 8, 2, 8)
-    drafters = [RandomDrafter(96, nodes=12), OracleDrafter(PROMPT, truth, 96, depth=6, width=3, error_rate=0.2), eagle]
-    for drafter in drafters:
-        out, _ = run(model, drafter, PROMPT, 40, target_class=lean_grid)
-        assert out == reference, f"{drafter.name} diverged from plain decoding on grid weights in fp32"

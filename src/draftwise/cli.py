@@ -35,7 +35,7 @@ def add_model_args(parser: argparse.ArgumentParser, method_default: str = "pld")
         "--engine",
         default="auto",
         help="auto | lean | hf | llama: who runs the target. lean = draftwise's compact PyTorch path for llama "
-        "models (static KV cache; on CPU in bf16 the embedded GGUF's 4-bit weights stay 4-bit); hf = transformers, "
+        "models (static KV cache; on CPU the embedded GGUF's 4-bit weights stay 4-bit); hf = transformers, "
         "for any model; llama = llama.cpp on the GGUF (needs `pip install 'draftwise[llama]'`, no hidden features). "
         "auto = lean where it applies, else hf",
     )

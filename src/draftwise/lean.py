@@ -5,9 +5,10 @@ runs the same weights with about a dozen tensor ops per layer: fused QKV and gat
 precomputed for every position, a preallocated KV cache written by position (so a tree's rejected nodes cost
 nothing to drop), and `scaled_dot_product_attention` with the tree mask, grouped-query heads folded into the
 query length so the cache is never repeated. On CPU in bf16, weights that lie on a GGUF 4-bit or 8-bit block
-grid run through PyTorch's int4 kernel (`Int4Groups`): a step takes 6.4 ms on an AVX-512 BF16 EPYC and 23 ms
-on an AVX2 one, where the kernel's cost grows with every row (a 2-node tree costs 1.2 steps there, 1.1 on
-AVX-512). Same contract as `TargetModel`.
+grid run through PyTorch's int4 kernel (`Int4Groups`): a step takes 6.4 ms on an AVX-512 BF16 EPYC. On a CPU
+without bf16 units (AVX2), where bf16 is emulated and that kernel's cost grows with every few rows, the lean
+engine computes in fp32 and runs the same grids through draftwise's own kernel (`GridLinear`), which gives each
+row the same bits whatever the rows beside it. Same contract as `TargetModel`.
 """
 
 from __future__ import annotations

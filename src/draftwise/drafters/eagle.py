@@ -28,9 +28,10 @@ HEADS_DIR = Path(__file__).resolve().parent.parent / "data" / "heads"
 # (head v2, 2-core CPU). transformers fp32: a 4-node tree costs less than one token (the small-batch kernel), so
 # V4 wins; transformers bf16: a tree of up to 16 nodes costs about one step, so V8 does. The lean engine's int4
 # weights halve a step but not a tree (4 nodes cost 1.3 steps, 8 nodes 1.9), so only the root's best child pays
-# there, and barely (benchmarks/runs/tree-grid-lean-bf16.json: 1.03x plain decoding). Depth 0-1 everywhere:
+# there, and barely (benchmarks/runs/tree-grid-lean-bf16.json: 1.03x plain decoding); the same on AVX2 in
+# float32+int4 (tree-grid-lean-fp32-int4-avx2.json: d0 V2 1.10x, every other shape slower). Depth 0-1 everywhere:
 # deeper trees add little τ at this head's accuracy.
-TREE_DEFAULTS = {"float32": (8, 1, 4), "bfloat16": (8, 1, 8), "bfloat16+int4": (8, 0, 2)}
+TREE_DEFAULTS = {"float32": (8, 1, 4), "bfloat16": (8, 1, 8), "bfloat16+int4": (8, 0, 2), "float32+int4": (8, 0, 2)}
 # EAGLE-2's fixed tree, deep enough for a stop rule to stop in: what the stop-rule baselines draft and what the
 # learned policies are trained and measured against.
 EAGLE2_TREE = {"top_k": 8, "depth": 3, "total_tokens": 6}
