@@ -66,6 +66,10 @@ def main() -> None:
                     "compute": name,
                     "method": method,
                     "tokens": len(out.token_ids),
+                    "rounds": out.stats.rounds,
+                    "verified": out.stats.verified_tokens,
+                    "verify_s": out.stats.verify_s,
+                    "draft_s": out.stats.draft_s,
                     "seconds": seconds,
                     "token_ids": out.token_ids,
                 }
