@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -74,6 +75,8 @@ def grid_kernel():
 
             build = cache_dir() / "kernels" / f"torch-{torch.__version__}"
             build.mkdir(parents=True, exist_ok=True)
+            if not any(build.glob("*.so")):
+                print("[draftwise] building the AVX2 grid kernel (once per machine, ~1 min)", file=sys.stderr)
             try:
                 with contextlib.redirect_stdout(io.StringIO()):
                     _grid_module = cpp_extension.load(
