@@ -159,7 +159,7 @@ class GridLinear:
 
     MAX_ROWS = 64
 
-    def __init__(self, weight: Tensor, grid: Grid, kernel) -> None:
+    def __init__(self, weight: Tensor, grid: Grid) -> None:
         rows, cols = grid.codes.shape
         tiles = rows // 8
         by_tile = grid.codes.to(torch.int64).reshape(tiles, 8, cols).transpose(1, 2)  # (tiles, cols, 8)
@@ -174,15 +174,24 @@ class GridLinear:
 
         self.scale = by_group(grid.scale)
         self.low = None if grid.low is None else by_group(grid.low)
-        self.kernel = kernel
+        self.kernel = grid_kernel()
         self.dense = weight.float().contiguous()
+
+    @staticmethod
+    def fits(weight: Tensor) -> bool:
+        """The kernel builds here and takes this shape (outputs in blocks of 32, inputs in groups of 32)."""
+        return weight.shape[0] % 32 == 0 and weight.shape[1] % GROUP == 0 and grid_kernel() is not None
+
+    @classmethod
+    def nearest(cls, weight: Tensor) -> GridLinear:
+        """The nearest Q4_1-style grid: lossy, for drafters."""
+        return cls(weight, _nearest_q4_1(weight)[1].flat())
 
     @classmethod
     def exact(cls, weight: Tensor) -> GridLinear | None:
-        """A GridLinear of `weight` where it lies on a GGUF grid, rows come in 32s and the kernel builds."""
-        kernel = grid_kernel()
-        grid = gguf_grid(weight) if kernel is not None and weight.shape[0] % 32 == 0 else None
-        return None if grid is None else cls(weight, grid, kernel)
+        """A GridLinear of `weight` where it lies on a GGUF grid and the kernel fits it, else None."""
+        grid = gguf_grid(weight) if cls.fits(weight) else None
+        return None if grid is None else cls(weight, grid)
 
     def __call__(self, x: Tensor) -> Tensor:
         if x.shape[0] > self.MAX_ROWS:
@@ -211,8 +220,8 @@ def quantize_draft_linears(module: nn.Module) -> int:
             continue
         if weight.dtype == torch.bfloat16:
             linear.int4 = Int4Groups.nearest(weight.detach())
-        elif weight.dtype == torch.float32 and grid_kernel() is not None and weight.shape[0] % 32 == 0:
-            linear.int4 = GridLinear(weight.detach(), _nearest_q4_1(weight.detach())[1].flat(), grid_kernel())
+        elif weight.dtype == torch.float32 and GridLinear.fits(weight):
+            linear.int4 = GridLinear.nearest(weight.detach())
         else:
             continue
         linear.__class__ = Int4Linear
