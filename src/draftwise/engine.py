@@ -13,7 +13,7 @@ import torch
 from draftwise.decode import GenerationStats, generate_tokens
 from draftwise.drafters import Drafter, make_drafter
 from draftwise.errors import DraftwiseError
-from draftwise.kernels import grid_kernel
+from draftwise.kernels import avx512_kernel, grid_kernel
 from draftwise.models import (
     DEFAULT_MODEL,
     cpu_has_native_bf16,
@@ -114,9 +114,11 @@ def load_target(model: str, engine: str = "auto", dtype: str = "auto", device: s
     gguf = choice == "lean" and device == "cpu" and model_gguf(model) is not None
     compute = parse_dtype(dtype, device)
     if gguf and dtype == "auto":
-        # the GGUF's own grid: bf16 through torch's int4 kernel where the CPU has bf16 units, else fp32 through
+        # the GGUF's own grid: int8 activations through draftwise's VNNI kernel where the CPU has AVX-512 VNNI
+        # (kernels.avx512_kernel), else bf16 through torch's int4 kernel where it has bf16 units, else fp32 through
         # draftwise's AVX2 kernel (kernels.grid_kernel), else bf16 anyway (still 2.8x faster than dense fp32)
-        compute = torch.float32 if not cpu_has_native_bf16() and grid_kernel() is not None else torch.bfloat16
+        fp32_grid = avx512_kernel() is not None or (not cpu_has_native_bf16() and grid_kernel() is not None)
+        compute = torch.float32 if fp32_grid else torch.bfloat16
     on_grid = gguf and (dtype == "auto" or compute == torch.bfloat16)  # an explicit fp32 stays dense: the reference
     hf_model, tokenizer = load_model(model, dtype="fp32" if on_grid else dtype, device=device)
     if choice == "lean" and not lean_supported(hf_model):

@@ -8,6 +8,7 @@ One token (plain decoding) and long prefills keep the stock kernel, which is fas
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import sys
@@ -48,46 +49,65 @@ def use_small_batch_linear(model: nn.Module) -> int:
     return switched
 
 
-# --- GGUF-grid matmul for AVX2 CPUs (csrc/grid_matmul.cpp) -------------------------------------------------------
+# --- GGUF-grid matmuls (csrc/): built on first use, once per machine --------------------------------------------
 
-_GRID_SOURCE = Path(__file__).resolve().parent / "csrc" / "grid_matmul.cpp"
-_grid_module = None
+_CSRC = Path(__file__).resolve().parent / "csrc"
+_built: dict[str, object] = {}
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    try:
+        return frozenset(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return frozenset()
 
 
 def cpu_has_avx2_fma() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx2" in flags and "fma" in flags
+    return {"avx2", "fma"} <= cpu_flags()
 
 
-def grid_kernel():
-    """The compiled grid-matmul extension, built once per machine (~1 min, cached under the draftwise cache),
-    or None where it cannot be: no AVX2/FMA, no C++ compiler, or DRAFTWISE_GRID_KERNEL=0."""
-    global _grid_module
-    if _grid_module is None:
-        _grid_module = False
-        if os.environ.get("DRAFTWISE_GRID_KERNEL", "1") != "0" and cpu_has_avx2_fma():
+def cpu_has_avx512_vnni() -> bool:
+    return {"avx512f", "avx512bw", "avx512_vnni"} <= cpu_flags()
+
+
+def _extension(name: str, what: str, flags: list[str], runs_here: bool, switch: str):
+    """The compiled extension csrc/<name>.cpp, built once per machine (~1 min, cached under the draftwise cache),
+    or None where it cannot be: the CPU lacks the instructions, no C++ compiler, or the env `switch` is 0."""
+    if name not in _built:
+        _built[name] = None
+        if os.environ.get(switch, "1") != "0" and runs_here:
             from torch.utils import cpp_extension
 
             from draftwise.models import cache_dir
 
-            build = cache_dir() / "kernels" / f"torch-{torch.__version__}"
+            build = cache_dir() / "kernels" / f"torch-{torch.__version__}" / name
             build.mkdir(parents=True, exist_ok=True)
             if not any(build.glob("*.so")):
-                print("[draftwise] building the AVX2 grid kernel (once per machine, ~1 min)", file=sys.stderr)
+                print(f"[draftwise] building the {what} (once per machine, ~1 min)", file=sys.stderr)
             try:
                 with contextlib.redirect_stdout(io.StringIO()):
-                    _grid_module = cpp_extension.load(
-                        "draftwise_grid_matmul",
-                        [str(_GRID_SOURCE)],
-                        extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+                    _built[name] = cpp_extension.load(
+                        f"draftwise_{name}",
+                        [str(_CSRC / f"{name}.cpp")],
+                        extra_cflags=["-O3", "-ffp-contract=off", *flags, "-fopenmp"],
                         build_directory=str(build),
                     )
-            except Exception as error:  # no compiler, no headers: the stock int4 kernel stays
-                warnings.warn(
-                    f"draftwise: grid kernel not built ({type(error).__name__}); using torch's int4 kernel",
-                    stacklevel=2,
-                )
-    return _grid_module or None
+            except Exception as error:  # no compiler, no headers: the stock kernels stay
+                warnings.warn(f"draftwise: {what} not built ({type(error).__name__}); using torch's", stacklevel=3)
+    return _built[name]
+
+
+def grid_kernel():
+    """fp32 activations x the GGUF's exact Q4_1 / Q8_0 values, for AVX2 CPUs (csrc/grid_matmul.cpp);
+    DRAFTWISE_GRID_KERNEL=0 disables it."""
+    flags = ["-mavx2", "-mfma"]
+    return _extension("grid_matmul", "AVX2 grid kernel", flags, cpu_has_avx2_fma(), "DRAFTWISE_GRID_KERNEL")
+
+
+def avx512_kernel():
+    """For AVX-512 VNNI CPUs (csrc/avx512.cpp): `vnni_matmul`, int8 activations x the GGUF's Q4_1 / Q8_0 codes in
+    int32, as llama.cpp computes them, and `attention`, which gives each query row the same bits whatever rows come
+    with it; DRAFTWISE_AVX512_KERNEL=0 disables them."""
+    flags = ["-mavx512f", "-mavx512bw", "-mavx512vnni"]
+    return _extension("avx512", "AVX-512 kernels", flags, cpu_has_avx512_vnni(), "DRAFTWISE_AVX512_KERNEL")

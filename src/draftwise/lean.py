@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from draftwise.kernels import grid_kernel, small_batch_linear
+from draftwise.kernels import avx512_kernel, grid_kernel, small_batch_linear
 from draftwise.models import cpu_has_native_bf16
 from draftwise.target import TargetOutput
 from draftwise.tree import DraftTree
@@ -158,6 +158,7 @@ class GridLinear:
     use a dense fp32 copy (MKL's GEMM is faster there, and a prompt is never verified)."""
 
     MAX_ROWS = 64
+    TILE = 8  # outputs per kernel tile; a weight's outputs must come in blocks of 4 tiles
 
     def __init__(self, weight: Tensor, grid: Grid) -> None:
         rows, cols = grid.codes.shape
@@ -168,19 +169,19 @@ class GridLinear:
         else:  # 8 nibbles to an int32 word, nibble i for output 8t + i
             words = (by_tile << (4 * torch.arange(8))).sum(-1)
             self.codes = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
-
-        def by_group(t: Tensor) -> Tensor:
-            return t.float().reshape(tiles, 8, -1).transpose(1, 2).contiguous()  # (tiles, groups, 8)
-
-        self.scale = by_group(grid.scale)
-        self.low = None if grid.low is None else by_group(grid.low)
-        self.kernel = grid_kernel()
+        self.scale = _by_tile(grid.scale, 8)
+        self.low = None if grid.low is None else _by_tile(grid.low, 8)
         self.dense = weight.float().contiguous()
+        self.matmul = self.kernel().grid_matmul
 
     @staticmethod
-    def fits(weight: Tensor) -> bool:
-        """The kernel builds here and takes this shape (outputs in blocks of 32, inputs in groups of 32)."""
-        return weight.shape[0] % 32 == 0 and weight.shape[1] % GROUP == 0 and grid_kernel() is not None
+    def kernel():
+        return grid_kernel()
+
+    @classmethod
+    def fits(cls, weight: Tensor) -> bool:
+        """The kernel builds here and takes this shape (outputs in blocks of 4 tiles, inputs in groups of 32)."""
+        return weight.shape[0] % (4 * cls.TILE) == 0 and weight.shape[1] % GROUP == 0 and cls.kernel() is not None
 
     @classmethod
     def nearest(cls, weight: Tensor) -> GridLinear:
@@ -189,14 +190,60 @@ class GridLinear:
 
     @classmethod
     def exact(cls, weight: Tensor) -> GridLinear | None:
-        """A GridLinear of `weight` where it lies on a GGUF grid and the kernel fits it, else None."""
+        """One of `weight` where it lies on a GGUF grid and the kernel fits it, else None."""
         grid = gguf_grid(weight) if cls.fits(weight) else None
         return None if grid is None else cls(weight, grid)
 
     def __call__(self, x: Tensor) -> Tensor:
         if x.shape[0] > self.MAX_ROWS:
             return F.linear(x, self.dense)
-        return self.kernel.grid_matmul(x, self.codes, self.scale, self.low)
+        return self.matmul(x, self.codes, self.scale, self.low)
+
+
+def _by_tile(values: Tensor, tile: int) -> Tensor:
+    """Per-group values (rows, groups) as (tiles, groups, tile): one vector load per tile and group."""
+    rows = values.shape[0]
+    return values.float().reshape(rows // tile, tile, -1).transpose(1, 2).contiguous()
+
+
+class VnniLinear(GridLinear):
+    """y = x W^T with W on its GGUF grid and x quantized per row and group of 32 to int8, as llama.cpp computes a
+    Q4_1 / Q8_0 product, run by draftwise's AVX-512 VNNI kernel (csrc/avx512.cpp) for every row count: the
+    codes feed an exact int32 dot product, so a tree of 8 rows costs ~3x one row (fp32 FMAs: ~5x, torch's int4
+    kernel in bf16: ~2 decode steps for the whole model). Rows are quantized on their own and summed in a fixed
+    order, so a tree node's logits equal a lone step's bit for bit, and prefills compute the same model."""
+
+    TILE = 16
+
+    def __init__(self, weight: Tensor, grid: Grid) -> None:
+        rows, cols = grid.codes.shape
+        tiles = rows // 16
+        codes = grid.codes.to(torch.int64)
+        if grid.low is None:  # bytes 4j + i of chunk c: code + 128 of output 16t + j at input 4c + i
+            chunks = (codes + 128).reshape(tiles, 16, cols // 4, 4)
+        else:  # low nibble: input 8c + i, high nibble: input 8c + 4 + i
+            by_eight = codes.reshape(tiles, 16, cols // 8, 8)
+            chunks = by_eight[..., :4] | (by_eight[..., 4:] << 4)
+        self.codes = chunks.permute(0, 2, 1, 3).reshape(tiles, -1, 64).to(torch.uint8).contiguous()
+        self.nibbles = grid.low is not None
+        self.scale = _by_tile(grid.scale, 16)
+        self.low = _by_tile(grid.low if self.nibbles else torch.zeros_like(grid.scale), 16)
+        self.matmul = self.kernel().vnni_matmul
+
+    @staticmethod
+    def kernel():
+        return avx512_kernel()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.matmul(x.float(), self.codes, self.scale, self.low, self.nibbles)
+
+
+def grid_linear() -> type[GridLinear] | None:
+    """The fp32 grid product this CPU runs: VNNI (int8 activations) where it builds, else the AVX2 one, else None."""
+    for kind in (VnniLinear, GridLinear):
+        if kind.kernel() is not None:
+            return kind
+    return None
 
 
 class Int4Linear(nn.Linear):
@@ -220,8 +267,8 @@ def quantize_draft_linears(module: nn.Module) -> int:
             continue
         if weight.dtype == torch.bfloat16:
             linear.int4 = Int4Groups.nearest(weight.detach())
-        elif weight.dtype == torch.float32 and GridLinear.fits(weight):
-            linear.int4 = GridLinear.nearest(weight.detach())
+        elif weight.dtype == torch.float32 and (kind := grid_linear()) is not None and kind.fits(weight):
+            linear.int4 = kind.nearest(weight.detach())
         else:
             continue
         linear.__class__ = Int4Linear
@@ -231,8 +278,9 @@ def quantize_draft_linears(module: nn.Module) -> int:
 
 def _projection(weights: list[Tensor], dtype: torch.dtype, int4: bool):
     weight = torch.cat(weights) if len(weights) > 1 else weights[0]
-    if int4 and dtype in (torch.bfloat16, torch.float32):
-        packed = (Int4Groups if dtype == torch.bfloat16 else GridLinear).exact(weight.detach())
+    kind = Int4Groups if dtype == torch.bfloat16 else grid_linear() if dtype == torch.float32 else None
+    if int4 and kind is not None:
+        packed = kind.exact(weight.detach())
         if packed is not None:
             return packed
     return Dense(weight.detach(), dtype)
@@ -256,6 +304,7 @@ class LeanTarget:
 
     engine_name = "lean"
     max_leaves: int | None = None
+    ATTENTION_ROWS = 64  # forwards up to this many tokens (decode steps, trees) use the attention kernel if any
 
     def __init__(
         self,
@@ -286,6 +335,8 @@ class LeanTarget:
         self._length = 0
         # measured seconds to verify a tree of N nodes (root included), for drafters that size trees by cost
         self.verify_cost: Callable[[int], float] | None = None
+        # with VNNI products, attention too runs each row on its own (csrc/avx512.cpp), so nodes match steps
+        self.attention = avx512_kernel().attention if isinstance(self.layers[0].qkv, VnniLinear) else None
         if self.device.type == "cpu":
             a, b = self._calibrate()
             self.verify_cost = lambda nodes: a + b * nodes
@@ -329,8 +380,10 @@ class LeanTarget:
 
     @property
     def dtype_name(self) -> str:
-        name = str(self.dtype).removeprefix("torch.")
-        return f"{name}+int4" if isinstance(self.layers[0].qkv, Int4Groups | GridLinear) else name
+        name, qkv = str(self.dtype).removeprefix("torch."), self.layers[0].qkv
+        if isinstance(qkv, VnniLinear):
+            return f"{name}+w4a8"  # 4-bit weights, 8-bit activations in the products
+        return f"{name}+int4" if isinstance(qkv, Int4Groups | GridLinear) else name
 
     @property
     def length(self) -> int:
@@ -355,9 +408,11 @@ class LeanTarget:
         cos, signed_sin = self.cos[positions][:, None], self.signed_sin[positions][:, None]  # (N, 1, D)
         if n == 1:
             mask = None  # one token attends to everything cached
-        elif mask is None:  # causal over the new tokens (is_causal would see the folded rows)
-            mask = torch.ones(n, end, dtype=torch.bool, device=self.device).tril(start)
-        if mask is not None:
+        attention = self.attention if n <= self.ATTENTION_ROWS else None  # prefills: SDPA, faster there
+        visible = mask  # (N, end) or None (causal over the new tokens), for the attention kernel
+        if attention is None and n > 1:
+            if mask is None:  # causal over the new tokens (is_causal would see the folded rows)
+                mask = torch.ones(n, end, dtype=torch.bool, device=self.device).tril(start)
             # grouped heads are folded into the query length: row g * N + i is head (kv, g) at node i
             mask = mask.repeat(group, 1)
         features = {}
@@ -374,9 +429,13 @@ class LeanTarget:
             cache = self.kv[index]
             cache[0, :, start:end] = k
             cache[1, :, start:end] = v
-            q = q.reshape(1, kv_heads, group * n, head_dim)
-            attn = F.scaled_dot_product_attention(q, cache[None, 0, :, :end], cache[None, 1, :, :end], attn_mask=mask)
-            attn = attn.reshape(heads, n, head_dim).transpose(0, 1).reshape(n, q_size)
+            if attention is not None:
+                attn = attention(qk[:, :heads], cache[0], cache[1], end, visible)
+            else:
+                q = q.reshape(1, kv_heads, group * n, head_dim)
+                keys, values = cache[None, 0, :, :end], cache[None, 1, :, :end]
+                attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+                attn = attn.reshape(heads, n, head_dim).transpose(0, 1).reshape(n, q_size)
             x = x + layer.o(attn)
             h = self._rms_norm(x, layer.norm2)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)

@@ -1,0 +1,291 @@
+// Kernels for the lean engine's fp32 path on AVX-512 CPUs. First, y = x W^T for W on a GGUF block grid (Q4_1 or Q8_0, groups of 32 along the input), for CPUs with AVX-512 VNNI,
+// the way llama.cpp computes it: each activation row is quantized per group of 32 to int8 (scale = max|x| / 127),
+// each group's dot product runs exactly in int32 (vpdpbusd: 64 multiply-adds an instruction, 4x fp32 FMAs), and
+// the group's sum is scaled in fp32.
+//
+// Why: on a 2-core CPU a tree of 8 nodes cost ~2 decode steps with PyTorch's int4 kernel (it re-dequantizes the
+// weights every few rows) and ~5x a one-row product with fp32 FMAs. Here the weights are never dequantized: the
+// codes feed the integer dot product as they are, and each extra row costs its int8 multiply-adds only.
+// Every row is quantized on its own and its sums run in the same order whatever the rows beside it, so a tree
+// node gets bit for bit the output a lone decode step would.
+//
+// Per row r, output o, group g (x ~ dx[r, g] * qx[r, k], qx in -127..127):
+//   y[r, o] = sum_g  d[o, g] * dx[r, g] * sum_k q[o, k] qx[r, k]  +  low[o, g] * (dx[r, g] * sum_k qx[r, k])
+// Q4_1: q = the code (0..15), low = the GGUF's min. Q8_0: low = 0, and q is stored as code + 128 (1..255:
+// vpdpbusd takes unsigned weights), the offset 128 * sum_k qx[r, k] taken off again in int32.
+//
+// Layout (16-output tiles t, 64-byte chunks c; byte 4j + i of a chunk belongs to output 16t + j):
+//   Q4_1 codes: uint8 [tiles, K / 8, 64], chunk c holds inputs 8c + i (low nibble) and 8c + 4 + i (high nibble)
+//   Q8_0 codes: uint8 [tiles, K / 4, 64], chunk c holds inputs 4c + i
+//   scale, low: fp32 [tiles, G, 16]
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kGroup = 32;
+constexpr int kRows = 8;  // rows per block; more rows run as further blocks over the same (cached) tiles
+
+// Rows x Tiles accumulators; the op sequence per (row, output) is the same in every instantiation.
+template <int Rows, int Tiles, bool Nibbles>
+inline void block_product(const int8_t* qx, const float* dx, const float* sx, const int32_t* qsum, int64_t K, const uint8_t* codes,
+                          int64_t code_stride, const float* scale, const float* low, int64_t scale_stride, float* y,
+                          int64_t ldy) {
+  const int64_t G = K / kGroup;
+  __m512 sum[Rows][Tiles];
+  for (int r = 0; r < Rows; ++r)
+    for (int t = 0; t < Tiles; ++t) sum[r][t] = _mm512_setzero_ps();
+  const __m512i nibble = _mm512_set1_epi8(15);
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i acc[Rows][Tiles];
+    for (int r = 0; r < Rows; ++r)
+      for (int t = 0; t < Tiles; ++t) acc[r][t] = _mm512_setzero_si512();
+    if constexpr (Nibbles) {
+      for (int64_t c = g * 4; c < g * 4 + 4; ++c) {  // 8 inputs a chunk
+        __m512i lo[Tiles], hi[Tiles];
+        for (int t = 0; t < Tiles; ++t) {
+          const __m512i w = _mm512_loadu_si512(codes + t * code_stride + c * 64);
+          lo[t] = _mm512_and_si512(w, nibble);
+          hi[t] = _mm512_and_si512(_mm512_srli_epi16(w, 4), nibble);
+        }
+        for (int r = 0; r < Rows; ++r) {
+          const int32_t* xr = reinterpret_cast<const int32_t*>(qx + r * K + c * 8);
+          const __m512i xa = _mm512_set1_epi32(xr[0]), xb = _mm512_set1_epi32(xr[1]);
+          for (int t = 0; t < Tiles; ++t) {
+            acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], lo[t], xa);
+            acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], hi[t], xb);
+          }
+        }
+      }
+    } else {
+      for (int64_t c = g * 8; c < g * 8 + 8; ++c) {  // 4 inputs a chunk
+        __m512i w[Tiles];
+        for (int t = 0; t < Tiles; ++t) w[t] = _mm512_loadu_si512(codes + t * code_stride + c * 64);
+        for (int r = 0; r < Rows; ++r) {
+          const __m512i xa = _mm512_set1_epi32(reinterpret_cast<const int32_t*>(qx + r * K + c * 4)[0]);
+          for (int t = 0; t < Tiles; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], w[t], xa);
+        }
+      }
+      for (int r = 0; r < Rows; ++r) {
+        const __m512i offset = _mm512_set1_epi32(128 * qsum[r * G + g]);
+        for (int t = 0; t < Tiles; ++t) acc[r][t] = _mm512_sub_epi32(acc[r][t], offset);
+      }
+    }
+    for (int t = 0; t < Tiles; ++t) {
+      const __m512 d = _mm512_loadu_ps(scale + t * scale_stride + g * 16);
+      for (int r = 0; r < Rows; ++r) {
+        const __m512 part = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][t]), d);
+        sum[r][t] = _mm512_fmadd_ps(part, _mm512_set1_ps(dx[r * G + g]), sum[r][t]);
+        if constexpr (Nibbles)
+          sum[r][t] = _mm512_fmadd_ps(_mm512_loadu_ps(low + t * scale_stride + g * 16), _mm512_set1_ps(sx[r * G + g]), sum[r][t]);
+      }
+    }
+  }
+  for (int r = 0; r < Rows; ++r)
+    for (int t = 0; t < Tiles; ++t) _mm512_storeu_ps(y + r * ldy + t * 16, sum[r][t]);
+}
+
+using BlockFn = void (*)(const int8_t*, const float*, const float*, const int32_t*, int64_t, const uint8_t*, int64_t, const float*,
+                         const float*, int64_t, float*, int64_t);
+
+template <bool Nibbles>
+constexpr BlockFn kBlocks[9] = {
+    nullptr,
+    block_product<1, 4, Nibbles>, block_product<2, 4, Nibbles>, block_product<3, 2, Nibbles>,
+    block_product<4, 2, Nibbles>, block_product<5, 1, Nibbles>, block_product<6, 1, Nibbles>,
+    block_product<7, 1, Nibbles>, block_product<8, 1, Nibbles>,
+};
+constexpr int kTiles[9] = {0, 4, 4, 2, 2, 1, 1, 1, 1};
+
+// Row r, group g: qx = round(x * 127 / max|x|), dx = max|x| / 127, qsum = sum(qx), sx = dx * qsum.
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* qx, float* dx, float* sx, int32_t* qsum) {
+  const int64_t G = K / kGroup;
+  for (int64_t i = 0; i < M * G; ++i) {
+    const float* xs = x + i * kGroup;
+    float amax = 0.f;
+    for (int k = 0; k < kGroup; ++k) amax = std::fmax(amax, std::fabs(xs[k]));
+    const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    int total = 0;
+    for (int k = 0; k < kGroup; ++k) {
+      const int q = static_cast<int>(std::nearbyint(xs[k] * inv));
+      qx[i * kGroup + k] = static_cast<int8_t>(q);
+      total += q;
+    }
+    dx[i] = d;
+    qsum[i] = total;
+    sx[i] = d * static_cast<float>(total);
+  }
+}
+
+}  // namespace
+
+torch::Tensor vnni_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor low, bool nibbles) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "x: fp32 (rows, K)");
+  TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.dim() == 3 && codes.size(2) == 64, "codes: uint8 (tiles, chunks, 64)");
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), tiles = codes.size(0), G = K / kGroup;
+  TORCH_CHECK(K % kGroup == 0 && tiles % 4 == 0 && codes.size(1) == (nibbles ? K / 8 : K / 4) &&
+                  scale.sizes() == low.sizes() && scale.size(0) == tiles && scale.size(1) == G && scale.size(2) == 16,
+              "shapes of x, codes, scale and low disagree");
+  auto qx = torch::empty({M, K}, x.options().dtype(torch::kInt8));
+  auto dx = torch::empty({M, G}, x.options());
+  auto sx = torch::empty({M, G}, x.options());
+  auto qsum = torch::empty({M, G}, x.options().dtype(torch::kInt32));
+  quantize_rows(x.data_ptr<float>(), M, K, qx.data_ptr<int8_t>(), dx.data_ptr<float>(), sx.data_ptr<float>(),
+                qsum.data_ptr<int32_t>());
+  const int32_t* qs_sum = qsum.data_ptr<int32_t>();
+  auto y = torch::empty({M, tiles * 16}, x.options());
+  const int8_t* qs = qx.data_ptr<int8_t>();
+  const float *ds = dx.data_ptr<float>(), *ss = sx.data_ptr<float>();
+  const float *scales = scale.data_ptr<float>(), *lows = low.data_ptr<float>();
+  const auto* cs = codes.data_ptr<uint8_t>();
+  const int64_t code_stride = codes.size(1) * 64, scale_stride = G * 16, ldy = tiles * 16;
+  float* ys = y.data_ptr<float>();
+  // blocks of 4 tiles (64 outputs) are the parallel unit; within one, each tile width runs every row block
+  // while its codes are in cache
+  at::parallel_for(0, tiles / 4, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      for (int64_t r = 0; r < M; r += kRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kRows, M - r));
+        const int width = kTiles[rows];
+        const BlockFn fn = nibbles ? kBlocks<true>[rows] : kBlocks<false>[rows];
+        for (int64_t t = block * 4; t < block * 4 + 4; t += width)
+          fn(qs + r * K, ds + r * G, ss + r * G, qs_sum + r * G, K, cs + t * code_stride, code_stride, scales + t * scale_stride,
+             lows + t * scale_stride, scale_stride, ys + r * ldy + t * 16, ldy);
+      }
+    }
+  });
+  return y;
+}
+
+// --- attention --------------------------------------------------------------------------------------------
+// Why: PyTorch's CPU flash attention gives a query row different bits depending on how many rows come with it,
+// and in fp32 it costs ~130 us a layer for one token at a 300-token context. Here each (head, query row) is its
+// own task: scores against every key it may see, in slot order, a softmax whose sums run over the slots in the
+// same order, and the weighted sum of values, skipping the slots it may not see. A tree node's output is then
+// bit for bit a lone decode step's, given the same keys and values in the same slots.
+
+namespace {
+
+// e^x for x <= 0, 2^(x log2 e) split into an integer and a fraction in [-1/2, 1/2], whose power of 2 is a degree-7
+// Taylor polynomial (relative error < 1e-8 before rounding).
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, whole), _mm512_set1_ps(0.693147180559945309f));
+  __m512 p = _mm512_set1_ps(1.f / 5040.f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 720.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, whole);
+}
+
+// One (head, query row): scores against the slots it sees, softmax, weighted values. Vectors = D / 16.
+template <int Vectors>
+void attend_row(const float* qi, const float* kh, const float* vh, int64_t length, const bool* seen, int64_t last,
+                float scale, float* scores, float* oi) {
+  constexpr int64_t D = Vectors * 16;
+  __m512 q[Vectors];
+  for (int c = 0; c < Vectors; ++c) q[c] = _mm512_mul_ps(_mm512_loadu_ps(qi + 16 * c), _mm512_set1_ps(scale));
+  // scores 16 slots at a time: 16 dot-product vectors, summed lane-pairwise in 4 rounds (each slot's sum in the
+  // same order wherever it falls), then slots the row may not see set to -inf
+  const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  for (int64_t j0 = 0; j0 < length; j0 += 16) {
+    __m512 part[16];
+    for (int jj = 0; jj < 16; ++jj) {
+      const int64_t j = std::min(j0 + jj, length - 1);  // past the end: any real slot, masked below
+      part[jj] = _mm512_mul_ps(q[0], _mm512_loadu_ps(kh + j * D));
+      for (int c = 1; c < Vectors; ++c) part[jj] = _mm512_fmadd_ps(q[c], _mm512_loadu_ps(kh + j * D + 16 * c), part[jj]);
+    }
+    for (int width = 16; width > 1; width /= 2)
+      for (int m = 0; m < width / 2; ++m)
+        part[m] = _mm512_add_ps(_mm512_permutex2var_ps(part[2 * m], evens, part[2 * m + 1]),
+                                _mm512_permutex2var_ps(part[2 * m], odds, part[2 * m + 1]));
+    const __m512i slot = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(j0)), lane);
+    __mmask16 keep = _mm512_cmplt_epi32_mask(slot, _mm512_set1_epi32(static_cast<int32_t>(length)));
+    if (seen) {
+      __mmask16 bits = 0;
+      for (int jj = 0; jj < 16 && j0 + jj < length; ++jj) bits |= static_cast<__mmask16>(seen[j0 + jj]) << jj;
+      keep &= bits;
+    } else {
+      keep &= _mm512_cmple_epi32_mask(slot, _mm512_set1_epi32(static_cast<int32_t>(last)));
+    }
+    const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), keep, part[0]);
+    _mm512_storeu_ps(scores + j0, s);
+    top = _mm512_max_ps(top, s);
+  }
+  for (int64_t j = length; j < length + 16; ++j) scores[j] = -INFINITY;
+  // weights e^(s - top) in place, 16 slots at a time; unseen slots give exactly 0
+  const __m512 peak = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+  for (int64_t j = 0; j < length; j += 16) {
+    const __m512 s = _mm512_loadu_ps(scores + j);
+    const __mmask16 keep = _mm512_cmp_ps_mask(s, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+    const __m512 w = _mm512_maskz_mov_ps(keep, exp_ps(_mm512_sub_ps(s, peak)));
+    _mm512_storeu_ps(scores + j, w);
+  }
+  __m512 acc[Vectors];
+  for (int c = 0; c < Vectors; ++c) acc[c] = _mm512_setzero_ps();
+  // sums over the seen slots in slot order, so that where a slot sits (a tree node's slot is not the one it
+  // takes once accepted) never changes the result
+  float total = 0.f;
+  for (int64_t j = 0; j < length; ++j) {
+    if (scores[j] == 0.f) continue;  // unseen (or weightless: adding 0 * v would change nothing)
+    total += scores[j];
+    const __m512 w = _mm512_set1_ps(scores[j]);
+    for (int c = 0; c < Vectors; ++c) acc[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vh + j * D + 16 * c), acc[c]);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / total);
+  for (int c = 0; c < Vectors; ++c) _mm512_storeu_ps(oi + 16 * c, _mm512_mul_ps(acc[c], inv));
+}
+
+}  // namespace
+
+// q (n, heads, D) fp32, D = 64 or 128; k, v (kv_heads, slots, D) views of the cache, the first `length` slots
+// filled; visible (n, length) bool, or None: row i sees slots [0, length - n + i]. Returns (n, heads * D).
+torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t length,
+                        c10::optional<torch::Tensor> visible) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat32 && (q.size(2) == 64 || q.size(2) == 128),
+              "q: fp32 (n, heads, D), D 64 or 128");
+  q = q.contiguous();
+  const int64_t n = q.size(0), heads = q.size(1), D = q.size(2), kv_heads = k.size(0);
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1 && k.stride(1) == D && v.stride(1) == D && k.size(1) >= length &&
+                  heads % kv_heads == 0 && length >= n, "k, v: (kv_heads, slots, D) with rows contiguous");
+  torch::Tensor mask;
+  if (visible) {
+    mask = visible->to(torch::kBool).contiguous();
+    TORCH_CHECK(mask.size(0) == n && mask.size(1) == length, "visible: (n, length)");
+  }
+  const bool* seen = visible ? mask.data_ptr<bool>() : nullptr;
+  auto out = torch::empty({n, heads * D}, q.options());
+  const float *qs = q.data_ptr<float>(), *ks = k.data_ptr<float>(), *vs = v.data_ptr<float>();
+  float* os = out.data_ptr<float>();
+  const int64_t group = heads / kv_heads;
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  const auto row = D == 64 ? attend_row<4> : attend_row<8>;
+  at::parallel_for(0, n * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(length + 16);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task / heads, h = task % heads;
+      row(qs + (i * heads + h) * D, ks + (h / group) * k.stride(0), vs + (h / group) * v.stride(0), length,
+          seen ? seen + i * length : nullptr, length - n + i, scale, scores.data(), os + i * heads * D + h * D);
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("vnni_matmul", &vnni_matmul, "x W^T on a GGUF Q4_1 / Q8_0 grid, int8 activations, AVX-512 VNNI");
+  m.def("attention", &attention, "tree attention over a KV cache, each query row on its own");
+}
