@@ -15,8 +15,16 @@ from draftwise.drafters.base import NoDraft
 from draftwise.drafters.eagle import EagleDrafter
 from draftwise.engine import choose_engine
 from draftwise.errors import DraftwiseError
-from draftwise.kernels import grid_kernel
-from draftwise.lean import GridLinear, Int4Groups, LeanTarget, gguf_grid, lean_supported, quantize_draft_linears
+from draftwise.kernels import avx512_kernel, grid_kernel
+from draftwise.lean import (
+    GridLinear,
+    Int4Groups,
+    LeanTarget,
+    VnniLinear,
+    gguf_grid,
+    lean_supported,
+    quantize_draft_linears,
+)
 from draftwise.target import TargetModel
 from draftwise.tree import DraftTree
 from draftwise.verify import NEAR_TIE_EPSILON, compare_greedy
@@ -99,19 +107,32 @@ def test_int4_dense_copy_follows_the_cpu(monkeypatch, native):
     assert layer.max_rows == Int4Groups.MAX_ROWS[native][1]
 
 
+COMPUTES = {  # name: (dtype, the kernel it needs, or None for torch's int4 kernel)
+    "bfloat16+int4": (torch.bfloat16, None),
+    "float32+int4": (torch.float32, grid_kernel),
+    "float32+w4a8": (torch.float32, avx512_kernel),
+}
+
+
 @pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="no int4 CPU kernel")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_speculation_on_4bit_weights_equals_its_own_plain_decoding(dtype):
-    """bf16 (torch's int4 kernel): up to near-ties. fp32 (the grid kernel): token for token, because each row's
-    product has the same bits whatever the rows beside it."""
-    if dtype == torch.float32 and grid_kernel() is None:
-        pytest.skip("fp32 on the grid needs the grid kernel")
+@pytest.mark.parametrize("compute", list(COMPUTES))
+def test_speculation_on_4bit_weights_equals_its_own_plain_decoding(compute, monkeypatch):
+    """bf16 (torch's int4 kernel): up to near-ties. fp32 on the grid (the AVX2 kernel, or the AVX-512 one with int8
+    activations and its own attention): token for token, because each row's product and attention have the same
+    bits whatever the rows beside it and whatever cache slot a tree node sits in."""
+    dtype, kernel = COMPUTES[compute]
+    if kernel is not None and kernel() is None:
+        pytest.skip(f"{compute} needs a kernel this CPU cannot run")
+    if compute == "float32+int4":
+        monkeypatch.setattr("draftwise.lean.avx512_kernel", lambda: None)  # the AVX2 kernel even where VNNI is
     model = quantized_llama()
 
     def lean_int4(m, layers=()):
         return LeanTarget(m, layers, dtype=dtype, int4=True)
 
-    assert lean_int4(model).dtype_name == f"{str(dtype).removeprefix('torch.')}+int4"
+    target = lean_int4(model)
+    assert target.dtype_name == compute
+    assert (target.attention is not None) == (compute == "float32+w4a8")
     reference, plain = run(model, NoDraft(), PROMPT, 40, target_class=lean_int4)
     truth = reference + [0] * 20
     eagle = EagleDrafter(tiny_eagle(copy.deepcopy(model).to(dtype)).head.to(dtype), 8, 2, 8)
@@ -119,7 +140,7 @@ def test_speculation_on_4bit_weights_equals_its_own_plain_decoding(dtype):
     for drafter in drafters:
         out, _ = run(model, drafter, PROMPT, 40, target_class=lean_int4)
         if dtype == torch.float32:
-            assert out == reference, f"{drafter.name} diverged from plain decoding on grid weights in fp32"
+            assert out == reference, f"{drafter.name} diverged from plain decoding on grid weights in {compute}"
         else:  # a tree forward may round a near-tie the other way (verify.compare_greedy), nothing else
             verdict = compare_greedy(reference, plain.margins, out, NEAR_TIE_EPSILON["bf16"])
             assert verdict != "mismatch", f"{drafter.name} diverged from plain decoding on int4 weights"
@@ -171,7 +192,56 @@ def test_grid_kernel_is_exact_and_gives_each_row_the_same_bits(grid):
     assert GridLinear.exact(torch.randn(96, 160)) is None  # off the grid: stays dense
 
 
-def test_without_the_grid_kernel_fp32_weights_stay_dense(monkeypatch):
+def test_without_the_grid_kernels_fp32_weights_stay_dense(monkeypatch):
     monkeypatch.setattr("draftwise.lean.grid_kernel", lambda: None)
+    monkeypatch.setattr("draftwise.lean.avx512_kernel", lambda: None)
     target = LeanTarget(quantized_llama(), dtype=torch.float32, int4=True)
     assert target.dtype_name == "float32"
+
+
+needs_avx512_kernel = pytest.mark.skipif(avx512_kernel() is None, reason="no AVX-512 VNNI on this machine")
+
+
+def int8_rows(x: torch.Tensor) -> torch.Tensor:
+    """x as the VNNI kernel sees it: per row and group of 32, round(x * 127 / max|x|) * max|x| / 127."""
+    groups = x.reshape(x.shape[0], -1, 32)
+    top = groups.abs().amax(-1, keepdim=True)
+    return (torch.round(groups * (127 / top)) * (top / 127)).reshape(x.shape)
+
+
+@needs_avx512_kernel
+@pytest.mark.parametrize("grid", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("outputs", [96, 128])  # 96: the last outputs are not a whole block of 64
+def test_vnni_kernel_is_the_int8_product_and_gives_each_row_the_same_bits(grid, outputs):
+    torch.manual_seed(0)
+    raw = torch.randn(outputs, 160)
+    weight = on_4bit_grid(raw, seed=3) if grid == "q4_1" else on_8bit_grid(raw)
+    layer = VnniLinear.exact(weight)
+    x = torch.randn(19, 160)
+    y = layer(x)
+    expected = (int8_rows(x).double() @ weight.double().t()).float()
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=1e-5)
+    assert (y - x @ weight.t()).abs().max() < 0.05 * y.abs().max()  # int8 activations: close to fp32, not equal
+    for rows in (slice(0, 1), slice(2, 5), slice(3, 12), slice(0, 19)):
+        assert torch.equal(layer(x[rows]), y[rows])
+
+
+@needs_avx512_kernel
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_attention_kernel_matches_sdpa_and_ignores_slots_and_neighbours(head_dim):
+    torch.manual_seed(0)
+    attention = avx512_kernel().attention
+    heads, kv_heads, n, length = 6, 2, 5, 45
+    cache = torch.randn(2, kv_heads, 64, head_dim)
+    q = torch.randn(n, heads, head_dim)
+    visible = torch.rand(n, length) > 0.3
+    visible[:, 0] = True
+    out = attention(q, cache[0], cache[1], length, visible)
+    keys, values = (cache[None, i, :, :length].repeat_interleave(heads // kv_heads, 1) for i in (0, 1))
+    ref = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, attn_mask=visible)
+    torch.testing.assert_close(out, ref[0].transpose(0, 1).reshape(n, -1), atol=2e-6, rtol=1e-5)
+    for i in range(n):  # alone, and with its visible slots packed to the front (where an accepted node lands)
+        assert torch.equal(attention(q[i : i + 1], cache[0], cache[1], length, visible[i : i + 1]), out[i : i + 1])
+        seen = visible[i].nonzero().flatten()
+        packed = cache[:, :, seen].contiguous()
+        assert torch.equal(attention(q[i : i + 1], packed[0], packed[1], len(seen), None), out[i : i + 1])

@@ -215,6 +215,11 @@ class VnniLinear(GridLinear):
 
     TILE = 16
 
+    @classmethod
+    def fits(cls, weight: Tensor) -> bool:
+        """The kernel builds here and takes this shape (outputs in tiles of 16, inputs in groups of 32)."""
+        return weight.shape[0] % cls.TILE == 0 and weight.shape[1] % GROUP == 0 and cls.kernel() is not None
+
     def __init__(self, weight: Tensor, grid: Grid) -> None:
         rows, cols = grid.codes.shape
         tiles = rows // 16
@@ -336,7 +341,8 @@ class LeanTarget:
         # measured seconds to verify a tree of N nodes (root included), for drafters that size trees by cost
         self.verify_cost: Callable[[int], float] | None = None
         # with VNNI products, attention too runs each row on its own (csrc/avx512.cpp), so nodes match steps
-        self.attention = avx512_kernel().attention if isinstance(self.layers[0].qkv, VnniLinear) else None
+        vnni = isinstance(self.layers[0].qkv, VnniLinear) and self.head_dim % 16 == 0 and self.head_dim <= 128
+        self.attention = avx512_kernel().attention if vnni else None
         if self.device.type == "cpu":
             a, b = self._calibrate()
             self.verify_cost = lambda nodes: a + b * nodes

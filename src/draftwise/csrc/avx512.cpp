@@ -100,6 +100,14 @@ constexpr BlockFn kBlocks[9] = {
     block_product<7, 1, Nibbles>, block_product<8, 1, Nibbles>,
 };
 constexpr int kTiles[9] = {0, 4, 4, 2, 2, 1, 1, 1, 1};
+// one tile at a time, for the last tiles of a weight whose outputs are not a multiple of 64
+template <bool Nibbles>
+constexpr BlockFn kSingles[9] = {
+    nullptr,
+    block_product<1, 1, Nibbles>, block_product<2, 1, Nibbles>, block_product<3, 1, Nibbles>,
+    block_product<4, 1, Nibbles>, block_product<5, 1, Nibbles>, block_product<6, 1, Nibbles>,
+    block_product<7, 1, Nibbles>, block_product<8, 1, Nibbles>,
+};
 
 // Row r, group g: qx = round(x * 127 / max|x|), dx = max|x| / 127, qsum = sum(qx), sx = dx * qsum.
 void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* qx, float* dx, float* sx, int32_t* qsum) {
@@ -128,7 +136,7 @@ torch::Tensor vnni_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.dim() == 3 && codes.size(2) == 64, "codes: uint8 (tiles, chunks, 64)");
   x = x.contiguous();
   const int64_t M = x.size(0), K = x.size(1), tiles = codes.size(0), G = K / kGroup;
-  TORCH_CHECK(K % kGroup == 0 && tiles % 4 == 0 && codes.size(1) == (nibbles ? K / 8 : K / 4) &&
+  TORCH_CHECK(K % kGroup == 0 && tiles > 0 && codes.size(1) == (nibbles ? K / 8 : K / 4) &&
                   scale.sizes() == low.sizes() && scale.size(0) == tiles && scale.size(1) == G && scale.size(2) == 16,
               "shapes of x, codes, scale and low disagree");
   auto qx = torch::empty({M, K}, x.options().dtype(torch::kInt8));
@@ -147,13 +155,16 @@ torch::Tensor vnni_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
   float* ys = y.data_ptr<float>();
   // blocks of 4 tiles (64 outputs) are the parallel unit; within one, each tile width runs every row block
   // while its codes are in cache
-  at::parallel_for(0, tiles / 4, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, (tiles + 3) / 4, 1, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
+      const int64_t last = std::min<int64_t>(block * 4 + 4, tiles);
       for (int64_t r = 0; r < M; r += kRows) {
         const int rows = static_cast<int>(std::min<int64_t>(kRows, M - r));
-        const int width = kTiles[rows];
-        const BlockFn fn = nibbles ? kBlocks<true>[rows] : kBlocks<false>[rows];
-        for (int64_t t = block * 4; t < block * 4 + 4; t += width)
+        const bool whole = last - block * 4 == 4;
+        const int width = whole ? kTiles[rows] : 1;
+        const BlockFn fn = whole ? (nibbles ? kBlocks<true>[rows] : kBlocks<false>[rows])
+                                 : (nibbles ? kSingles<true>[rows] : kSingles<false>[rows]);
+        for (int64_t t = block * 4; t < last; t += width)
           fn(qs + r * K, ds + r * G, ss + r * G, qs_sum + r * G, K, cs + t * code_stride, code_stride, scales + t * scale_stride,
              lows + t * scale_stride, scale_stride, ys + r * ldy + t * 16, ldy);
       }
@@ -252,12 +263,12 @@ void attend_row(const float* qi, const float* kh, const float* vh, int64_t lengt
 
 }  // namespace
 
-// q (n, heads, D) fp32, D = 64 or 128; k, v (kv_heads, slots, D) views of the cache, the first `length` slots
+// q (n, heads, D) fp32, D a multiple of 16 up to 128; k, v (kv_heads, slots, D) views of the cache, the first `length` slots
 // filled; visible (n, length) bool, or None: row i sees slots [0, length - n + i]. Returns (n, heads * D).
 torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t length,
                         c10::optional<torch::Tensor> visible) {
-  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat32 && (q.size(2) == 64 || q.size(2) == 128),
-              "q: fp32 (n, heads, D), D 64 or 128");
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat32 && q.size(2) % 16 == 0 && q.size(2) <= 128,
+              "q: fp32 (n, heads, D), D a multiple of 16 up to 128");
   q = q.contiguous();
   const int64_t n = q.size(0), heads = q.size(1), D = q.size(2), kv_heads = k.size(0);
   TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1 && k.stride(1) == D && v.stride(1) == D && k.size(1) >= length &&
@@ -273,7 +284,10 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64
   float* os = out.data_ptr<float>();
   const int64_t group = heads / kv_heads;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  const auto row = D == 64 ? attend_row<4> : attend_row<8>;
+  constexpr decltype(&attend_row<1>) rows_by_vectors[9] = {nullptr,        attend_row<1>, attend_row<2>,
+                                                           attend_row<3>, attend_row<4>, attend_row<5>,
+                                                           attend_row<6>, attend_row<7>, attend_row<8>};
+  const auto row = rows_by_vectors[D / 16];
   at::parallel_for(0, n * heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(length + 16);
     for (int64_t task = begin; task < end; ++task) {

@@ -29,9 +29,12 @@ HEADS_DIR = Path(__file__).resolve().parent.parent / "data" / "heads"
 # V4 wins; transformers bf16: a tree of up to 16 nodes costs about one step, so V8 does. The lean engine's int4
 # weights halve a step but not a tree (4 nodes cost 1.3 steps, 8 nodes 1.9), so only the root's best child pays
 # there, and barely (benchmarks/runs/tree-grid-lean-bf16.json: 1.03x plain decoding); the same on AVX2 in
-# float32+int4 (tree-grid-lean-fp32-int4-avx2.json: d0 V2 1.10x, every other shape slower). Depth 0-1 everywhere:
+# float32+int4 (tree-grid-lean-fp32-int4-avx2.json: d0 V2 1.10x, every other shape slower). On float32+w4a8 (the
+# VNNI kernels) 8 nodes cost 1.6 steps, and d0 V2 (1.10x) and d2 V6 (1.09x, τ 2.17) lead
+# (tree-grid-lean-fp32-w4a8.json). Depth 0-1 everywhere:
 # deeper trees add little τ at this head's accuracy.
-TREE_DEFAULTS = {"float32": (8, 1, 4), "bfloat16": (8, 1, 8), "bfloat16+int4": (8, 0, 2), "float32+int4": (8, 0, 2)}
+TREE_DEFAULTS = {"float32": (8, 1, 4), "bfloat16": (8, 1, 8), "bfloat16+int4": (8, 0, 2), "float32+int4": (8, 0, 2),
+                 "float32+w4a8": (8, 0, 2)}
 # EAGLE-2's fixed tree, deep enough for a stop rule to stop in: what the stop-rule baselines draft and what the
 # learned policies are trained and measured against.
 EAGLE2_TREE = {"top_k": 8, "depth": 3, "total_tokens": 6}
@@ -196,7 +199,7 @@ def load_head(engine, draft_head: str | None = None) -> DraftHead:
     if max(c.feature_layers) > target.config.num_hidden_layers:
         raise DraftwiseError(f"the draft head in {directory} reads layers the model does not have")
     head.target_compute = engine.target.dtype_name
-    if head.target_compute.endswith("+int4"):  # next to an int4 target, a bf16 head call would cost 1/6 of a step
+    if "+" in head.target_compute:  # next to a 4-bit target, a full-precision head call would cost 1/6 of a step
         quantize_draft_linears(head)
     return head.attach_embedding(target.get_input_embeddings().weight)
 
