@@ -8,7 +8,10 @@ query length so the cache is never repeated. On CPU in bf16, weights that lie on
 grid run through PyTorch's int4 kernel (`Int4Groups`): a step takes 6.4 ms on an AVX-512 BF16 EPYC. On a CPU
 without bf16 units (AVX2), where bf16 is emulated and that kernel's cost grows with every few rows, the lean
 engine computes in fp32 and runs the same grids through draftwise's own kernel (`GridLinear`), which gives each
-row the same bits whatever the rows beside it. Same contract as `TargetModel`.
+row the same bits whatever the rows beside it. On a CPU with AVX-512 VNNI, `VnniLinear` multiplies int8-rounded
+activations by the grid's codes in int32, as llama.cpp does, and a tree attention kernel replaces SDPA for
+decode steps and trees; both give each row the same bits whatever rows or cache slots surround it, so trees
+verify token for token. Same contract as `TargetModel`.
 """
 
 from __future__ import annotations
