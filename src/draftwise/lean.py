@@ -161,7 +161,7 @@ class GridLinear:
     use a dense fp32 copy (MKL's GEMM is faster there, and a prompt is never verified)."""
 
     MAX_ROWS = 64
-    TILE = 8  # outputs per kernel tile; a weight's outputs must come in blocks of 4 tiles
+    OUTPUT_BLOCK = 32  # the kernel's outputs come in blocks of 4 tiles of 8
 
     def __init__(self, weight: Tensor, grid: Grid) -> None:
         rows, cols = grid.codes.shape
@@ -183,8 +183,8 @@ class GridLinear:
 
     @classmethod
     def fits(cls, weight: Tensor) -> bool:
-        """The kernel builds here and takes this shape (outputs in blocks of 4 tiles, inputs in groups of 32)."""
-        return weight.shape[0] % (4 * cls.TILE) == 0 and weight.shape[1] % GROUP == 0 and cls.kernel() is not None
+        """The kernel builds here and takes this shape (outputs in whole blocks, inputs in groups of 32)."""
+        return weight.shape[0] % cls.OUTPUT_BLOCK == 0 and weight.shape[1] % GROUP == 0 and cls.kernel() is not None
 
     @classmethod
     def nearest(cls, weight: Tensor) -> GridLinear:
@@ -216,12 +216,7 @@ class VnniLinear(GridLinear):
     kernel in bf16: ~2 decode steps for the whole model). Rows are quantized on their own and summed in a fixed
     order, so a tree node's logits equal a lone step's bit for bit, and prefills compute the same model."""
 
-    TILE = 16
-
-    @classmethod
-    def fits(cls, weight: Tensor) -> bool:
-        """The kernel builds here and takes this shape (outputs in tiles of 16, inputs in groups of 32)."""
-        return weight.shape[0] % cls.TILE == 0 and weight.shape[1] % GROUP == 0 and cls.kernel() is not None
+    OUTPUT_BLOCK = 16  # one tile: a partial block of 4 tiles runs tile by tile
 
     def __init__(self, weight: Tensor, grid: Grid) -> None:
         rows, cols = grid.codes.shape

@@ -237,7 +237,6 @@ void attend_row(const float* qi, const float* kh, const float* vh, int64_t lengt
     _mm512_storeu_ps(scores + j0, s);
     top = _mm512_max_ps(top, s);
   }
-  for (int64_t j = length; j < length + 16; ++j) scores[j] = -INFINITY;
   // weights e^(s - top) in place, 16 slots at a time; unseen slots give exactly 0
   const __m512 peak = _mm512_set1_ps(_mm512_reduce_max_ps(top));
   for (int64_t j = 0; j < length; j += 16) {
@@ -289,7 +288,7 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64
                                                            attend_row<6>, attend_row<7>, attend_row<8>};
   const auto row = rows_by_vectors[D / 16];
   at::parallel_for(0, n * heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(length + 16);
+    std::vector<float> scores((length + 15) / 16 * 16);  // whole blocks of 16, the last padded with -inf
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = task / heads, h = task % heads;
       row(qs + (i * heads + h) * D, ks + (h / group) * k.stride(0), vs + (h / group) * v.stride(0), length,
