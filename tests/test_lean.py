@@ -132,7 +132,7 @@ def test_speculation_on_4bit_weights_equals_its_own_plain_decoding(compute, monk
 
     target = lean_int4(model)
     assert target.dtype_name == compute
-    assert (target.attention is not None) == (compute == "float32+w4a8")
+    assert (target.attention is not None) == (target.kernel is not None) == (compute == "float32+w4a8")
     reference, plain = run(model, NoDraft(), PROMPT, 40, target_class=lean_int4)
     truth = reference + [0] * 20
     eagle = EagleDrafter(tiny_eagle(copy.deepcopy(model).to(dtype)).head.to(dtype), 8, 2, 8)
@@ -245,3 +245,39 @@ def test_attention_kernel_matches_sdpa_and_ignores_slots_and_neighbours(head_dim
         seen = visible[i].nonzero().flatten()
         packed = cache[:, :, seen].contiguous()
         assert torch.equal(attention(q[i : i + 1], packed[0], packed[1], len(seen), None), out[i : i + 1])
+
+
+@needs_avx512_kernel
+def test_fused_decoder_layer_is_the_layer_and_gives_each_row_the_same_bits():
+    """csrc/avx512.cpp's decoder_layer against the same layer in PyTorch ops on the same kernels, and each row
+    alone against the rows together (cache slots included)."""
+    torch.manual_seed(0)
+    target = LeanTarget(quantized_llama(), dtype=torch.float32, int4=True)
+    kernel, layer = target.kernel, target.layers[0]
+    heads, kv_heads, dim, start, n = target.heads, target.kv_heads, target.head_dim, 7, 5
+    x = torch.randn(n, target.config.hidden_size)
+    cache = torch.zeros(2, kv_heads, 32, dim)
+    cache[:, :, :start] = torch.randn(2, kv_heads, start, dim)
+    reference_cache = cache.clone()
+    positions = torch.arange(start, start + n)
+    cos, sin = target.cos[positions].contiguous(), target.signed_sin[positions].contiguous()
+    out = kernel.decoder_layer(x, *layer.packed, cos, sin, cache, start, None, heads, target.eps)
+
+    norm = torch.nn.functional.rms_norm
+    qkv = layer.qkv(norm(x, (x.shape[1],), layer.norm1, target.eps))
+    qk = qkv[:, : (heads + kv_heads) * dim].view(n, heads + kv_heads, dim)
+    qk = qk * cos[:, None] + qk.roll(dim // 2, -1) * sin[:, None]
+    reference_cache[0, :, start : start + n] = qk[:, heads:].transpose(0, 1)
+    reference_cache[1, :, start : start + n] = qkv[:, (heads + kv_heads) * dim :].view(n, kv_heads, dim).transpose(0, 1)
+    mid = x + layer.o(kernel.attention(qk[:, :heads], reference_cache[0], reference_cache[1], start + n, None))
+    gate, up = layer.gate_up(norm(mid, (x.shape[1],), layer.norm2, target.eps)).chunk(2, -1)
+    expected = mid + layer.down(torch.nn.functional.silu(gate) * up)
+    torch.testing.assert_close(cache, reference_cache, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    # row i alone, after rows < i were written: bit for bit what it got among all n rows
+    for i in range(n):
+        alone = cache.clone()
+        row = kernel.decoder_layer(
+            x[i : i + 1], *layer.packed, cos[i : i + 1], sin[i : i + 1], alone, start + i, None, heads, target.eps
+        )
+        assert torch.equal(row, out[i : i + 1])

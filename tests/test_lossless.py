@@ -13,6 +13,7 @@ from draftwise.drafters.draft_model import DraftModel
 from draftwise.drafters.pld import PromptLookup, PromptLookupRetriever
 from draftwise.drafters.rasd import FittedGate, RasdDrafter
 from draftwise.lean import LeanTarget
+from draftwise.retrieval import Retrieved
 from draftwise.target import TargetModel
 from draftwise.tree import DraftTree
 from draftwise.verify import Sampling
@@ -85,13 +86,13 @@ class OracleRetriever:
     def __init__(self, prompt: list[int], truth: list[int]):
         self.full = prompt + truth
 
-    def retrieve(self, tokens: torch.Tensor, budget: int) -> DraftTree | None:
+    def retrieve(self, tokens: torch.Tensor, budget: int) -> Retrieved | None:
         pos = tokens.numel()
         right = self.full[pos : pos + 8]
         if not right:
             return None
         wrong = [(right[0] + 1) % 96, *right[1:]]
-        return DraftTree.from_sequences(int(tokens[-1]), [right, wrong]).select_top(budget)
+        return Retrieved(DraftTree.from_sequences(int(tokens[-1]), [right, wrong]).select_top(budget), match=1)
 
 
 PROMPTS = [[5, 17, 3], [1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3], [42] * 6, list(range(30, 70))]

@@ -114,8 +114,10 @@ def test_max_matches_spreads_over_the_occurrences(tmp_path):
     length, positions, conts = store.match([0, 1])
     assert length == 2 and len(positions) == 30
     assert Counter(conts[:, 1].tolist()) == {0: 10, 1: 10, 2: 10}  # not only the lexicographically first rows
-    tree = store.retrieve(torch.tensor([0, 1]), budget=4)
-    assert tree is not None and tree.size == 4 and tree.tokens[:2].tolist() == [1, 2]
+    retrieved = store.retrieve(torch.tensor([0, 1]), budget=4)
+    assert retrieved is not None and retrieved.match == 2
+    tree = retrieved.tree
+    assert tree.size == 4 and tree.tokens[:2].tolist() == [1, 2]
     assert store.retrieve(torch.tensor([2, 2, 2]), budget=4) is None  # no occurrence followed by a token
 
 
@@ -149,8 +151,8 @@ def test_both_retrievers_share_one_interface(tmp_path):
     retrievers: list[Retriever] = [Datastore.load(tmp_path / "ds"), PromptLookupRetriever()]
     context = torch.tensor([5, 6, 7, 8, 1, 5, 6])
     for retriever in retrievers:
-        tree = retriever.retrieve(context, budget=3)
-        assert tree is not None and tree.tokens.tolist() == [6, 7, 8]
+        retrieved = retriever.retrieve(context, budget=3)
+        assert retrieved is not None and retrieved.tree.tokens.tolist() == [6, 7, 8] and retrieved.match == 2
         assert retriever.retrieve(torch.tensor([9, 9, 3]), budget=3) is None
 
 

@@ -67,9 +67,11 @@ def test_rasd_node_kinds_tell_sources_apart():
     lookup = DraftTree.from_sequences(7, [[1, 4, 9]])  # one match: every node agreed on (score 0)
     datastore = DraftTree.from_sequences(7, [[8], [3]])  # two continuations that disagree
     fused = head.merge(lookup)
-    sources = [-1] * head.size + [0] * (fused.size - head.size)
+    sources = [(-1, 0)] * head.size + [(0, 3)] * (fused.size - head.size)  # prompt lookup matched 3 tokens
     fused_all = fused.merge(datastore)
-    sources += [1] * (fused_all.size - fused.size)
+    sources += [(1, 9)] * (fused_all.size - fused.size)  # the datastore 9, counted as 4 or more
     kinds = rasd_node_kinds(fused_all, sources)
     assert kinds[:3] == [("head", 0, 0), ("head", 1, 0), ("head", 1, 2)]  # token 1 is shared: it stays the head's
-    assert kinds[3:] == [("retrieved", 0, 2, True), ("retrieved", 0, 3, True)] + [("retrieved", 1, 1, False)] * 2
+    assert (
+        kinds[3:] == [("retrieved", 0, 3, 2, True), ("retrieved", 0, 3, 3, True)] + [("retrieved", 1, 4, 1, False)] * 2
+    )

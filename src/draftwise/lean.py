@@ -290,7 +290,7 @@ def _projection(weights: list[Tensor], dtype: torch.dtype, int4: bool):
 
 
 class _Layer:
-    __slots__ = ("norm1", "qkv", "o", "norm2", "gate_up", "down")
+    __slots__ = ("norm1", "qkv", "o", "norm2", "gate_up", "down", "packed")
 
     def __init__(self, layer, dtype: torch.dtype, int4: bool) -> None:
         attn, mlp = layer.self_attn, layer.mlp
@@ -300,6 +300,16 @@ class _Layer:
         self.norm2 = layer.post_attention_layernorm.weight.detach().to(dtype)
         self.gate_up = _projection([mlp.gate_proj.weight, mlp.up_proj.weight], dtype, int4)
         self.down = _projection([mlp.down_proj.weight], dtype, int4)
+        products = (self.qkv, self.o, self.gate_up, self.down)
+        # what csrc/avx512.cpp's decoder_layer takes, where every product runs on the VNNI kernel
+        self.packed = None
+        if all(isinstance(p, VnniLinear) for p in products):
+            weights = [self.norm1.float().contiguous()]
+            for index, p in enumerate(products):
+                if index == 2:
+                    weights.append(self.norm2.float().contiguous())
+                weights += [p.codes, p.scale, p.low]
+            self.packed = (weights, [p.nibbles for p in products])
 
 
 class LeanTarget:
@@ -340,7 +350,10 @@ class LeanTarget:
         self.verify_cost: Callable[[int], float] | None = None
         # with VNNI products, attention too runs each row on its own (csrc/avx512.cpp), so nodes match steps
         vnni = isinstance(self.layers[0].qkv, VnniLinear) and self.head_dim % 16 == 0 and self.head_dim <= 128
+        # the fused layer's row loops run 16 hidden values, and 64 of the MLP's, at a time
+        whole_layers = config.hidden_size % 16 == 0 and config.intermediate_size % 64 == 0
         self.attention = avx512_kernel().attention if vnni else None
+        self.kernel = avx512_kernel() if vnni and whole_layers and all(layer.packed for layer in self.layers) else None
         if self.device.type == "cpu":
             a, b = self._calibrate()
             self.verify_cost = lambda nodes: a + b * nodes
@@ -421,9 +434,17 @@ class LeanTarget:
             mask = mask.repeat(group, 1)
         features = {}
         x = self.embed[token_ids]  # (N, H)
+        fused = self.kernel is not None and attention is not None  # decode steps and trees, on VNNI
+        if fused:
+            cos_rows, sin_rows = cos[:, 0].contiguous(), signed_sin[:, 0].contiguous()
         for index, layer in enumerate(self.layers):
             if index in self.feature_layers:
                 features[index] = x
+            if fused:
+                x = self.kernel.decoder_layer(
+                    x, *layer.packed, cos_rows, sin_rows, self.kv[index], start, visible, heads, self.eps
+                )
+                continue
             h = self._rms_norm(x, layer.norm1)
             qkv = layer.qkv(h)
             qk = qkv[:, : q_size + kv_size].view(n, heads + kv_heads, head_dim)
@@ -444,7 +465,7 @@ class LeanTarget:
             h = self._rms_norm(x, layer.norm2)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
-        x = self._rms_norm(x, self.norm)
+        x = self.kernel.rms_norm(x, self.norm, self.eps) if fused else self._rms_norm(x, self.norm)
         features[len(self.layers)] = x
         self._length = end
         logits = None if logits_rows is None else self.lm_head(x[logits_rows])

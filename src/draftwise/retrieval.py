@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 from torch import Tensor
@@ -34,11 +34,16 @@ TOKENS_FILE, SUFFIX_ARRAY_FILE, META_FILE = "tokens.npy", "suffix_array.npy", "m
 DEFAULT_MAX_TOKENS = 5_000_000
 
 
+class Retrieved(NamedTuple):
+    tree: DraftTree
+    match: int  # how many trailing context tokens the retrieval matched: what most predicts its acceptance
+
+
 class Retriever(Protocol):
     """Anything that proposes a retrieval tree continuing `tokens` (root = tokens[-1]): a REST datastore, prompt
     lookup. None when nothing matches."""
 
-    def retrieve(self, tokens: Tensor, budget: int) -> DraftTree | None: ...
+    def retrieve(self, tokens: Tensor, budget: int) -> Retrieved | None: ...
 
 
 def frequent_prefix_tree(root: int, continuations: np.ndarray, budget: int) -> DraftTree:
@@ -169,12 +174,12 @@ class Datastore:
                 return int(length), starts, np.where(inside, window, -1)
         return 0, np.zeros(0, np.int64), empty
 
-    def retrieve(self, tokens: Tensor, budget: int) -> DraftTree | None:
+    def retrieve(self, tokens: Tensor, budget: int) -> Retrieved | None:
         """REST's retrieval tree continuing tokens[-1], at most `budget` nodes; None when nothing matches."""
         length, _, continuations = self.match(tokens)
         if not length:
             return None
-        return frequent_prefix_tree(int(tokens[-1]), continuations, budget)
+        return Retrieved(frequent_prefix_tree(int(tokens[-1]), continuations, budget), length)
 
 
 def build_datastore(

@@ -298,7 +298,109 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64
   return out;
 }
 
+// --- one decoder layer ------------------------------------------------------------------------------------
+// Why: a decode step of the default model ran ~20 PyTorch ops a layer (norms, rotary, cache writes, the MLP's
+// gate), each a few microseconds of dispatch on a 2-core CPU: about a third of a step. Here a whole llama layer
+// is one call: the products and attention above, and the small ops as plain loops over each row, every row on its
+// own and in a fixed order, so a tree node still gets bit for bit what a lone step gets.
+
+namespace {
+
+// y = x / sqrt(mean(x^2) + eps) * w for one row of H values (H a multiple of 16), sums in 16 lanes then a fixed tree
+void norm_row(const float* x, const float* w, int64_t H, float eps, float* y) {
+  __m512 squares = _mm512_setzero_ps();
+  for (int64_t j = 0; j < H; j += 16) {
+    const __m512 v = _mm512_loadu_ps(x + j);
+    squares = _mm512_add_ps(squares, _mm512_mul_ps(v, v));
+  }
+  const float inv = 1.f / std::sqrt(_mm512_reduce_add_ps(squares) / static_cast<float>(H) + eps);
+  const __m512 r = _mm512_set1_ps(inv);
+  for (int64_t j = 0; j < H; j += 16)
+    _mm512_storeu_ps(y + j, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + j), r), _mm512_loadu_ps(w + j)));
+}
+
+torch::Tensor norm_rows(const torch::Tensor& x, const torch::Tensor& w, float eps) {
+  const int64_t n = x.size(0), H = x.size(1);
+  auto y = torch::empty_like(x);
+  for (int64_t i = 0; i < n; ++i) norm_row(x.data_ptr<float>() + i * H, w.data_ptr<float>(), H, eps, y.data_ptr<float>() + i * H);
+  return y;
+}
+
+// silu(gate) * up, gate and up the two halves of each row of gu (n, 2I), I a multiple of 64
+torch::Tensor silu_mul(const torch::Tensor& gu) {
+  const int64_t n = gu.size(0), I = gu.size(1) / 2;
+  auto out = torch::empty({n, I}, gu.options());
+  const __m512 one = _mm512_set1_ps(1.f);
+  const float* gs = gu.data_ptr<float>();
+  float* os = out.data_ptr<float>();
+  // 64 values a task: each one's result depends on it alone, so how rows are split never matters
+  at::parallel_for(0, n * I / 64, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task * 64 / I, j0 = task * 64 % I;
+      for (int64_t j = j0; j < j0 + 64; j += 16) {
+        const __m512 x = _mm512_loadu_ps(gs + i * 2 * I + j);
+        const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));  // e^-|x|, never overflows
+        const __mmask16 positive = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ);
+        const __m512 sigmoid = _mm512_div_ps(_mm512_mask_mov_ps(e, positive, one), _mm512_add_ps(one, e));
+        _mm512_storeu_ps(os + i * I + j, _mm512_mul_ps(_mm512_mul_ps(x, sigmoid), _mm512_loadu_ps(gs + i * 2 * I + I + j)));
+      }
+    }
+  });
+  return out;
+}
+
+// rotary x (D values) with this position's cos and signed sin: x * cos + roll(x, D / 2) * signed_sin
+inline void rotate_row(const float* x, const float* cos, const float* sin, int64_t D, float* y) {
+  const int64_t half = D / 2;
+  for (int64_t d = 0; d < D; ++d) y[d] = x[d] * cos[d] + x[(d + half) % D] * sin[d];
+}
+
+}  // namespace
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.size(1) % 16 == 0 &&
+                  weight.scalar_type() == torch::kFloat32 && weight.numel() == x.size(1),
+              "rms_norm: fp32 x (n, H), H a multiple of 16, and weight (H)");
+  return norm_rows(x.contiguous(), weight.contiguous(), static_cast<float>(eps));
+}
+
+// x (n, H) -> the layer's output (n, H). w: norm1, qkv (codes, scale, low), o (3), norm2, gate_up (3), down (3);
+// nibbles: per product, Q4_1 or Q8_0. cos, sin (n, D): rotary rows of the n positions. cache (2, kv_heads, slots,
+// D): this layer's keys and values; the n new ones are written at slots [start, start + n). visible as `attention`.
+torch::Tensor decoder_layer(torch::Tensor x, std::vector<torch::Tensor> w, std::vector<bool> nibbles, torch::Tensor cos,
+                            torch::Tensor sin, torch::Tensor cache, int64_t start, c10::optional<torch::Tensor> visible,
+                            int64_t heads, double eps) {
+  TORCH_CHECK(w.size() == 14 && nibbles.size() == 4, "decoder_layer: 14 weights and 4 nibble flags");
+  TORCH_CHECK(cache.dim() == 4 && cache.size(0) == 2 && cache.is_contiguous() && cos.is_contiguous() && sin.is_contiguous(),
+              "decoder_layer: cache (2, kv_heads, slots, D) contiguous");
+  x = x.contiguous();
+  const int64_t n = x.size(0), kv_heads = cache.size(1), slots = cache.size(2), D = cache.size(3);
+  TORCH_CHECK(start + n <= slots && cos.size(0) == n && cos.size(1) == D, "decoder_layer: positions or cache too short");
+  const float e = static_cast<float>(eps);
+  const auto qkv = vnni_matmul(norm_rows(x, w[0], e), w[1], w[2], w[3], nibbles[0]);
+  const int64_t width = qkv.size(1);
+  TORCH_CHECK(width == (heads + 2 * kv_heads) * D, "decoder_layer: qkv width disagrees with the heads");
+  auto q = torch::empty({n, heads, D}, x.options());
+  float *qs = q.data_ptr<float>(), *keys = cache.data_ptr<float>(), *values = keys + kv_heads * slots * D;
+  for (int64_t i = 0; i < n; ++i) {
+    const float* row = qkv.data_ptr<float>() + i * width;
+    const float *c = cos.data_ptr<float>() + i * D, *s = sin.data_ptr<float>() + i * D;
+    for (int64_t h = 0; h < heads; ++h) rotate_row(row + h * D, c, s, D, qs + (i * heads + h) * D);
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const int64_t slot = (h * slots + start + i) * D;
+      rotate_row(row + (heads + h) * D, c, s, D, keys + slot);
+      std::copy(row + (heads + kv_heads + h) * D, row + (heads + kv_heads + h + 1) * D, values + slot);
+    }
+  }
+  const auto attended = attention(q, cache[0], cache[1], start + n, visible);
+  const auto mid = x + vnni_matmul(attended, w[4], w[5], w[6], nibbles[1]);
+  const auto gate_up = vnni_matmul(norm_rows(mid, w[7], e), w[8], w[9], w[10], nibbles[2]);
+  return mid + vnni_matmul(silu_mul(gate_up), w[11], w[12], w[13], nibbles[3]);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vnni_matmul", &vnni_matmul, "x W^T on a GGUF Q4_1 / Q8_0 grid, int8 activations, AVX-512 VNNI");
   m.def("attention", &attention, "tree attention over a KV cache, each query row on its own");
+  m.def("rms_norm", &rms_norm, "RMS norm of each row on its own");
+  m.def("decoder_layer", &decoder_layer, "a whole llama decoder layer on the VNNI products, each row on its own");
 }

@@ -18,7 +18,7 @@ from draftwise.draft_head import DraftHead, KVCache
 from draftwise.drafters.base import DraftContext, Drafter, RoundResult
 from draftwise.drafters.dynamic_tree import KeepGoing, TreeSlots, candidate_tree, sample_chain
 from draftwise.errors import DraftwiseError
-from draftwise.kernels import use_small_batch_linear
+from draftwise.kernels import avx512_kernel, use_small_batch_linear
 from draftwise.lean import quantize_draft_linears
 from draftwise.tree import DraftTree
 
@@ -33,8 +33,13 @@ HEADS_DIR = Path(__file__).resolve().parent.parent / "data" / "heads"
 # VNNI kernels) 8 nodes cost 1.6 steps, and d0 V2 (1.10x) and d2 V6 (1.09x, τ 2.17) lead
 # (tree-grid-lean-fp32-w4a8.json). Depth 0-1 everywhere:
 # deeper trees add little τ at this head's accuracy.
-TREE_DEFAULTS = {"float32": (8, 1, 4), "bfloat16": (8, 1, 8), "bfloat16+int4": (8, 0, 2), "float32+int4": (8, 0, 2),
-                 "float32+w4a8": (8, 0, 2)}
+TREE_DEFAULTS = {
+    "float32": (8, 1, 4),
+    "bfloat16": (8, 1, 8),
+    "bfloat16+int4": (8, 0, 2),
+    "float32+int4": (8, 0, 2),
+    "float32+w4a8": (8, 0, 2),
+}
 # EAGLE-2's fixed tree, deep enough for a stop rule to stop in: what the stop-rule baselines draft and what the
 # learned policies are trained and measured against.
 EAGLE2_TREE = {"top_k": 8, "depth": 3, "total_tokens": 6}
@@ -201,6 +206,8 @@ def load_head(engine, draft_head: str | None = None) -> DraftHead:
     head.target_compute = engine.target.dtype_name
     if "+" in head.target_compute:  # next to a 4-bit target, a full-precision head call would cost 1/6 of a step
         quantize_draft_linears(head)
+    if getattr(engine.target, "attention", None) is not None:  # the lean target on csrc/avx512.cpp
+        head.kernel = avx512_kernel()
     return head.attach_embedding(target.get_input_embeddings().weight)
 
 

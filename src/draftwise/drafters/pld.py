@@ -6,7 +6,10 @@ import torch
 
 from draftwise.drafters.base import DraftContext, Drafter, RoundResult
 from draftwise.drafters.sizing import CostSizer
+from draftwise.retrieval import Retrieved
 from draftwise.tree import DraftTree
+
+PLD_TOTAL_TOKENS = 24  # nodes of the merged trie at most, before cost sizing
 
 
 def lookup_continuations(
@@ -35,12 +38,12 @@ class PromptLookupRetriever:
     def lookup(self, tokens: torch.Tensor) -> tuple[int, list[list[int]]]:
         return lookup_continuations(tokens, self.max_ngram, self.min_ngram, self.num_pred_tokens, self.max_matches)
 
-    def retrieve(self, tokens: torch.Tensor, budget: int) -> DraftTree | None:
+    def retrieve(self, tokens: torch.Tensor, budget: int) -> Retrieved | None:
         """The trie of the matches' continuations, at most `budget` nodes; None when nothing matches."""
-        _, spans = self.lookup(tokens)
+        n, spans = self.lookup(tokens)
         if not spans:
             return None
-        return DraftTree.from_sequences(int(tokens[-1]), spans).select_top(budget)
+        return Retrieved(DraftTree.from_sequences(int(tokens[-1]), spans).select_top(budget), n)
 
 
 class PromptLookup(Drafter):
@@ -59,7 +62,7 @@ class PromptLookup(Drafter):
         min_ngram: int = 1,
         num_pred_tokens: int = 10,
         max_matches: int = 4,
-        total_tokens: int = 24,
+        total_tokens: int = PLD_TOTAL_TOKENS,
     ):
         super().__init__()
         self.retriever = PromptLookupRetriever(max_ngram, min_ngram, num_pred_tokens, max_matches)

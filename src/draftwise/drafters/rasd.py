@@ -24,9 +24,9 @@ from torch import Tensor
 
 from draftwise.drafters.base import DraftContext, RoundResult
 from draftwise.drafters.eagle import EagleDrafter, load_head, target_compute
-from draftwise.drafters.pld import PromptLookupRetriever
+from draftwise.drafters.pld import PLD_TOTAL_TOKENS, PromptLookupRetriever
 from draftwise.drafters.sizing import CostSizer
-from draftwise.retrieval import Datastore, Retriever, resolve_datastore
+from draftwise.retrieval import Datastore, Retrieved, Retriever, resolve_datastore
 from draftwise.tree import DraftTree
 
 BUCKET_EDGES = torch.tensor([1e-3, 1e-2, 5e-2, 0.2, 0.5])  # head probability of a branch's first token
@@ -65,7 +65,7 @@ class RasdDrafter(EagleDrafter):
         self,
         head,
         retrievers: list[Retriever],
-        retrieval_budget: int = 10,
+        retrieval_budget: int | None = None,
         concurrent: bool = True,
         gate: FittedGate | None = None,
         **eagle_options,
@@ -85,49 +85,53 @@ class RasdDrafter(EagleDrafter):
         self._draft_index = torch.full((head.config.target_vocab_size,), -1, dtype=torch.long)
         self._draft_index[draft_to_target] = torch.arange(draft_to_target.numel())
 
-    def _retrieve(self, tokens: Tensor) -> list[tuple[int, DraftTree]]:
-        """(retriever index, retrieval tree) of every retriever that found something."""
-        found = [(i, r.retrieve(tokens, self.retrieval_budget + 1)) for i, r in enumerate(self.retrievers)]
-        return [(i, tree) for i, tree in found if tree is not None and tree.size > 1]
+    def _retrieve(self, tokens: Tensor, budget: int) -> list[tuple[int, Retrieved]]:
+        """(retriever index, what it retrieved) of every retriever that found something."""
+        found = [(i, r.retrieve(tokens, budget + 1)) for i, r in enumerate(self.retrievers)]
+        return [(i, got) for i, got in found if got is not None and got.tree.size > 1]
 
-    def _pooled(self, found: list[tuple[int, DraftTree]]) -> list[tuple[int, DraftTree]]:
+    def _pooled(self, found: list[tuple[int, Retrieved]], budget: int) -> list[tuple[int, Retrieved]]:
         """Every source's proposals in one trie cut to the retrieval budget by score: where the target gives no
         cost to size by, the budget is what keeps the fused tree small."""
         if len(found) < 2:
             return found
-        pooled = found[0][1]
-        for _, tree in found[1:]:
-            pooled = pooled.merge(tree)
-        return [(found[0][0], pooled.select_top(self.retrieval_budget + 1))]
+        pooled = found[0][1].tree
+        for _, got in found[1:]:
+            pooled = pooled.merge(got.tree)
+        return [(found[0][0], Retrieved(pooled.select_top(budget + 1), found[0][1].match))]
 
     @torch.inference_mode()
     def propose(self, context: DraftContext) -> DraftTree:
         tokens, root = context.tokens, int(context.tokens[-1])
         if not self.pending:
             return DraftTree.root_only(root)
-        job = self.pool.submit(self._retrieve, tokens) if self.pool else None
+        # where the target prices its trees, the sizer drops what does not pay, so retrieval may propose as much
+        # as prompt lookup alone does; elsewhere the budget is what keeps the fused tree small
+        budget = self.retrieval_budget or (PLD_TOTAL_TOKENS if context.verify_cost else 10)
+        job = self.pool.submit(self._retrieve, tokens, budget) if self.pool else None
         root_logits, root_hidden = self._catch_up(tokens)
         committed = self.cache.length
         try:
             draft = self._tree(root, root_logits, root_hidden, committed, min(self.total_tokens, context.budget))
         finally:
             self.cache.length = committed
-        found = job.result() if job else self._retrieve(tokens)
+        found = job.result() if job else self._retrieve(tokens, budget)
         if context.verify_cost is None:
-            found = self._pooled(found)
-        fused, sources, kept = draft, [-1] * draft.size, []  # source of each node: -1 = the head's own
-        for source, tree in found:
-            pruned, branches = self._prune(tree, root_logits)
+            found = self._pooled(found, budget)
+        # source of each node: (-1, 0) = the head's own, else (retriever, its match length)
+        fused, sources, kept = draft, [(-1, 0)] * draft.size, []
+        for source, got in found:
+            pruned, branches = self._prune(got.tree, root_logits)
             before = fused.size
             fused = fused.merge(pruned)
-            sources += [source] * (fused.size - before)
+            sources += [(source, got.match)] * (fused.size - before)
             kept += branches
         # where each kept branch's first token sits in the fused tree, to credit it when the verdict comes
         first_level = {int(fused.tokens[i]): i for i in fused.children()[0]}
         self._draft_tree, self._branches = draft, list({first_level[t]: p for t, p in kept}.items())
         return fused if context.verify_cost is None else self._size(fused, draft, sources, context.verify_cost)
 
-    def _size(self, fused: DraftTree, draft: DraftTree, sources: list[int], verify_cost) -> DraftTree:
+    def _size(self, fused: DraftTree, draft: DraftTree, sources: list[tuple[int, int]], verify_cost) -> DraftTree:
         """Where the target measured its tree cost (the lean and llama engines), keep only the nodes that pay:
         acceptance rates per node kind are counted online, as for prompt lookup (sizing.py)."""
         sized, keep = self.sizer.size(fused, rasd_node_kinds(fused, sources), verify_cost)
@@ -175,15 +179,16 @@ class RasdDrafter(EagleDrafter):
         return n
 
 
-def rasd_node_kinds(fused: DraftTree, sources: list[int]) -> list[tuple]:
+def rasd_node_kinds(fused: DraftTree, sources: list[tuple[int, int]]) -> list[tuple]:
     """What predicts a fused node's acceptance: the head's own nodes by depth and cumulative log-probability
-    (in nats, bucketed); retrieved nodes by their source (prompt lookup and a datastore differ a lot), depth
-    and whether the source's matches all agree on them (score 0)."""
+    (in nats, bucketed); retrieved nodes by their source (prompt lookup and a datastore differ a lot), how many
+    context tokens it matched (as prompt lookup sizes its own trees), depth and whether the source's matches
+    all agree on them (score 0)."""
     depths = fused.depths.clamp_max(8).tolist()
     scores = fused.scores.tolist()
     return [
-        ("head", d, min(8, int(-s))) if source < 0 else ("retrieved", source, d, s > -1e-6)
-        for d, s, source in zip(depths, scores, sources, strict=True)
+        ("head", d, min(8, int(-s))) if source < 0 else ("retrieved", source, min(match, 4), d, s > -1e-6)
+        for d, s, (source, match) in zip(depths, scores, sources, strict=True)
     ]
 
 
@@ -191,7 +196,7 @@ def load_rasd(
     engine,
     draft_head: str | None = None,
     datastore: str | None = None,
-    retrieval_budget: int = 10,
+    retrieval_budget: int | None = None,
     concurrent: bool = True,
     gate_threshold: float | None = None,
     policy: str | None = None,

@@ -46,9 +46,10 @@ class RestDrafter(Drafter):
 
     def propose(self, context: DraftContext) -> DraftTree:
         budget = min(self.total_tokens, context.budget)
-        tree = self.store.retrieve(context.tokens, budget)
-        if tree is None:
+        retrieved = self.store.retrieve(context.tokens, budget)
+        if retrieved is None:
             return DraftTree.root_only(int(context.tokens[-1]))
+        tree = retrieved.tree
         if context.verify_cost is None:
             return tree
         # a node's kind: its depth and how often the corpus continued this way (log-frequency, bucketed)
