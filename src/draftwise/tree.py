@@ -64,6 +64,13 @@ class DraftTree:
     @property
     def ancestors(self) -> Tensor:
         """(N, N) bool: row i marks the ancestors of node i, itself included (the tree attention mask)."""
+        if self._ancestors is None and self.size <= 62:
+            # as bitsets in Python ints (a node's = its parent's plus itself): a few microseconds, where the
+            # level-by-level loop below costs ~8 per level, a tenth of prompt lookup's round on a deep chain
+            bits = [1]
+            for i, parent in enumerate(self.parents.tolist()[1:], start=1):
+                bits.append(bits[parent] | 1 << i)
+            self._ancestors = (torch.tensor(bits)[:, None] >> torch.arange(self.size)) & 1 == 1
         if self._ancestors is None:
             n = self.size
             mask = torch.eye(n, dtype=torch.bool)

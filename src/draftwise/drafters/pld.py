@@ -28,15 +28,49 @@ def lookup_continuations(
     return 0, []
 
 
+class NgramIndex:
+    """Where every n-gram of the context ends, kept up to date as tokens are appended: a lookup costs O(new
+    tokens) instead of a scan of the whole context every round (~0.2 ms an n-gram length at 1k tokens, a tenth
+    of a round). Same answers as `lookup_continuations`."""
+
+    def __init__(self, max_ngram: int, min_ngram: int) -> None:
+        self.lengths = range(max_ngram, min_ngram - 1, -1)
+        self.tokens: list[int] = []
+        self.seen = torch.zeros(0, dtype=torch.long)  # the tokens last indexed, to tell a new sequence apart
+        self.ends: dict[tuple[int, ...], list[int]] = {}
+
+    def _sync(self, tokens: torch.Tensor) -> None:
+        known = len(self.tokens)
+        if tokens.numel() < known or not torch.equal(tokens[:known], self.seen[:known]):  # another sequence
+            self.tokens, self.ends, known = [], {}, 0
+        self.seen = tokens
+        self.tokens += tokens[known:].tolist()
+        for end in range(known + 1, len(self.tokens) + 1):
+            for n in self.lengths:
+                if end >= n:
+                    self.ends.setdefault(tuple(self.tokens[end - n : end]), []).append(end)
+
+    def lookup(self, tokens: torch.Tensor, length: int, max_matches: int) -> tuple[int, list[list[int]]]:
+        self._sync(tokens)
+        total = len(self.tokens)
+        for n in self.lengths:
+            if total <= n:
+                continue
+            ends = self.ends.get(tuple(self.tokens[total - n :]), [])[:-1]  # the last is the trailing n-gram
+            if ends:
+                return n, [self.tokens[e : e + length] for e in reversed(ends[-max_matches:])]
+        return 0, []
+
+
 class PromptLookupRetriever:
     """Prompt lookup as a Retriever (see draftwise.retrieval): the datastore is the context itself."""
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, num_pred_tokens: int = 10, max_matches: int = 4):
-        self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.num_pred_tokens, self.max_matches = num_pred_tokens, max_matches
+        self.index = NgramIndex(max_ngram, min_ngram)
 
     def lookup(self, tokens: torch.Tensor) -> tuple[int, list[list[int]]]:
-        return lookup_continuations(tokens, self.max_ngram, self.min_ngram, self.num_pred_tokens, self.max_matches)
+        return self.index.lookup(tokens, self.num_pred_tokens, self.max_matches)
 
     def retrieve(self, tokens: torch.Tensor, budget: int) -> Retrieved | None:
         """The trie of the matches' continuations, at most `budget` nodes; None when nothing matches."""
