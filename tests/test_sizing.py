@@ -75,3 +75,25 @@ def test_rasd_node_kinds_tell_sources_apart():
     assert (
         kinds[3:] == [("retrieved", 0, 3, 2, True), ("retrieved", 0, 3, 3, True)] + [("retrieved", 1, 4, 1, False)] * 2
     )
+
+
+def test_prefix_depth_follows_one_path_from_the_root():
+    tree = DraftTree.from_sequences(7, [[1, 2, 3], [1, 4]])
+    assert tree.prefix_depth([1, 2, 9]) == 2 and tree.prefix_depth([1, 4]) == 2
+    assert tree.prefix_depth([5, 1]) == 0 and tree.prefix_depth([]) == 0
+
+
+def test_head_skip_needs_evidence_and_keeps_exploring():
+    """RASD's head call is skipped only where it has measurably added less than it costs, and even then it
+    runs every explore_every-th time, so a changed text can bring it back."""
+    from draftwise.drafters.rasd import HeadSkip
+
+    rule = HeadSkip(explore_every=4, min_rounds=3)
+    assert not rule.skip(2.5, call_share=0.2)  # no evidence yet
+    for _ in range(3):
+        rule.record(2.5, gain=0.1)  # 0.1 tokens added, against (1 + 2.5) * 0.2 = 0.7 it costs
+        rule.record(0.2, gain=1.0)  # where retrieval finds little, the head pays
+    decisions = [rule.skip(2.5, call_share=0.2) for _ in range(8)]
+    assert decisions.count(False) == 2 and decisions[3] is False  # every 4th skip runs the head anyway
+    assert not any(rule.skip(0.2, call_share=0.2) for _ in range(8))
+    assert not rule.skip(2.5, call_share=0.01)  # a cheap enough call always pays

@@ -143,6 +143,17 @@ class DraftTree:
         order = order[(-path_min[order]).sort(stable=True).indices]
         return self.subtree(order[: max(budget, 1)])
 
+    def prefix_depth(self, tokens: Sequence[int]) -> int:
+        """How many of `tokens` (continuing the root) this tree holds as one path from the root."""
+        pairs = zip(self.parents.tolist(), self.tokens.tolist(), strict=True)
+        child_of = {pair: i for i, pair in enumerate(pairs) if i}
+        node = 0
+        for depth, token in enumerate(tokens):
+            node = child_of.get((node, token), -1)
+            if node < 0:
+                return depth
+        return len(tokens)
+
     def merge(self, other: DraftTree) -> DraftTree:
         """Fuse `other` into this tree by longest prefix matching: shared prefixes map onto existing nodes
         (keeping the higher score), the rest is appended as new branches. Both roots must be the same token."""

@@ -1,7 +1,9 @@
 """RASD (Quan et al. 2025): retrieval trees pruned by the draft head's probabilities and fused into its tree.
 
 Each round, retrieval (prompt lookup and/or a REST datastore) runs in a worker thread while the head drafts,
-instead of after it (the paper's first stated limitation). The retrieval trie's first-level branches are
+instead of after it (the paper's first stated limitation), where a core is free for it. Otherwise it runs
+first, and where what it found already pays for the round the head's call is skipped (HeadSkip, fitted
+online). The retrieval trie's first-level branches are
 gated by the head's root distribution, then the kept branches are merged into the EAGLE-2 tree by longest
 prefix matching and the fused tree is verified in one pass. Where the target reports its verification cost
 (lean, llama.cpp), each source's trie is fused on its own and the fused tree keeps the nodes that pay, counted
@@ -17,6 +19,8 @@ bonus 1/sqrt(count), at least `min_gain` accepted tokens beyond what the head's 
 
 from __future__ import annotations
 
+import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -25,7 +29,7 @@ from torch import Tensor
 from draftwise.drafters.base import DraftContext, RoundResult
 from draftwise.drafters.eagle import EagleDrafter, load_head, target_compute
 from draftwise.drafters.pld import PLD_TOTAL_TOKENS, PromptLookupRetriever
-from draftwise.drafters.sizing import CostSizer
+from draftwise.drafters.sizing import CostSizer, nodes_for_throughput
 from draftwise.retrieval import Datastore, Retrieved, Retriever, resolve_datastore
 from draftwise.tree import DraftTree
 
@@ -58,6 +62,34 @@ class FittedGate:
         self.count.index_add_(0, b, torch.ones_like(gains, dtype=torch.float))
 
 
+class HeadSkip:
+    """Whether the head's call pays in a round where retrieval already offers `expected` accepted tokens (the
+    sizer's estimate): on a 2-core CPU a call costs ~1 ms, a seventh of a round, and where prompt lookup has a
+    long match the head rarely adds a token. Fitted online like the gate: per bucket of `expected`, the mean
+    number of tokens the head's nodes added beyond the retrieval trie's own; the call is skipped while that is
+    below what the call costs in tokens ((1 + expected) tokens per round times the call's share of a round). Every
+    `explore_every`-th skip runs the head anyway, so a bucket's estimate keeps being checked."""
+
+    EDGES = torch.tensor([0.5, 1.0, 2.0, 3.0, 5.0])
+
+    def __init__(self, explore_every: int = 8, min_rounds: int = 4):
+        self.explore_every, self.min_rounds, self.skipped = explore_every, min_rounds, 0
+        self.gain = torch.zeros(self.EDGES.numel() + 1)
+        self.count = torch.zeros(self.EDGES.numel() + 1)
+
+    def skip(self, expected: float, call_share: float) -> bool:
+        b = int(torch.bucketize(torch.tensor(expected), self.EDGES))
+        if self.count[b] < self.min_rounds or self.gain[b] / self.count[b] >= (1 + expected) * call_share:
+            return False
+        self.skipped += 1
+        return self.skipped % self.explore_every != 0
+
+    def record(self, expected: float, gain: float) -> None:
+        b = int(torch.bucketize(torch.tensor(expected), self.EDGES))
+        self.gain[b] += gain
+        self.count[b] += 1
+
+
 class RasdDrafter(EagleDrafter):
     name = "rasd"
 
@@ -66,13 +98,18 @@ class RasdDrafter(EagleDrafter):
         head,
         retrievers: list[Retriever],
         retrieval_budget: int | None = None,
-        concurrent: bool = True,
+        concurrent: bool | None = None,
         gate: FittedGate | None = None,
         **eagle_options,
     ):
         super().__init__(head, **eagle_options)
+        if concurrent is None:  # a worker thread only helps with a core to spare (measured on 2: no faster)
+            concurrent = (os.cpu_count() or 1) > torch.get_num_threads()
         self.retrievers, self.retrieval_budget, self.concurrent = retrievers, retrieval_budget, concurrent
         self.gate = gate or FittedGate()
+        self.head_skip = HeadSkip()
+        self._retrieval_only: tuple[DraftTree, float] | None = None  # this round's retrieval trie, its expectation
+        self._call_s, self._rounds = 0.0, 0  # the head's own time per round (catch-up and tree), measured
         # one torch thread in the worker, so it adds no OpenMP threads (why: Engine._check_thread)
         self.pool = (
             ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(1,)) if concurrent else None
@@ -109,13 +146,23 @@ class RasdDrafter(EagleDrafter):
         # as prompt lookup alone does; elsewhere the budget is what keeps the fused tree small
         budget = self.retrieval_budget or (PLD_TOTAL_TOKENS if context.verify_cost else 10)
         job = self.pool.submit(self._retrieve, tokens, budget) if self.pool else None
+        found = None if job else self._retrieve(tokens, budget)
+        self._retrieval_only = None
+        if found and context.verify_cost is not None:  # serial retrieval: the head's call may be skipped
+            retrieved, kinds, expected = self._retrieval_tree(root, found, context.verify_cost)
+            self._retrieval_only = (retrieved, expected)
+            if self._rounds and self.head_skip.skip(expected, self._call_s / self._rounds / context.verify_cost(1)):
+                self._draft_tree, self._branches, self._retrieval_only = None, [], None
+                return self.sizer.size(retrieved, kinds, context.verify_cost)[0]
+        start = time.perf_counter()
         root_logits, root_hidden = self._catch_up(tokens)
         committed = self.cache.length
         try:
             draft = self._tree(root, root_logits, root_hidden, committed, min(self.total_tokens, context.budget))
         finally:
             self.cache.length = committed
-        found = job.result() if job else self._retrieve(tokens, budget)
+        self._call_s, self._rounds = self._call_s + time.perf_counter() - start, self._rounds + 1
+        found = job.result() if job else found
         if context.verify_cost is None:
             found = self._pooled(found, budget)
         # source of each node: (-1, 0) = the head's own, else (retriever, its match length)
@@ -130,6 +177,18 @@ class RasdDrafter(EagleDrafter):
         first_level = {int(fused.tokens[i]): i for i in fused.children()[0]}
         self._draft_tree, self._branches = draft, list({first_level[t]: p for t, p in kept}.items())
         return fused if context.verify_cost is None else self._size(fused, draft, sources, context.verify_cost)
+
+    def _retrieval_tree(self, root: int, found: list[tuple[int, Retrieved]], verify_cost):
+        """Every source's trie merged, the kinds of its nodes, and the accepted tokens its sized tree expects."""
+        tree, sources = DraftTree.root_only(root), [(-1, 0)]
+        for source, got in found:
+            before = tree.size
+            tree = tree.merge(got.tree)
+            sources += [(source, got.match)] * (tree.size - before)
+        kinds = rasd_node_kinds(tree, sources)
+        probs = self.sizer.stats.path_probs(tree, kinds)
+        keep = nodes_for_throughput(probs, verify_cost).tolist()
+        return tree, kinds, sum(probs[i] for i in keep[1:])
 
     def _size(self, fused: DraftTree, draft: DraftTree, sources: list[tuple[int, int]], verify_cost) -> DraftTree:
         """Where the target measured its tree cost (the lean and llama engines), keep only the nodes that pay:
@@ -157,6 +216,10 @@ class RasdDrafter(EagleDrafter):
     def observe(self, result: RoundResult) -> None:
         super().observe(result)
         self.sizer.observe(result.path)
+        if self._retrieval_only is not None:  # what the head's nodes added beyond the retrieval trie's
+            retrieved, expected = self._retrieval_only
+            accepted = result.tree.tokens[result.path[1:]].tolist()
+            self.head_skip.record(expected, len(accepted) - retrieved.prefix_depth(accepted))
         if not self._branches or self._draft_tree is None:
             return
         accepted_drafts = len(result.path) - 1
@@ -197,7 +260,7 @@ def load_rasd(
     draft_head: str | None = None,
     datastore: str | None = None,
     retrieval_budget: int | None = None,
-    concurrent: bool = True,
+    concurrent: bool | None = None,
     gate_threshold: float | None = None,
     policy: str | None = None,
     policy_dir: str | None = None,
