@@ -1,5 +1,7 @@
 """The lean engine's `--dtype auto` compute (draftwise's own grid kernel: `float32+w4a8` on AVX-512 VNNI,
 `float32+int4` on AVX2) against `bfloat16+int4` (PyTorch's int4 kernel), same GGUF weights, in one process.
+Where the target runs whole decoder layers in one C++ call (csrc/avx512.cpp), the same compute with that call
+switched off (one PyTorch op at a time around the same kernels, "per-op") runs too.
 
 1. Verify cost: one target forward over N tree nodes at a 300-token context, median of 7, both targets.
 2. Plain and prompt-lookup decoding on MT-bench first turns, alternating the two computes per question after a
@@ -48,6 +50,13 @@ def main() -> None:
         engine = draftwise.load("smollm2-135m", method="ar", dtype=dtype)
         engines[engine.dtype_name] = engine
     assert len(engines) == 2, f"--dtype auto runs {next(iter(engines))} here: no grid kernel to compare"
+    fused = next(iter(engines.values()))
+    if getattr(fused.target, "kernel", None) is not None:
+        per_op = draftwise.load("smollm2-135m", method="ar", dtype="auto")
+        per_op.target.kernel = None
+        a, b = per_op.target._calibrate()  # pld sizes its trees by the cost measured at load: re-measure
+        per_op.target.verify_cost = lambda nodes: a + b * nodes
+        engines[f"{per_op.dtype_name} per-op"] = per_op
     sizes = (1, 2, 4, 8, 16, 32)
     verify = {name: {n: round(verify_ms(e.target, n), 2) for n in sizes} for name, e in engines.items()}
     questions = load_questions("mt-bench", limit=args.questions, first_turn_only=True)

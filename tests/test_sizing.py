@@ -86,9 +86,9 @@ def test_prefix_depth_follows_one_path_from_the_root():
 def test_head_skip_needs_evidence_and_keeps_exploring():
     """RASD's head call is skipped only where it has measurably added less than it costs, and even then it
     runs every explore_every-th time, so a changed text can bring it back."""
-    from draftwise.drafters.rasd import HeadSkip
+    from draftwise.drafters.rasd import PayoffRule
 
-    rule = HeadSkip(explore_every=4, min_rounds=3)
+    rule = PayoffRule(explore_every=4, min_rounds=3)
     assert not rule.skip(2.5, call_share=0.2)  # no evidence yet
     for _ in range(3):
         rule.record(2.5, gain=0.1)  # 0.1 tokens added, against (1 + 2.5) * 0.2 = 0.7 it costs

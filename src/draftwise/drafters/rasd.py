@@ -2,7 +2,7 @@
 
 Each round, retrieval (prompt lookup and/or a REST datastore) runs in a worker thread while the head drafts,
 instead of after it (the paper's first stated limitation), where a core is free for it. Otherwise it runs
-first, and where what it found already pays for the round the head's call is skipped (HeadSkip, fitted
+first, and where what it found already pays for the round the head's call is skipped (PayoffRule, fitted
 online). The retrieval trie's first-level branches are
 gated by the head's root distribution, then the kept branches are merged into the EAGLE-2 tree by longest
 prefix matching and the fused tree is verified in one pass. Where the target reports its verification cost
@@ -62,13 +62,13 @@ class FittedGate:
         self.count.index_add_(0, b, torch.ones_like(gains, dtype=torch.float))
 
 
-class HeadSkip:
-    """Whether the head's call pays in a round where retrieval already offers `expected` accepted tokens (the
-    sizer's estimate): on a 2-core CPU a call costs ~1 ms, a seventh of a round, and where prompt lookup has a
-    long match the head rarely adds a token. Fitted online like the gate: per bucket of `expected`, the mean
-    number of tokens the head's nodes added beyond the retrieval trie's own; the call is skipped while that is
-    below what the call costs in tokens ((1 + expected) tokens per round times the call's share of a round). Every
-    `explore_every`-th skip runs the head anyway, so a bucket's estimate keeps being checked."""
+class PayoffRule:
+    """Whether a call pays: the head's, in a round where retrieval already offers `expected` accepted tokens
+    (the sizer's estimate; on a 2-core CPU a head call costs ~1 ms, a seventh of a round, and where prompt lookup
+    has a long match the head rarely adds a token), or a retriever's lookup (one bucket). Fitted online like the
+    gate: per bucket of `expected`, the mean number of tokens the call's nodes added beyond the others'; the call
+    is skipped while that is below what it costs in tokens ((1 + expected) tokens per round times the call's
+    share of a step). Every `explore_every`-th skip calls anyway, so a bucket's estimate keeps being checked."""
 
     EDGES = torch.tensor([0.5, 1.0, 2.0, 3.0, 5.0])
 
@@ -107,7 +107,12 @@ class RasdDrafter(EagleDrafter):
             concurrent = (os.cpu_count() or 1) > torch.get_num_threads()
         self.retrievers, self.retrieval_budget, self.concurrent = retrievers, retrieval_budget, concurrent
         self.gate = gate or FittedGate()
-        self.head_skip = HeadSkip()
+        self.head_skip = PayoffRule()
+        self.source_skip = [PayoffRule() for _ in retrievers]  # one bucket each: does the source pay at all
+        self._source_time = [(0.0, 0)] * len(retrievers)  # seconds of lookups, lookups
+        self._queried: list[int] = []
+        self._found: list[tuple[int, Retrieved]] = []
+        self._head_tree: DraftTree | None = None  # the head's tree before fusion, this round
         self._retrieval_only: tuple[DraftTree, float] | None = None  # this round's retrieval trie, its expectation
         self._call_s, self._rounds = 0.0, 0  # the head's own time per round (catch-up and tree), measured
         # one torch thread in the worker, so it adds no OpenMP threads (why: Engine._check_thread)
@@ -122,10 +127,22 @@ class RasdDrafter(EagleDrafter):
         self._draft_index = torch.full((head.config.target_vocab_size,), -1, dtype=torch.long)
         self._draft_index[draft_to_target] = torch.arange(draft_to_target.numel())
 
-    def _retrieve(self, tokens: Tensor, budget: int) -> list[tuple[int, Retrieved]]:
-        """(retriever index, what it retrieved) of every retriever that found something."""
-        found = [(i, r.retrieve(tokens, budget + 1)) for i, r in enumerate(self.retrievers)]
-        return [(i, got) for i, got in found if got is not None and got.tree.size > 1]
+    def _retrieve(self, tokens: Tensor, budget: int, step_s: float | None = None) -> list[tuple[int, Retrieved]]:
+        """(retriever index, what it retrieved) of every retriever asked that found something. Where a step's
+        seconds are known, a retriever whose tokens have not paid for its time is asked only now and then (a
+        code datastore costs ~0.7 ms a lookup, a tenth of a step, and on prose it rarely adds a token)."""
+        found, self._queried = [], []
+        for i, retriever in enumerate(self.retrievers):
+            seconds, rounds = self._source_time[i]
+            if step_s and rounds and self.source_skip[i].skip(0.0, seconds / rounds / step_s):
+                continue
+            start = time.perf_counter()
+            got = retriever.retrieve(tokens, budget + 1)
+            self._source_time[i] = (seconds + time.perf_counter() - start, rounds + 1)
+            self._queried.append(i)
+            if got is not None and got.tree.size > 1:
+                found.append((i, got))
+        return found
 
     def _pooled(self, found: list[tuple[int, Retrieved]], budget: int) -> list[tuple[int, Retrieved]]:
         """Every source's proposals in one trie cut to the retrieval budget by score: where the target gives no
@@ -145,13 +162,14 @@ class RasdDrafter(EagleDrafter):
         # where the target prices its trees, the sizer drops what does not pay, so retrieval may propose as much
         # as prompt lookup alone does; elsewhere the budget is what keeps the fused tree small
         budget = self.retrieval_budget or (PLD_TOTAL_TOKENS if context.verify_cost else 10)
-        job = self.pool.submit(self._retrieve, tokens, budget) if self.pool else None
-        found = None if job else self._retrieve(tokens, budget)
-        self._retrieval_only = None
+        step_s = context.verify_cost(1) if context.verify_cost is not None else None
+        job = self.pool.submit(self._retrieve, tokens, budget, step_s) if self.pool else None
+        found = None if job else self._retrieve(tokens, budget, step_s)
+        self._retrieval_only, self._found, self._head_tree = None, found or [], None
         if found and context.verify_cost is not None:  # serial retrieval: the head's call may be skipped
             retrieved, kinds, expected = self._retrieval_tree(root, found, context.verify_cost)
             self._retrieval_only = (retrieved, expected)
-            if self._rounds and self.head_skip.skip(expected, self._call_s / self._rounds / context.verify_cost(1)):
+            if self._rounds and self.head_skip.skip(expected, self._call_s / self._rounds / step_s):
                 self._draft_tree, self._branches, self._retrieval_only = None, [], None
                 return self.sizer.size(retrieved, kinds, context.verify_cost)[0]
         start = time.perf_counter()
@@ -163,6 +181,7 @@ class RasdDrafter(EagleDrafter):
             self.cache.length = committed
         self._call_s, self._rounds = self._call_s + time.perf_counter() - start, self._rounds + 1
         found = job.result() if job else found
+        self._found, self._head_tree = found, draft
         if context.verify_cost is None:
             found = self._pooled(found, budget)
         # source of each node: (-1, 0) = the head's own, else (retriever, its match length)
@@ -216,10 +235,15 @@ class RasdDrafter(EagleDrafter):
     def observe(self, result: RoundResult) -> None:
         super().observe(result)
         self.sizer.observe(result.path)
+        accepted = result.tree.tokens[result.path[1:]].tolist()
         if self._retrieval_only is not None:  # what the head's nodes added beyond the retrieval trie's
             retrieved, expected = self._retrieval_only
-            accepted = result.tree.tokens[result.path[1:]].tolist()
             self.head_skip.record(expected, len(accepted) - retrieved.prefix_depth(accepted))
+        trees = dict(self._found)
+        for i in self._queried:  # what each source asked added beyond every other source and the head
+            others = [got.tree for j, got in trees.items() if j != i] + [t for t in [self._head_tree] if t is not None]
+            covered = max((tree.prefix_depth(accepted) for tree in others), default=0)
+            self.source_skip[i].record(0.0, float(len(accepted) - covered) if i in trees else 0.0)
         if not self._branches or self._draft_tree is None:
             return
         accepted_drafts = len(result.path) - 1
