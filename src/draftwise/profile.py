@@ -155,12 +155,14 @@ def default_cost_path(model_name: str, compute: str | None = None) -> Path:
 # --- measuring ---------------------------------------------------------------------------------------------------
 
 
-def best_ms(fn: Callable[[], object], repeats: int) -> float:
+def best_ms(fn: Callable[[], object], repeats: int, before: Callable[[], object] | None = None) -> float:
     """The fastest of `repeats` timed calls after a warm-up: other work on the machine only ever adds time, so
-    the minimum is the estimate least disturbed by it."""
+    the minimum is the estimate least disturbed by it. `before` runs untimed ahead of every call."""
     fn()
     times = []
     for _ in range(repeats):
+        if before is not None:
+            before()
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1000)
@@ -168,8 +170,12 @@ def best_ms(fn: Callable[[], object], repeats: int) -> float:
 
 
 @torch.inference_mode()
-def measure_head(head, widths: Sequence[int], contexts: Sequence[int], repeats: int) -> list[tuple[int, int, float]]:
-    """(width, context, ms) of one draft-head call over a frontier of `width` nodes."""
+def measure_head(
+    head, widths: Sequence[int], contexts: Sequence[int], repeats: int, before: Callable[[], object] | None = None
+) -> list[tuple[int, int, float]]:
+    """(width, context, ms) of one draft-head call over a frontier of `width` nodes; `before` runs untimed ahead of
+    each call (a target forward, as in a round: on a CPU it evicts the head's weights from the caches, and a
+    cache-hot call measured ~4x cheaper than a round's first one)."""
     from draftwise.draft_head import KVCache
 
     c = head.config
@@ -187,7 +193,7 @@ def measure_head(head, widths: Sequence[int], contexts: Sequence[int], repeats: 
                 cache.length = context
                 head.step(hidden, tokens, positions, cache, mask)
 
-            samples.append((width, context, best_ms(call, repeats * 3)))
+            samples.append((width, context, best_ms(call, repeats * 3, before)))
     return samples
 
 
@@ -270,8 +276,17 @@ def profile(
         head = DraftHead(DraftHeadConfig.from_target(config, layers, min(8192, config.vocab_size)))
         head = head.to(engine.model.dtype).eval().attach_embedding(engine.model.get_input_embeddings().weight)
         head_source = "random (no trained head found)"
-    log(f"head calls ({head_source}) by frontier width {HEAD_WIDTHS} at contexts {CONTEXTS} ...")
-    head_samples = measure_head(head, HEAD_WIDTHS, CONTEXTS, repeats)
+    log(f"head calls ({head_source}) by frontier width {HEAD_WIDTHS} at contexts {CONTEXTS}, each after a verify ...")
+    from draftwise.tree import DraftTree
+
+    target, probe, root = engine.target, torch.tensor([1, 2]), DraftTree.root_only(3)
+
+    @torch.inference_mode()
+    def verify_first() -> None:  # what runs before a round's head calls: a target forward over the last tree
+        target.prefill(probe)
+        target.forward_tree(root)
+
+    head_samples = measure_head(head, HEAD_WIDTHS, CONTEXTS, repeats, verify_first)
     log(f"target verify forwards by tree size {VERIFY_SIZES} at contexts {CONTEXTS} ...")
     verify_samples = measure_verify(engine.target, VERIFY_SIZES, CONTEXTS, repeats)
     meta = {

@@ -21,18 +21,11 @@ from draftwise.tree import DraftTree
 POLICY_NAMES = ("fixed", "threshold", "heuristic", "radar", "ltd")
 
 
-# computes with no fit of their own yet: the fit of the same weights on the same CPU whose costs are nearest
-NEAREST_FIT = {"float32-w4a8": "bfloat16-int4"}
-
-
 def policy_dir(model_name: str, compute: str | None = None) -> Path:
     """The shipped policies for a model: those fitted to the cost model of the target's `compute` on this kind of
-    CPU where they exist (`profile.fit_dir`), else those for the compute, else, for float32+w4a8 (not refitted
-    yet), those for the same weights and CPU in bf16 (`bfloat16-int4/`, the nearest cost curve), else the model's
-    default (fp32) fit."""
+    CPU where they exist (`profile.fit_dir`), else those for the compute, else the model's default (fp32) fit."""
     fitted = fit_dir(model_name, compute)
-    nearest = NEAREST_FIT.get(fitted.name, fitted.name.removesuffix("-avx2"))
-    candidates = [fitted, fitted.with_name(nearest), fit_dir(model_name)]
+    candidates = [fitted, fitted.with_name(fitted.name.removesuffix("-avx2")), fit_dir(model_name)]
     return next(d for d in candidates if (d / "cost.json").exists() or d == candidates[-1])
 
 
