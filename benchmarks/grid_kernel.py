@@ -54,8 +54,7 @@ def main() -> None:
     if getattr(fused.target, "kernel", None) is not None:
         per_op = draftwise.load("smollm2-135m", method="ar", dtype="auto")
         per_op.target.kernel = None
-        a, b = per_op.target._calibrate()  # pld sizes its trees by the cost measured at load: re-measure
-        per_op.target.verify_cost = lambda nodes: a + b * nodes
+        per_op.target.calibrate()  # pld sizes its trees by the cost measured at load: re-measure
         engines[f"{per_op.dtype_name} per-op"] = per_op
     sizes = (1, 2, 4, 8, 16, 32)
     verify = {name: {n: round(verify_ms(e.target, n), 2) for n in sizes} for name, e in engines.items()}

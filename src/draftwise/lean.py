@@ -300,16 +300,13 @@ class _Layer:
         self.norm2 = layer.post_attention_layernorm.weight.detach().to(dtype)
         self.gate_up = _projection([mlp.gate_proj.weight, mlp.up_proj.weight], dtype, int4)
         self.down = _projection([mlp.down_proj.weight], dtype, int4)
-        products = (self.qkv, self.o, self.gate_up, self.down)
         # what csrc/avx512.cpp's decoder_layer takes, where every product runs on the VNNI kernel
         self.packed = None
+        products = (self.qkv, self.o, self.gate_up, self.down)
         if all(isinstance(p, VnniLinear) for p in products):
-            weights = [self.norm1.float().contiguous()]
-            for index, p in enumerate(products):
-                if index == 2:
-                    weights.append(self.norm2.float().contiguous())
-                weights += [p.codes, p.scale, p.low]
-            self.packed = (weights, [p.nibbles for p in products])
+            qkv, o, gate_up, down = ([p.codes, p.scale, p.low] for p in products)
+            norm1, norm2 = self.norm1.float().contiguous(), self.norm2.float().contiguous()
+            self.packed = ([norm1, *qkv, *o, norm2, *gate_up, *down], [p.nibbles for p in products])
 
 
 class LeanTarget:
@@ -355,12 +352,12 @@ class LeanTarget:
         self.attention = avx512_kernel().attention if vnni else None
         self.kernel = avx512_kernel() if vnni and whole_layers and all(layer.packed for layer in self.layers) else None
         if self.device.type == "cpu":
-            a, b = self._calibrate()
-            self.verify_cost = lambda nodes: a + b * nodes
+            self.calibrate()
 
-    def _calibrate(self, context: int = 128) -> tuple[float, float]:
-        """(a, b) of verify seconds = a + b * nodes at a chat-sized context, timed at load (~0.2 s for the
-        default model). With int4 weights a node costs ~9% of a step, so tree sizes should follow the cost."""
+    def calibrate(self, context: int = 128) -> None:
+        """Sets `verify_cost`: seconds = a + b * nodes at a chat-sized context, timed (~0.2 s for the default
+        model) at load and again wherever the forward changes. With int4 weights a node costs ~9% of a step, so
+        tree sizes should follow the cost."""
         context = min(context, self.max_length - 8)
         self.prefill(torch.arange(context, device=self.device) % self.config.vocab_size)
 
@@ -379,7 +376,7 @@ class LeanTarget:
         one, eight = seconds(1), seconds(8)
         self.reset()
         slope = max(eight - one, 0.0) / 7
-        return one - slope, slope
+        self.verify_cost = lambda nodes: one - slope + slope * nodes
 
     def _rotary_tables(self, model) -> tuple[Tensor, Tensor]:
         """cos/sin for every position from the model's own rotary module (any rope type it supports)."""
@@ -422,7 +419,8 @@ class LeanTarget:
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         group = heads // kv_heads
         q_size, kv_size = heads * head_dim, kv_heads * head_dim
-        cos, signed_sin = self.cos[positions][:, None], self.signed_sin[positions][:, None]  # (N, 1, D)
+        cos_rows, sin_rows = self.cos[positions], self.signed_sin[positions]  # (N, D)
+        cos, signed_sin = cos_rows[:, None], sin_rows[:, None]  # (N, 1, D), for the heads
         if n == 1:
             mask = None  # one token attends to everything cached
         attention = self.attention if n <= self.ATTENTION_ROWS else None  # prefills: SDPA, faster there
@@ -435,8 +433,6 @@ class LeanTarget:
         features = {}
         x = self.embed[token_ids]  # (N, H)
         fused = self.kernel is not None and attention is not None  # decode steps and trees, on VNNI
-        if fused:
-            cos_rows, sin_rows = cos[:, 0].contiguous(), signed_sin[:, 0].contiguous()
         for index, layer in enumerate(self.layers):
             if index in self.feature_layers:
                 features[index] = x

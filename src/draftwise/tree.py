@@ -143,10 +143,14 @@ class DraftTree:
         order = order[(-path_min[order]).sort(stable=True).indices]
         return self.subtree(order[: max(budget, 1)])
 
+    def _child_of(self) -> dict[tuple[int, int], int]:
+        """(parent, token) -> node, every node but the root."""
+        pairs = zip(self.parents.tolist(), self.tokens.tolist(), strict=True)
+        return {pair: i for i, pair in enumerate(pairs) if i}
+
     def prefix_depth(self, tokens: Sequence[int]) -> int:
         """How many of `tokens` (continuing the root) this tree holds as one path from the root."""
-        pairs = zip(self.parents.tolist(), self.tokens.tolist(), strict=True)
-        child_of = {pair: i for i, pair in enumerate(pairs) if i}
+        child_of = self._child_of()
         node = 0
         for depth, token in enumerate(tokens):
             node = child_of.get((node, token), -1)
@@ -162,7 +166,7 @@ class DraftTree:
         if int(self.tokens[0]) != int(other.tokens[0]):
             raise ValueError("merge: the trees continue different roots")
         tokens, parents, scores = self.tokens.tolist(), self.parents.tolist(), self.scores.tolist()
-        child_of = {(p, t): i for i, (p, t) in enumerate(zip(parents, tokens, strict=True)) if i > 0}
+        child_of = self._child_of()
         mapped = [0] * other.size
         for j, (tok, par, score) in enumerate(
             zip(other.tokens.tolist(), other.parents.tolist(), other.scores.tolist(), strict=True)

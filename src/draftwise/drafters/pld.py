@@ -12,26 +12,11 @@ from draftwise.tree import DraftTree
 PLD_TOTAL_TOKENS = 24  # nodes of the merged trie at most, before cost sizing
 
 
-def lookup_continuations(
-    tokens: torch.Tensor, max_ngram: int, min_ngram: int, length: int, max_matches: int
-) -> tuple[int, list[list[int]]]:
-    """(n, continuations) of earlier occurrences of the trailing n-gram, longest n first (stop at the first n
-    that matches), most recent occurrence first; (0, []) when nothing matches."""
-    total = tokens.numel()
-    for n in range(max_ngram, min_ngram - 1, -1):
-        if total <= n:
-            continue
-        windows = tokens.unfold(0, n, 1)[:-1]  # every n-gram but the trailing one itself
-        starts = (windows == tokens[-n:]).all(1).nonzero().flatten().flip(0)[:max_matches] + n
-        if starts.numel():
-            return n, [tokens[s : s + length].tolist() for s in starts.tolist()]
-    return 0, []
-
-
 class NgramIndex:
     """Where every n-gram of the context ends, kept up to date as tokens are appended: a lookup costs O(new
     tokens) instead of a scan of the whole context every round (~0.2 ms an n-gram length at 1k tokens, a tenth
-    of a round). Same answers as `lookup_continuations`."""
+    of a round). `lookup` gives the continuations of earlier occurrences of the trailing n-gram, longest n first
+    (stopping at the first n that matches), most recent occurrence first."""
 
     def __init__(self, max_ngram: int, min_ngram: int) -> None:
         self.lengths = range(max_ngram, min_ngram - 1, -1)

@@ -76,6 +76,14 @@ class PayoffRule:
         self.explore_every, self.min_rounds, self.skipped = explore_every, min_rounds, 0
         self.gain = torch.zeros(self.EDGES.numel() + 1)
         self.count = torch.zeros(self.EDGES.numel() + 1)
+        self.seconds, self.calls = 0.0, 0  # the call's measured time
+
+    def share(self, step_s: float) -> float:
+        """The call's mean time as a share of a step's (0 before it was ever timed: then it never skips)."""
+        return self.seconds / self.calls / step_s if self.calls else 0.0
+
+    def timed(self, seconds: float) -> None:
+        self.seconds, self.calls = self.seconds + seconds, self.calls + 1
 
     def skip(self, expected: float, call_share: float) -> bool:
         b = int(torch.bucketize(torch.tensor(expected), self.EDGES))
@@ -109,19 +117,16 @@ class RasdDrafter(EagleDrafter):
         self.gate = gate or FittedGate()
         self.head_skip = PayoffRule()
         self.source_skip = [PayoffRule() for _ in retrievers]  # one bucket each: does the source pay at all
-        self._source_time = [(0.0, 0)] * len(retrievers)  # seconds of lookups, lookups
         self._queried: list[int] = []
         self._found: list[tuple[int, Retrieved]] = []
         self._head_tree: DraftTree | None = None  # the head's tree before fusion, this round
         self._retrieval_only: tuple[DraftTree, float] | None = None  # this round's retrieval trie, its expectation
-        self._call_s, self._rounds = 0.0, 0  # the head's own time per round (catch-up and tree), measured
         # one torch thread in the worker, so it adds no OpenMP threads (why: Engine._check_thread)
         self.pool = (
             ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(1,)) if concurrent else None
         )
         self._branches: list[tuple[int, float]] = []  # this round's kept branches: first node, head probability
         self._draft_tree: DraftTree | None = None
-        self.retrieval_s = 0.0
         self.sizer = CostSizer()
         draft_to_target = head.draft_to_target.cpu()
         self._draft_index = torch.full((head.config.target_vocab_size,), -1, dtype=torch.long)
@@ -132,13 +137,12 @@ class RasdDrafter(EagleDrafter):
         seconds are known, a retriever whose tokens have not paid for its time is asked only now and then (a
         code datastore costs ~0.7 ms a lookup, a tenth of a step, and on prose it rarely adds a token)."""
         found, self._queried = [], []
-        for i, retriever in enumerate(self.retrievers):
-            seconds, rounds = self._source_time[i]
-            if step_s and rounds and self.source_skip[i].skip(0.0, seconds / rounds / step_s):
+        for i, (retriever, rule) in enumerate(zip(self.retrievers, self.source_skip, strict=True)):
+            if step_s and rule.skip(0.0, rule.share(step_s)):
                 continue
             start = time.perf_counter()
             got = retriever.retrieve(tokens, budget + 1)
-            self._source_time[i] = (seconds + time.perf_counter() - start, rounds + 1)
+            rule.timed(time.perf_counter() - start)
             self._queried.append(i)
             if got is not None and got.tree.size > 1:
                 found.append((i, got))
@@ -169,7 +173,7 @@ class RasdDrafter(EagleDrafter):
         if found and context.verify_cost is not None:  # serial retrieval: the head's call may be skipped
             retrieved, kinds, expected = self._retrieval_tree(root, found, context.verify_cost)
             self._retrieval_only = (retrieved, expected)
-            if self._rounds and self.head_skip.skip(expected, self._call_s / self._rounds / step_s):
+            if self.head_skip.skip(expected, self.head_skip.share(step_s)):
                 self._draft_tree, self._branches, self._retrieval_only = None, [], None
                 return self.sizer.size(retrieved, kinds, context.verify_cost)[0]
         start = time.perf_counter()
@@ -179,19 +183,14 @@ class RasdDrafter(EagleDrafter):
             draft = self._tree(root, root_logits, root_hidden, committed, min(self.total_tokens, context.budget))
         finally:
             self.cache.length = committed
-        self._call_s, self._rounds = self._call_s + time.perf_counter() - start, self._rounds + 1
+        self.head_skip.timed(time.perf_counter() - start)
         found = job.result() if job else found
         self._found, self._head_tree = found, draft
         if context.verify_cost is None:
             found = self._pooled(found, budget)
-        # source of each node: (-1, 0) = the head's own, else (retriever, its match length)
-        fused, sources, kept = draft, [(-1, 0)] * draft.size, []
-        for source, got in found:
-            pruned, branches = self._prune(got.tree, root_logits)
-            before = fused.size
-            fused = fused.merge(pruned)
-            sources += [(source, got.match)] * (fused.size - before)
-            kept += branches
+        pruned = [(source, got.match, *self._prune(got.tree, root_logits)) for source, got in found]
+        fused, sources = fuse(draft, [((source, match), tree) for source, match, tree, _ in pruned])
+        kept = [branch for *_, branches in pruned for branch in branches]
         # where each kept branch's first token sits in the fused tree, to credit it when the verdict comes
         first_level = {int(fused.tokens[i]): i for i in fused.children()[0]}
         self._draft_tree, self._branches = draft, list({first_level[t]: p for t, p in kept}.items())
@@ -199,11 +198,7 @@ class RasdDrafter(EagleDrafter):
 
     def _retrieval_tree(self, root: int, found: list[tuple[int, Retrieved]], verify_cost):
         """Every source's trie merged, the kinds of its nodes, and the accepted tokens its sized tree expects."""
-        tree, sources = DraftTree.root_only(root), [(-1, 0)]
-        for source, got in found:
-            before = tree.size
-            tree = tree.merge(got.tree)
-            sources += [(source, got.match)] * (tree.size - before)
+        tree, sources = fuse(DraftTree.root_only(root), [((source, got.match), got.tree) for source, got in found])
         kinds = rasd_node_kinds(tree, sources)
         probs = self.sizer.stats.path_probs(tree, kinds)
         keep = nodes_for_throughput(probs, verify_cost).tolist()
@@ -264,6 +259,17 @@ class RasdDrafter(EagleDrafter):
                 break
             n += 1
         return n
+
+
+def fuse(base: DraftTree, parts: list[tuple[tuple[int, int], DraftTree]]) -> tuple[DraftTree, list[tuple[int, int]]]:
+    """`base` (the head's tree, or a lone root) with every part merged in by longest prefix, and the source of
+    each node: (-1, 0) for base's own, else the part's (retriever, match length); a shared node stays base's."""
+    tree, sources = base, [(-1, 0)] * base.size
+    for source, part in parts:
+        before = tree.size
+        tree = tree.merge(part)
+        sources += [source] * (tree.size - before)
+    return tree, sources
 
 
 def rasd_node_kinds(fused: DraftTree, sources: list[tuple[int, int]]) -> list[tuple]:
