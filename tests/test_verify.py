@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from draftwise.tree import DraftTree
-from draftwise.verify import Sampling, accept_greedy, accept_sampling, target_probs
+from draftwise.verify import Sampling, accept_greedy, accept_sampling, target_probs, top_two
 
 V = 5
 
@@ -65,3 +66,17 @@ def test_target_probs_top_k_top_p_and_temperature():
     assert p[0, 0] == 1.0  # the top token alone already holds more than half the mass
     p = target_probs(logits, Sampling(0.5))
     assert torch.allclose(p, (logits / 0.5).softmax(-1))
+
+
+@pytest.mark.parametrize("vocab", [5, 16, 137, 49152])
+def test_top_two_is_topk_and_argmax_with_ties_to_the_first(vocab):
+    """The kernel's one pass (where it builds) against torch's topk(2) and argmax, ties included."""
+    torch.manual_seed(vocab)
+    logits = torch.randn(9, vocab)
+    logits[0, vocab // 2] = logits[0, vocab - 1] = 50.0  # a tied maximum: index of the first, second value equal
+    logits[1] = torch.round(logits[1])  # many ties everywhere
+    logits[2] = 0.0
+    values, best = top_two(logits)
+    assert torch.equal(best, logits.argmax(-1))
+    assert torch.equal(values, logits.topk(2, dim=-1).values)
+    assert int(best[0]) == vocab // 2 and float(values[0, 1]) == 50.0

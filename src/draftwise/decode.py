@@ -11,7 +11,7 @@ from torch import Tensor
 
 from draftwise.drafters.base import DraftContext, Drafter, RoundResult
 from draftwise.target import TargetModel
-from draftwise.verify import Sampling, accept_greedy, accept_sampling, target_probs
+from draftwise.verify import Sampling, accept_greedy, accept_sampling, target_probs, top_two
 
 
 @dataclass
@@ -103,15 +103,15 @@ def generate_tokens(
         t1 = time.perf_counter()
         past = target.length
         out = target.forward_tree(tree)
+        top2, best_next = top_two(out.logits)
         if sampling.greedy:
-            path, bonus = accept_greedy(tree, out.logits)
+            path, bonus = accept_greedy(tree, out.logits, best_next)
         else:
             path, bonus = accept_sampling(tree, target_probs(out.logits, sampling), generator)
         t2 = time.perf_counter()
         target.commit(past, path)  # bookkeeping below counts as overhead
         new = tree.tokens[path[1:]].tolist() + [bonus]
-        top2 = out.logits[path].topk(2, dim=-1).values
-        margins = (top2[:, 0] - top2[:, 1]).tolist()
+        margins = (top2[path, 0] - top2[path, 1]).tolist()
         stop_at = next((i for i, t in enumerate(new) if t in stop_token_ids), None)
         if stop_at is not None:
             new, margins = new[: stop_at + 1], margins[: stop_at + 1]

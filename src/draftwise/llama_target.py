@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from draftwise.errors import DraftwiseError
+from draftwise.kernels import cpu_flags
 from draftwise.target import TargetOutput
 from draftwise.tree import DraftTree
 
@@ -43,7 +44,28 @@ def _import_llama_cpp():
             "the llama engine needs llama-cpp-python: `pip install 'draftwise[llama]'` (it compiles llama.cpp "
             "once, ~5 min on 2 cores); or use --engine hf"
         ) from exc
+    if "amx_int8" in cpu_flags():
+        _without_amx_repack(llama_cpp)
     return llama_cpp
+
+
+def _without_amx_repack(llama_cpp) -> None:
+    """llama.cpp built for the CPU it runs on repacks the weights into its AMX layout at load, and on AMX Xeons
+    that repack segfaults (llama-cpp-python 0.3.36, SmolLM2's Q4_1 GGUF, blk.2.attn_k): models here load without
+    the extra buffer types, for draftwise's engine and for the llama.cpp peers in benchmarks alike."""
+    from llama_cpp import llama_cpp as bindings
+
+    defaults = bindings.llama_model_default_params
+    if getattr(defaults, "draftwise", False):
+        return
+
+    def model_params():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    model_params.draftwise = True
+    bindings.llama_model_default_params = llama_cpp.llama_model_default_params = model_params
 
 
 class LlamaCppTarget:

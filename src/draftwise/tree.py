@@ -133,15 +133,17 @@ class DraftTree:
 
         A node is ranked by the lowest score on its root path, then by depth, then index. Its key can never
         beat its parent's, so every prefix of the ranking is a valid tree even when scores are not monotone
-        (as with retrieval nodes fused into a draft tree)."""
+        (as with retrieval nodes fused into a draft tree). Plain Python: trees are small, and the tensor version
+        of this cost ~0.2 ms a round in small ops."""
         if budget >= self.size:
             return self
-        path_min = torch.where(self.ancestors, self.scores[None, :], torch.inf).min(1).values
-        path_min[0] = torch.inf
-        order = torch.arange(self.size)
-        order = order[self.depths[order].sort(stable=True).indices]
-        order = order[(-path_min[order]).sort(stable=True).indices]
-        return self.subtree(order[: max(budget, 1)])
+        parents, scores = self.parents.tolist(), self.scores.tolist()
+        path_min, depth = [float("inf")], [0]
+        for i in range(1, self.size):  # parents come before children
+            path_min.append(min(path_min[parents[i]], scores[i]))
+            depth.append(depth[parents[i]] + 1)
+        ranked = sorted(range(self.size), key=lambda i: (-path_min[i], depth[i], i))
+        return self.subtree(torch.tensor(ranked[: max(budget, 1)]))
 
     def _child_of(self) -> dict[tuple[int, int], int]:
         """(parent, token) -> node, every node but the root."""

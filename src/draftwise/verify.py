@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from draftwise.kernels import avx512_kernel
 from draftwise.tree import DraftTree
 
 
@@ -43,9 +44,19 @@ def target_probs(logits: Tensor, sampling: Sampling) -> Tensor:
     return scores.softmax(-1)
 
 
-def accept_greedy(tree: DraftTree, logits: Tensor) -> tuple[list[int], int]:
-    """Longest root path whose every token equals the target's argmax at its parent; ties go to the lower index."""
-    best_next = logits.argmax(-1)  # (N,)
+def top_two(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's two largest values (N, 2) and its argmax (N,), the first index on ties: one pass in
+    csrc/avx512.cpp where it runs (torch's argmax and topk each cost ~120 us on a tree's logits)."""
+    kernel = avx512_kernel() if logits.device.type == "cpu" and logits.dtype == torch.float32 else None
+    if kernel is not None and logits.dim() == 2 and logits.shape[1] >= 2:
+        return kernel.top_two(logits)
+    return logits.topk(2, dim=-1).values, logits.argmax(-1)
+
+
+def accept_greedy(tree: DraftTree, logits: Tensor, best_next: Tensor | None = None) -> tuple[list[int], int]:
+    """Longest root path whose every token equals the target's argmax at its parent; ties go to the lower index.
+    `best_next`: the argmax of every row of `logits`, where the caller has it."""
+    best_next = logits.argmax(-1) if best_next is None else best_next  # (N,)
     if tree.size == 1:
         return [0], int(best_next[0])
     correct = torch.ones(tree.size, dtype=torch.bool)
