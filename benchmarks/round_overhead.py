@@ -1,6 +1,6 @@
-"""The decode loop's bookkeeping, before and after `verify.top_two` (one C++ pass for the argmax and the near-tie
-margins, where torch's argmax and topk(2) took ~120 us each) and the plain-Python `DraftTree.select_top`, in one
-process: methods and the two variants alternate per question after a warm-up.
+"""The decode loop's bookkeeping with torch's argmax and topk(2) (~120 us each on a tree's logits) against
+`verify.top_two` (one C++ pass for the argmax and the near-tie margins), in one process: methods and the two
+variants alternate per question after a warm-up.
 
     python benchmarks/round_overhead.py --questions 4 --max-new-tokens 256 --out benchmarks/runs/round-overhead.json
 """
