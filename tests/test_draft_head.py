@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import tiny_llama
 
 from draftwise.draft_head import DraftHead, DraftHeadConfig, KVCache
+from draftwise.kernels import avx512_kernel
+from draftwise.lean import quantize_draft_linears
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +110,28 @@ def test_a_loaded_head_computes_in_the_dtype_asked_for(tmp_path, head_and_data):
     with torch.no_grad():
         logits, _ = loaded.step(loaded.fuse(features[:n].bfloat16()), ids[1 : n + 1], torch.arange(n), cache, mask)
     assert logits.dtype == torch.bfloat16 and logits.shape == (n, loaded.config.draft_vocab_size)
+
+
+@pytest.mark.skipif(avx512_kernel() is None, reason="no AVX-512 VNNI on this machine")
+@torch.no_grad()
+def test_the_packed_layer_step_is_the_ops_step(head_and_data):
+    """On quantized linears, the head's one-call layer (csrc/avx512.cpp's decoder_layer) against its PyTorch ops, for a
+    catch-up of several pairs and a frontier drafted on top of it, cache contents included."""
+    head, ids, features = head_and_data
+    head = copy.deepcopy(head)
+    assert quantize_draft_linears(head) >= 7
+    head.kernel = avx512_kernel()
+    head.pack_layer()
+    assert head.packed is not None
+    c, results = head.config, []
+    for packed in (head.packed, None):
+        head.packed = packed
+        cache = KVCache(c.num_kv_heads, c.head_dim, 8, torch.float32, "cpu")
+        mask = torch.ones(12, 12, dtype=torch.bool).tril()
+        first = head.step(head.fuse(features[:12]), ids[1:13], torch.arange(12), cache, mask)
+        frontier = torch.ones(3, 15, dtype=torch.bool)
+        frontier[:, 12:] = torch.eye(3, dtype=torch.bool)
+        second = head.step(first[1][-3:], ids[13:16], torch.full((3,), 12), cache, frontier)
+        results.append((*first, *second, cache.data[:, :, : cache.length].clone()))
+    for fused, ops in zip(*results, strict=True):
+        torch.testing.assert_close(fused, ops, atol=1e-4, rtol=1e-4)

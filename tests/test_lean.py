@@ -70,7 +70,7 @@ def on_4bit_grid(weight: torch.Tensor, seed: int) -> torch.Tensor:
     codes = torch.randint(0, 16, (rows, cols // 32, 32), generator=generator).float()
     codes[..., 0], codes[..., 1] = 0, 15  # each group spans its whole grid, as a quantizer's output does
     scale = weight.reshape(rows, cols // 32, 32).std(-1, keepdim=True).half().float() / 4
-    low = weight.reshape(rows, cols // 32, 32).mean(-1, keepdim=True).half().float() - 8 * scale
+    low = (weight.reshape(rows, cols // 32, 32).mean(-1, keepdim=True) - 8 * scale).half().float()  # fp16, as a GGUF's
     return (codes * scale + low).reshape(rows, cols)
 
 
@@ -227,6 +227,18 @@ def test_vnni_kernel_is_the_int8_product_and_gives_each_row_the_same_bits(grid, 
 
 
 @needs_avx512_kernel
+def test_vnni_grids_keep_fp16_scales_and_refuse_what_fp16_cannot_hold():
+    """Scales and mins are stored in fp16 (a GGUF's are): a grid whose min needs fp32 is not taken as exact."""
+    weight = on_4bit_grid(torch.randn(64, 128), seed=2)
+    layer = VnniLinear.exact(weight)
+    assert layer is not None and layer.scale.dtype == layer.low.dtype == torch.float16
+    grid = gguf_grid(weight)
+    fp32_mins = grid.low[..., None] + 1e-6  # no longer fp16 values
+    off_fp16 = (grid.codes.reshape(64, 4, 32) * grid.scale[..., None] + fp32_mins).reshape(64, 128)
+    assert gguf_grid(off_fp16) is not None and VnniLinear.exact(off_fp16) is None
+
+
+@needs_avx512_kernel
 @pytest.mark.parametrize("head_dim", [16, 64])
 def test_attention_kernel_matches_sdpa_and_ignores_slots_and_neighbours(head_dim):
     torch.manual_seed(0)
@@ -261,7 +273,7 @@ def test_fused_decoder_layer_is_the_layer_and_gives_each_row_the_same_bits():
     reference_cache = cache.clone()
     positions = torch.arange(start, start + n)
     cos, sin = target.cos[positions].contiguous(), target.signed_sin[positions].contiguous()
-    out = kernel.decoder_layer(x, *layer.packed, cos, sin, cache, start, None, heads, target.eps)
+    out = kernel.decoder_layer(x, *layer.packed, cos, sin, cache, start, None, heads, target.eps, None)
 
     norm = torch.nn.functional.rms_norm
     qkv = layer.qkv(norm(x, (x.shape[1],), layer.norm1, target.eps))
@@ -278,6 +290,6 @@ def test_fused_decoder_layer_is_the_layer_and_gives_each_row_the_same_bits():
     for i in range(n):
         alone = cache.clone()
         row = kernel.decoder_layer(
-            x[i : i + 1], *layer.packed, cos[i : i + 1], sin[i : i + 1], alone, start + i, None, heads, target.eps
+            x[i : i + 1], *layer.packed, cos[i : i + 1], sin[i : i + 1], alone, start + i, None, heads, target.eps, None
         )
         assert torch.equal(row, out[i : i + 1])

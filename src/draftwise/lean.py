@@ -229,13 +229,27 @@ class VnniLinear(GridLinear):
             chunks = by_eight[..., :4] | (by_eight[..., 4:] << 4)
         self.codes = chunks.permute(0, 2, 1, 3).reshape(tiles, -1, 64).to(torch.uint8).contiguous()
         self.nibbles = grid.low is not None
-        self.scale = _by_tile(grid.scale, 16)
-        self.low = _by_tile(grid.low if self.nibbles else torch.zeros_like(grid.scale), 16)
+        # fp16, as the GGUF stores them: fp32 copies made them a third of a layer's bytes
+        self.scale = _by_tile(grid.scale, 16).half()
+        self.low = _by_tile(grid.low if self.nibbles else torch.zeros_like(grid.scale), 16).half()
         self.matmul = self.kernel().vnni_matmul
 
     @staticmethod
     def kernel():
         return avx512_kernel()
+
+    @classmethod
+    def exact(cls, weight: Tensor) -> VnniLinear | None:
+        """As GridLinear.exact, where the grid's scales and mins are fp16 values too (a GGUF's are)."""
+        grid = gguf_grid(weight) if cls.fits(weight) else None
+        if grid is None:
+            return None
+        rows, cols = grid.codes.shape
+        scale, low = grid.scale.half().float(), None if grid.low is None else grid.low.half().float()
+        snapped = grid.codes.reshape(rows, -1, GROUP) * scale[..., None]
+        if low is not None:
+            snapped = snapped + low[..., None]
+        return cls(weight, Grid(grid.codes, scale, low)) if torch.equal(snapped.reshape(rows, cols), weight) else None
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.matmul(x.float(), self.codes, self.scale, self.low, self.nibbles)
@@ -438,7 +452,7 @@ class LeanTarget:
                 features[index] = x
             if fused:
                 x = self.kernel.decoder_layer(
-                    x, *layer.packed, cos_rows, sin_rows, self.kv[index], start, visible, heads, self.eps
+                    x, *layer.packed, cos_rows, sin_rows, self.kv[index], start, visible, heads, self.eps, None
                 )
                 continue
             h = self._rms_norm(x, layer.norm1)

@@ -17,7 +17,8 @@
 // Layout (16-output tiles t, 64-byte chunks c; byte 4j + i of a chunk belongs to output 16t + j):
 //   Q4_1 codes: uint8 [tiles, K / 8, 64], chunk c holds inputs 8c + i (low nibble) and 8c + 4 + i (high nibble)
 //   Q8_0 codes: uint8 [tiles, K / 4, 64], chunk c holds inputs 4c + i
-//   scale, low: fp32 [tiles, G, 16]
+//   scale, low: fp16 [tiles, G, 16] (the GGUF stores them in fp16: 2 bytes a group each, where fp32 made them a
+//   third of a Q4_1 layer's bytes, and a decode step streams every byte)
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -33,10 +34,13 @@ constexpr int kRows = 8;  // rows per block; more rows run as further blocks ove
 // row's product streams the weights from DRAM, and the hardware prefetcher alone reached half its bandwidth
 constexpr int kAhead = 4;
 
+// 16 fp16 values as fp32 (exact)
+inline __m512 half16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+
 // Rows x Tiles accumulators; the op sequence per (row, output) is the same in every instantiation.
 template <int Rows, int Tiles, bool Nibbles>
 inline void block_product(const int8_t* qx, const float* dx, const float* sx, const int32_t* qsum, int64_t K, const uint8_t* codes,
-                          int64_t code_stride, const float* scale, const float* low, int64_t scale_stride, float* y,
+                          int64_t code_stride, const uint16_t* scale, const uint16_t* low, int64_t scale_stride, float* y,
                           int64_t ldy) {
   const int64_t G = K / kGroup;
   __m512 sum[Rows][Tiles];
@@ -85,12 +89,12 @@ inline void block_product(const int8_t* qx, const float* dx, const float* sx, co
     for (int t = 0; t < Tiles; ++t) {
       _mm_prefetch(reinterpret_cast<const char*>(scale + (t + kAhead) * scale_stride + g * 16), _MM_HINT_T0);
       if constexpr (Nibbles) _mm_prefetch(reinterpret_cast<const char*>(low + (t + kAhead) * scale_stride + g * 16), _MM_HINT_T0);
-      const __m512 d = _mm512_loadu_ps(scale + t * scale_stride + g * 16);
+      const __m512 d = half16(scale + t * scale_stride + g * 16);
       for (int r = 0; r < Rows; ++r) {
         const __m512 part = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][t]), d);
         sum[r][t] = _mm512_fmadd_ps(part, _mm512_set1_ps(dx[r * G + g]), sum[r][t]);
         if constexpr (Nibbles)
-          sum[r][t] = _mm512_fmadd_ps(_mm512_loadu_ps(low + t * scale_stride + g * 16), _mm512_set1_ps(sx[r * G + g]), sum[r][t]);
+          sum[r][t] = _mm512_fmadd_ps(half16(low + t * scale_stride + g * 16), _mm512_set1_ps(sx[r * G + g]), sum[r][t]);
       }
     }
   }
@@ -98,8 +102,8 @@ inline void block_product(const int8_t* qx, const float* dx, const float* sx, co
     for (int t = 0; t < Tiles; ++t) _mm512_storeu_ps(y + r * ldy + t * 16, sum[r][t]);
 }
 
-using BlockFn = void (*)(const int8_t*, const float*, const float*, const int32_t*, int64_t, const uint8_t*, int64_t, const float*,
-                         const float*, int64_t, float*, int64_t);
+using BlockFn = void (*)(const int8_t*, const float*, const float*, const int32_t*, int64_t, const uint8_t*, int64_t,
+                         const uint16_t*, const uint16_t*, int64_t, float*, int64_t);
 
 template <bool Nibbles>
 constexpr BlockFn kBlocks[9] = {
@@ -148,6 +152,8 @@ torch::Tensor vnni_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
   TORCH_CHECK(K % kGroup == 0 && tiles > 0 && codes.size(1) == (nibbles ? K / 8 : K / 4) &&
                   scale.sizes() == low.sizes() && scale.size(0) == tiles && scale.size(1) == G && scale.size(2) == 16,
               "shapes of x, codes, scale and low disagree");
+  TORCH_CHECK(scale.scalar_type() == torch::kHalf && low.scalar_type() == torch::kHalf && scale.is_contiguous() &&
+                  low.is_contiguous(), "scale and low: contiguous fp16");
   auto qx = torch::empty({M, K}, x.options().dtype(torch::kInt8));
   auto dx = torch::empty({M, G}, x.options());
   auto sx = torch::empty({M, G}, x.options());
@@ -158,7 +164,8 @@ torch::Tensor vnni_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
   auto y = torch::empty({M, tiles * 16}, x.options());
   const int8_t* qs = qx.data_ptr<int8_t>();
   const float *ds = dx.data_ptr<float>(), *ss = sx.data_ptr<float>();
-  const float *scales = scale.data_ptr<float>(), *lows = low.data_ptr<float>();
+  const auto* scales = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+  const auto* lows = reinterpret_cast<const uint16_t*>(low.data_ptr<at::Half>());
   const auto* cs = codes.data_ptr<uint8_t>();
   const int64_t code_stride = codes.size(1) * 64, scale_stride = G * 16, ldy = tiles * 16;
   float* ys = y.data_ptr<float>();
@@ -377,9 +384,11 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
 // x (n, H) -> the layer's output (n, H). w: norm1, qkv (codes, scale, low), o (3), norm2, gate_up (3), down (3);
 // nibbles: per product, Q4_1 or Q8_0. cos, sin (n, D): rotary rows of the n positions. cache (2, kv_heads, slots,
 // D): this layer's keys and values; the n new ones are written at slots [start, start + n). visible as `attention`.
+// attn_input: what the q/k/v product reads instead of norm1(x), where the layer's attention input is not its
+// residual stream (an EAGLE draft head reads [norm(embedding), norm(feature)] and adds to the feature; norm1 unused).
 torch::Tensor decoder_layer(torch::Tensor x, std::vector<torch::Tensor> w, std::vector<bool> nibbles, torch::Tensor cos,
                             torch::Tensor sin, torch::Tensor cache, int64_t start, c10::optional<torch::Tensor> visible,
-                            int64_t heads, double eps) {
+                            int64_t heads, double eps, c10::optional<torch::Tensor> attn_input) {
   TORCH_CHECK(w.size() == 14 && nibbles.size() == 4, "decoder_layer: 14 weights and 4 nibble flags");
   TORCH_CHECK(cache.dim() == 4 && cache.size(0) == 2 && cache.is_contiguous() && cos.is_contiguous() && sin.is_contiguous(),
               "decoder_layer: cache (2, kv_heads, slots, D) contiguous");
@@ -387,7 +396,7 @@ torch::Tensor decoder_layer(torch::Tensor x, std::vector<torch::Tensor> w, std::
   const int64_t n = x.size(0), kv_heads = cache.size(1), slots = cache.size(2), D = cache.size(3);
   TORCH_CHECK(start + n <= slots && cos.size(0) == n && cos.size(1) == D, "decoder_layer: positions or cache too short");
   const float e = static_cast<float>(eps);
-  const auto qkv = vnni_matmul(norm_rows(x, w[0], e), w[1], w[2], w[3], nibbles[0]);
+  const auto qkv = vnni_matmul(attn_input ? *attn_input : norm_rows(x, w[0], e), w[1], w[2], w[3], nibbles[0]);
   const int64_t width = qkv.size(1);
   TORCH_CHECK(width == (heads + 2 * kv_heads) * D, "decoder_layer: qkv width disagrees with the heads");
   auto q = torch::empty({n, heads, D}, x.options());

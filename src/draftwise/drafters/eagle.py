@@ -208,6 +208,7 @@ def load_head(engine, draft_head: str | None = None) -> DraftHead:
         quantize_draft_linears(head)
     if getattr(engine.target, "attention", None) is not None:  # the lean target on csrc/avx512.cpp
         head.kernel = avx512_kernel()
+        head.pack_layer()
     return head.attach_embedding(target.get_input_embeddings().weight)
 
 
