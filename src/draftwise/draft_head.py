@@ -67,11 +67,17 @@ def _rotary_table(theta: float, dim: int, length: int, dtype: torch.dtype, devic
     return cos.to(dtype), torch.cat([-sin[:, :half], sin[:, half:]], -1).to(dtype)
 
 
+def rotary_rows(positions: Tensor, dim: int, theta: float, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
+    """cos and signed sin (N, dim) at integer `positions` (N,), from a cached table."""
+    top = int(positions.max()) + 1 if positions.numel() else 1
+    cos, signed_sin = _rotary_table(theta, dim, 1 << (top - 1).bit_length(), dtype, str(device))
+    return cos[positions], signed_sin[positions]
+
+
 def rotate(x: Tensor, positions: Tensor, theta: float) -> Tensor:
     """Llama rotary embedding of x (..., N, D) at integer `positions` (N,)."""
-    dim, top = x.shape[-1], int(positions.max()) + 1 if positions.numel() else 1
-    cos, signed_sin = _rotary_table(theta, dim, 1 << (top - 1).bit_length(), x.dtype, str(x.device))
-    return x * cos[positions] + x.roll(dim // 2, -1) * signed_sin[positions]
+    cos, signed_sin = rotary_rows(positions, x.shape[-1], theta, x.dtype, x.device)
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 class KVCache:
@@ -187,8 +193,9 @@ class DraftHead(nn.Module):
         packed = []
         for group in grids:  # concatenated along the outputs: one product, each row's grid unchanged
             packed += [torch.cat([getattr(g, part) for g in group]).contiguous() for part in ("codes", "scale", "low")]
-        norm = lambda m: m.weight.detach().float().contiguous()  # noqa: E731
-        weights = [norm(self.hidden_norm), *packed[:6], norm(self.post_attention_norm), *packed[6:]]
+        # norm1 is unused: the call gets the attention input ready-made
+        unused, norm2 = (m.weight.detach().float().contiguous() for m in (self.hidden_norm, self.post_attention_norm))
+        weights = [unused, *packed[:6], norm2, *packed[6:]]
         self.packed = (weights, [group[0].nibbles for group in grids])
 
     def step(
@@ -222,16 +229,13 @@ class DraftHead(nn.Module):
         c, n = self.config, hidden.shape[0]
         emb = self.embed[token_ids].to(hidden.dtype)
         attn_input = torch.cat([self._norm(self.embed_norm, emb), self._norm(self.hidden_norm, hidden)], dim=-1)
-        top = int(positions.max()) + 1
-        cos, signed_sin = _rotary_table(
-            c.rope_theta, c.head_dim, 1 << (top - 1).bit_length(), hidden.dtype, str(hidden.device)
-        )
+        cos, signed_sin = rotary_rows(positions, c.head_dim, c.rope_theta, hidden.dtype, hidden.device)
         cache.reserve(n)
         out = self.kernel.decoder_layer(
             hidden.contiguous(),
             *self.packed,
-            cos[positions].contiguous(),
-            signed_sin[positions].contiguous(),
+            cos.contiguous(),
+            signed_sin.contiguous(),
             cache.data,
             cache.length,
             mask,
