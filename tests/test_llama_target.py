@@ -105,3 +105,17 @@ def test_flushing_parked_nodes_keeps_the_output(llama, monkeypatch):
     monkeypatch.setattr(llama_target, "MAX_PARKED", 3)
     drafter = OracleDrafter(prompt, plain, 49152, depth=5, width=3, error_rate=0.3, seed=1)
     assert generate(target, drafter, prompt, max_new_tokens=32)[0] == plain
+
+
+def test_models_load_without_the_amx_repack_on_amx_cpus():
+    """llama.cpp's AMX weight repack segfaults on AMX Xeons: there every model loads without extra buffer types,
+    and wrapping the defaults twice wraps them once."""
+    import llama_cpp
+
+    from draftwise.llama_target import _without_amx_repack
+
+    _without_amx_repack(llama_cpp)
+    wrapped = llama_cpp.llama_cpp.llama_model_default_params
+    _without_amx_repack(llama_cpp)
+    assert llama_cpp.llama_cpp.llama_model_default_params is wrapped is llama_cpp.llama_model_default_params
+    assert wrapped().use_extra_bufts is False
