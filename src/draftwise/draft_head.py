@@ -153,11 +153,15 @@ class DraftHead(nn.Module):
             return self.kernel.rms_norm(x, norm.weight, norm.eps)
         return norm(x)
 
+    def attention_input(self, hidden: Tensor, token_ids: Tensor) -> Tensor:
+        """[norm(embedding of token t+1), norm(feature at t)] (N, 2H): what q, k and v read."""
+        emb = self.embed[token_ids].to(hidden.dtype)
+        return torch.cat([self._norm(self.embed_norm, emb), self._norm(self.hidden_norm, hidden)], dim=-1)
+
     def project(self, hidden: Tensor, token_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Queries (heads, N, D), keys and values (kv_heads, N, D) before rotary, for N pairs."""
         c = self.config
-        emb = self.embed[token_ids].to(hidden.dtype)
-        x = torch.cat([self._norm(self.embed_norm, emb), self._norm(self.hidden_norm, hidden)], dim=-1)
+        x = self.attention_input(hidden, token_ids)
         n = x.shape[0]
         q = self.q_proj(x).view(n, c.num_heads, c.head_dim).transpose(0, 1)
         k = self.k_proj(x).view(n, c.num_kv_heads, c.head_dim).transpose(0, 1)
@@ -227,8 +231,6 @@ class DraftHead(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """`step` as one decoder_layer call: the same layer on the same quantized weights."""
         c, n = self.config, hidden.shape[0]
-        emb = self.embed[token_ids].to(hidden.dtype)
-        attn_input = torch.cat([self._norm(self.embed_norm, emb), self._norm(self.hidden_norm, hidden)], dim=-1)
         cos, signed_sin = rotary_rows(positions, c.head_dim, c.rope_theta, hidden.dtype, hidden.device)
         cache.reserve(n)
         out = self.kernel.decoder_layer(
@@ -241,7 +243,7 @@ class DraftHead(nn.Module):
             mask,
             c.num_heads,
             c.rms_norm_eps,
-            attn_input,
+            self.attention_input(hidden, token_ids),
         )
         cache.length += n
         return self.lm_head(self._norm(self.final_norm, out)), out

@@ -193,9 +193,14 @@ class GridLinear:
 
     @classmethod
     def exact(cls, weight: Tensor) -> GridLinear | None:
-        """One of `weight` where it lies on a GGUF grid and the kernel fits it, else None."""
-        grid = gguf_grid(weight) if cls.fits(weight) else None
+        """One of `weight` where it lies on a grid this kernel stores exactly and the kernel fits it, else None."""
+        grid = cls.stored_grid(weight) if cls.fits(weight) else None
         return None if grid is None else cls(weight, grid)
+
+    @classmethod
+    def stored_grid(cls, weight: Tensor) -> Grid | None:
+        """The GGUF grid `weight` lies on, if this kernel's storage holds it exactly."""
+        return gguf_grid(weight)
 
     def __call__(self, x: Tensor) -> Tensor:
         if x.shape[0] > self.MAX_ROWS:
@@ -239,9 +244,9 @@ class VnniLinear(GridLinear):
         return avx512_kernel()
 
     @classmethod
-    def exact(cls, weight: Tensor) -> VnniLinear | None:
-        """As GridLinear.exact, where the grid's scales and mins are fp16 values too (a GGUF's are)."""
-        grid = gguf_grid(weight) if cls.fits(weight) else None
+    def stored_grid(cls, weight: Tensor) -> Grid | None:
+        """The GGUF grid, where its scales and mins are fp16 values too (a GGUF's are): this kernel stores fp16."""
+        grid = gguf_grid(weight)
         if grid is None:
             return None
         rows, cols = grid.codes.shape
@@ -249,7 +254,7 @@ class VnniLinear(GridLinear):
         snapped = grid.codes.reshape(rows, -1, GROUP) * scale[..., None]
         if low is not None:
             snapped = snapped + low[..., None]
-        return cls(weight, Grid(grid.codes, scale, low)) if torch.equal(snapped.reshape(rows, cols), weight) else None
+        return Grid(grid.codes, scale, low) if torch.equal(snapped.reshape(rows, cols), weight) else None
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.matmul(x.float(), self.codes, self.scale, self.low, self.nibbles)
