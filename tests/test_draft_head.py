@@ -84,6 +84,7 @@ def test_train_draft_learns_and_resumes(tmp_path):
         max_minutes=0,
         seed=0,
         precision="auto",
+        soft_labels=0.0,
     )
     train(args, target=target)
     log = [json.loads(line) for line in (tmp_path / "head" / "log.jsonl").read_text().splitlines()]
@@ -94,6 +95,36 @@ def test_train_draft_learns_and_resumes(tmp_path):
     train(args, target=target)
     log = [json.loads(line) for line in (tmp_path / "head" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log[30:]] == list(range(31, 36))
+
+
+def test_soft_labels_are_the_targets_own_distribution(tmp_path):
+    """The stored final-layer features give back the target's greedy tokens; a soft-label run learns too."""
+    import argparse
+    import json
+
+    from transformers import AutoTokenizer
+
+    from draftwise import models
+    from draftwise.training.distill import build_distill_data, load_distill_data
+    from draftwise.training.train_draft import SoftLabels, train
+
+    target = tiny_llama(vocab_size=49152)
+    tokenizer = AutoTokenizer.from_pretrained(models.resolve_model("smollm2-135m"))
+    build_distill_data(target, tokenizer, [f"spell {i}" for i in range(8)], tmp_path / "data", (1, 2), 16, 4)
+    soft = SoftLabels(target.lm_head.weight.detach(), final_index=1, weight=1.0)
+    for sample in load_distill_data(tmp_path / "data"):
+        ids, start = sample["ids"].long(), int(sample["response_from"])
+        greedy = soft.probabilities(sample["features"]).argmax(-1)
+        assert torch.equal(greedy[start - 1 : -1], ids[start:])  # each response token is the target's argmax
+    args = argparse.Namespace(
+        model="tiny", data=str(tmp_path / "data"), out=str(tmp_path / "head"), feature_layers="1,2",
+        draft_vocab=256, ttt_steps=2, epochs=8, accumulate=2, lr=3e-3, max_len=64, holdout_every=8,
+        eval_every=1000, checkpoint_every=100, max_minutes=0, seed=0, precision="auto", soft_labels=1.0,
+    )  # fmt: skip
+    train(args, target=target)
+    log = [json.loads(line) for line in (tmp_path / "head" / "log.jsonl").read_text().splitlines()]
+    assert sum(r["loss"] for r in log[-4:]) < 0.9 * sum(r["loss"] for r in log[:4])  # above the entropy floor
+    assert "--soft-labels 1.0" in (tmp_path / "head" / "head" / "README.md").read_text()
 
 
 def test_a_loaded_head_computes_in_the_dtype_asked_for(tmp_path, head_and_data):

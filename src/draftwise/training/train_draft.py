@@ -2,7 +2,9 @@
 
 Each sequence is unrolled `--ttt-steps` times (the head reading its own outputs, as it does when drafting a
 tree); step k is weighted 0.8**k. Labels are the target's own greedy tokens, so only response positions
-count. Checkpoints are written every `--checkpoint-every` steps and a rerun resumes from the last one.
+count. With `--soft-labels w` a share w of the loss is the cross-entropy to the target's whole next-token
+distribution over the draft vocabulary (EAGLE's soft targets), read off the stored final-layer features.
+Checkpoints are written every `--checkpoint-every` steps and a rerun resumes from the last one.
 """
 
 from __future__ import annotations
@@ -36,7 +38,14 @@ def draft_vocabulary(samples: list[dict], size: int, vocab_size: int) -> torch.T
     return torch.tensor(sorted(ranked))
 
 
-def sequence_loss(head: DraftHead, sample: dict, layer_index: list[int], target_to_draft: torch.Tensor, steps: int):
+def sequence_loss(
+    head: DraftHead,
+    sample: dict,
+    layer_index: list[int],
+    target_to_draft: torch.Tensor,
+    steps: int,
+    soft: SoftLabels | None = None,
+):
     """Weighted loss and per-step (correct, counted) for one sequence."""
     ids = sample["ids"].long()
     # the target's greedy next token after each position: given (teacher-forced data) or the data itself
@@ -44,6 +53,7 @@ def sequence_loss(head: DraftHead, sample: dict, layer_index: list[int], target_
     response_from = int(sample["response_from"])
     features = sample["features"][:, layer_index].float()
     outputs = head.unroll(features, ids, steps)
+    target_probs = soft.probabilities(sample["features"]) if soft else None
     loss, stats = 0.0, []
     for k, normed in enumerate(outputs):
         m = normed.shape[0]
@@ -53,11 +63,26 @@ def sequence_loss(head: DraftHead, sample: dict, layer_index: list[int], target_
         labels = labels[counted]
         draft_labels = target_to_draft[labels]
         trained = draft_labels >= 0
-        if trained.any():
-            loss = loss + STEP_WEIGHT**k * F.cross_entropy(logits[trained], draft_labels[trained])
+        hard = F.cross_entropy(logits[trained], draft_labels[trained]) if trained.any() else 0.0
+        if target_probs is not None and counted.any():
+            matched = -(target_probs[k + 1 : k + 1 + m][counted] * F.log_softmax(logits.float(), -1)).sum(-1).mean()
+            loss = loss + STEP_WEIGHT**k * ((1 - soft.weight) * hard + soft.weight * matched)
+        else:
+            loss = loss + STEP_WEIGHT**k * hard
         correct = head.draft_to_target[logits.argmax(-1)] == labels
         stats.append((int(correct.sum()), labels.numel()))
     return loss, stats
+
+
+class SoftLabels:
+    """The target's next-token distribution over the draft vocabulary, from its stored final-layer features."""
+
+    def __init__(self, lm_head_rows: torch.Tensor, final_index: int, weight: float):
+        self.rows, self.final_index, self.weight = lm_head_rows.float(), final_index, weight
+
+    @torch.no_grad()
+    def probabilities(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(features[:, self.final_index].float() @ self.rows.T, dim=-1)
 
 
 def uses_bf16(precision: str) -> bool:
@@ -126,6 +151,13 @@ def train(args, target=None) -> Path:
     head.draft_to_target.copy_(draft_vocabulary(training, config.draft_vocab_size, config.target_vocab_size))
     head = init_from_target(head, target)
     head.attach_embedding(target.model.embed_tokens.weight)
+    soft = None
+    if args.soft_labels:
+        final = target.config.num_hidden_layers
+        if final not in stored_layers:
+            raise DraftwiseError(f"--soft-labels needs the final layer's features ({final}) in the data")
+        rows = target.lm_head.weight.detach()[head.draft_to_target]
+        soft = SoftLabels(rows, stored_layers.index(final), args.soft_labels)
     del target
 
     total_steps = args.epochs * math.ceil(len(training) / args.accumulate)
@@ -171,7 +203,7 @@ def train(args, target=None) -> Path:
         loss_sum, acc = 0.0, [[0, 0] for _ in range(args.ttt_steps)]
         for sample in batch:
             with autocast(bf16):
-                loss, stats = sequence_loss(head, sample, layer_index, target_to_draft, args.ttt_steps)
+                loss, stats = sequence_loss(head, sample, layer_index, target_to_draft, args.ttt_steps, soft)
             if torch.is_tensor(loss):
                 (loss / len(batch)).backward()
                 loss_sum += loss.item() / len(batch)
@@ -232,7 +264,8 @@ the next token's embedding (the target's, not stored here), one decoder layer, a
 - Data: `{args.data}` ({summary["train_sequences"]} training sequences, {summary["train_response_tokens"]} response
   tokens; {summary["heldout_sequences"]} held out).
 - Training: `draftwise train-draft --data {args.data} --epochs {args.epochs} --ttt-steps {args.ttt_steps}
-  --max-len {args.max_len} --lr {args.lr} --draft-vocab {args.draft_vocab} --precision {args.precision}`;
+  --max-len {args.max_len} --lr {args.lr} --draft-vocab {args.draft_vocab} --precision {args.precision}
+  --soft-labels {args.soft_labels}`;
   {summary["steps"]} optimizer steps of
   {args.accumulate} sequences, {summary["wall_time_s"] / 60:.0f} minutes on this machine's CPU.
 - Held-out top-1 accuracy of the unrolled predictions (training-time test): {accuracy}.
@@ -244,6 +277,8 @@ def cmd_train_draft(args) -> int:
     for name in positive:
         if getattr(args, name) < 1:
             raise DraftwiseError(f"--{name.replace('_', '-')} must be positive")
+    if not 0 <= args.soft_labels <= 1:
+        raise DraftwiseError("--soft-labels must be between 0 and 1")
     if args.max_len < 8:
         raise DraftwiseError("--max-len must be at least 8")
     train(args)
@@ -258,6 +293,12 @@ def register(subparsers) -> None:
     parser.add_argument("--feature-layers", default="2,15,27", help="fused target layers (one layer = EAGLE-1 style)")
     parser.add_argument("--draft-vocab", type=int, default=8192, help="reduced draft vocabulary size")
     parser.add_argument("--ttt-steps", type=int, default=4, help="unrolled prediction steps (training-time test)")
+    parser.add_argument(
+        "--soft-labels",
+        type=float,
+        default=0.0,
+        help="share of the loss matched to the target's full distribution (needs the final layer's features)",
+    )
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--accumulate", type=int, default=4, help="sequences per optimizer step")
     parser.add_argument("--lr", type=float, default=5e-4)
