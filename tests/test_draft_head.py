@@ -85,6 +85,7 @@ def test_train_draft_learns_and_resumes(tmp_path):
         seed=0,
         precision="auto",
         soft_labels=0.0,
+        init_head="",
     )
     train(args, target=target)
     log = [json.loads(line) for line in (tmp_path / "head" / "log.jsonl").read_text().splitlines()]
@@ -95,6 +96,11 @@ def test_train_draft_learns_and_resumes(tmp_path):
     train(args, target=target)
     log = [json.loads(line) for line in (tmp_path / "head" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log[30:]] == list(range(31, 36))
+    # fine-tuning starts where the trained head is, not where the target's layer starts
+    args.init_head, args.out, args.epochs = str(tmp_path / "head" / "head"), str(tmp_path / "tuned"), 1
+    train(args, target=target)
+    tuned = [json.loads(line) for line in (tmp_path / "tuned" / "log.jsonl").read_text().splitlines()]
+    assert tuned[0]["loss"] < 0.8 * log[0]["loss"]
 
 
 def test_soft_labels_are_the_targets_own_distribution(tmp_path):
@@ -119,7 +125,7 @@ def test_soft_labels_are_the_targets_own_distribution(tmp_path):
     args = argparse.Namespace(
         model="tiny", data=str(tmp_path / "data"), out=str(tmp_path / "head"), feature_layers="1,2",
         draft_vocab=256, ttt_steps=2, epochs=8, accumulate=2, lr=3e-3, max_len=64, holdout_every=8,
-        eval_every=1000, checkpoint_every=100, max_minutes=0, seed=0, precision="auto", soft_labels=1.0,
+        eval_every=1000, checkpoint_every=100, max_minutes=0, seed=0, precision="auto", soft_labels=1.0, init_head="",
     )  # fmt: skip
     train(args, target=target)
     log = [json.loads(line) for line in (tmp_path / "head" / "log.jsonl").read_text().splitlines()]

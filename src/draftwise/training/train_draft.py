@@ -146,10 +146,16 @@ def train(args, target=None) -> Path:
 
     if target is None:
         target, _ = load_model(args.model, dtype="fp32")
-    config = DraftHeadConfig.from_target(target.config, layers, min(args.draft_vocab, target.config.vocab_size))
-    head = DraftHead(config)
-    head.draft_to_target.copy_(draft_vocabulary(training, config.draft_vocab_size, config.target_vocab_size))
-    head = init_from_target(head, target)
+    if args.init_head:  # fine-tune: the head's own layers and draft vocabulary
+        head = DraftHead.load(Path(args.init_head)).train()
+        config = head.config
+        if config.feature_layers != layers:
+            raise DraftwiseError(f"--init-head reads layers {config.feature_layers}, not --feature-layers {layers}")
+    else:
+        config = DraftHeadConfig.from_target(target.config, layers, min(args.draft_vocab, target.config.vocab_size))
+        head = DraftHead(config)
+        head.draft_to_target.copy_(draft_vocabulary(training, config.draft_vocab_size, config.target_vocab_size))
+        head = init_from_target(head, target)
     head.attach_embedding(target.model.embed_tokens.weight)
     soft = None
     if args.soft_labels:
@@ -265,7 +271,7 @@ the next token's embedding (the target's, not stored here), one decoder layer, a
   tokens; {summary["heldout_sequences"]} held out).
 - Training: `draftwise train-draft --data {args.data} --epochs {args.epochs} --ttt-steps {args.ttt_steps}
   --max-len {args.max_len} --lr {args.lr} --draft-vocab {args.draft_vocab} --precision {args.precision}
-  --soft-labels {args.soft_labels}`;
+  --soft-labels {args.soft_labels}{f" --init-head {args.init_head}" if args.init_head else ""}`;
   {summary["steps"]} optimizer steps of
   {args.accumulate} sequences, {summary["wall_time_s"] / 60:.0f} minutes on this machine's CPU.
 - Held-out top-1 accuracy of the unrolled predictions (training-time test): {accuracy}.
@@ -299,6 +305,7 @@ def register(subparsers) -> None:
         default=0.0,
         help="share of the loss matched to the target's full distribution (needs the final layer's features)",
     )
+    parser.add_argument("--init-head", default="", help="start from this trained head instead of the target's layer")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--accumulate", type=int, default=4, help="sequences per optimizer step")
     parser.add_argument("--lr", type=float, default=5e-4)
