@@ -216,64 +216,107 @@ inline __m512 exp_ps(__m512 x) {
   return _mm512_scalef_ps(p, whole);
 }
 
-// One (head, query row): scores against the slots it sees, softmax, weighted values. Vectors = D / 16.
+// The slots a query row may see, 16 at a time: keep[b] has bit jj set for slot 16 b + jj.
+void visible_blocks(const bool* seen, int64_t length, int64_t last, __mmask16* keep) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t j0 = 0, b = 0; j0 < length; j0 += 16, ++b) {
+    const __m512i slot = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(j0)), lane);
+    __mmask16 bits = _mm512_cmplt_epi32_mask(slot, _mm512_set1_epi32(static_cast<int32_t>(length)));
+    if (!seen) {
+      bits &= _mm512_cmple_epi32_mask(slot, _mm512_set1_epi32(static_cast<int32_t>(last)));
+    } else if (j0 + 16 <= length) {  // 16 bools (0 or 1) to 16 bits
+      const __m128i flags = _mm_loadu_si128(reinterpret_cast<const __m128i*>(seen + j0));
+      bits &= static_cast<__mmask16>(_mm_movemask_epi8(_mm_cmpgt_epi8(flags, _mm_setzero_si128())));
+    } else {
+      __mmask16 tail = 0;
+      for (int jj = 0; j0 + jj < length; ++jj) tail |= static_cast<__mmask16>(seen[j0 + jj]) << jj;
+      bits &= tail;
+    }
+    keep[b] = bits;
+  }
+}
+
+// The scores of one (query row, head) against 16 slots from j0: 16 dot-product vectors, summed lane-pairwise in
+// 4 rounds (each slot's sum in the same order wherever it falls), slots it may not see set to -inf.
 template <int Vectors>
-void attend_row(const float* qi, const float* kh, const float* vh, int64_t length, const bool* seen, int64_t last,
-                float scale, float* scores, float* oi) {
+inline __m512 block_scores(const float* q, const float* kh, int64_t j0, int64_t length, __mmask16 keep) {
   constexpr int64_t D = Vectors * 16;
-  __m512 q[Vectors];
-  for (int c = 0; c < Vectors; ++c) q[c] = _mm512_mul_ps(_mm512_loadu_ps(qi + 16 * c), _mm512_set1_ps(scale));
-  // scores 16 slots at a time: 16 dot-product vectors, summed lane-pairwise in 4 rounds (each slot's sum in the
-  // same order wherever it falls), then slots the row may not see set to -inf
   const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odds = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  __m512 top = _mm512_set1_ps(-INFINITY);
-  for (int64_t j0 = 0; j0 < length; j0 += 16) {
-    __m512 part[16];
-    for (int jj = 0; jj < 16; ++jj) {
-      const int64_t j = std::min(j0 + jj, length - 1);  // past the end: any real slot, masked below
-      part[jj] = _mm512_mul_ps(q[0], _mm512_loadu_ps(kh + j * D));
-      for (int c = 1; c < Vectors; ++c) part[jj] = _mm512_fmadd_ps(q[c], _mm512_loadu_ps(kh + j * D + 16 * c), part[jj]);
+  __m512 part[16];
+  for (int jj = 0; jj < 16; ++jj) {
+    const int64_t j = std::min(j0 + jj, length - 1);  // past the end: any real slot, masked below
+    part[jj] = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(kh + j * D));
+    for (int c = 1; c < Vectors; ++c)
+      part[jj] = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * c), _mm512_loadu_ps(kh + j * D + 16 * c), part[jj]);
+  }
+  for (int width = 16; width > 1; width /= 2)
+    for (int m = 0; m < width / 2; ++m)
+      part[m] = _mm512_add_ps(_mm512_permutex2var_ps(part[2 * m], evens, part[2 * m + 1]),
+                              _mm512_permutex2var_ps(part[2 * m], odds, part[2 * m + 1]));
+  return _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), keep, part[0]);
+}
+
+// Every (query row, head) pair that reads one KV head, together: each block of keys, then of values, is loaded
+// once and used by all of them while it sits in L1. Each pair still runs its own fixed sequence of operations
+// (scores, softmax, weighted values, all in slot order), so its output does not depend on the other pairs.
+template <int Vectors>
+void attend_kv_head(const float* qs, int64_t q_stride, const int64_t* pairs, int64_t count, const float* kh,
+                    const float* vh, int64_t length, const __mmask16* keep, int64_t blocks, float scale, float* work,
+                    float* os, int64_t o_stride) {
+  constexpr int64_t D = Vectors * 16, kValueBlock = 32;
+  const int64_t padded = blocks * 16;
+  float* scaled = work;                // (count, D): each pair's query times the scale
+  float* scores = scaled + count * D;  // (count, padded)
+  float* acc = scores + count * padded;  // (count, D)
+  std::vector<float> tops(count * 16, -INFINITY), total(count, 0.f);
+  for (int64_t p = 0; p < count; ++p) {
+    const int64_t row = pairs[2 * p], head = pairs[2 * p + 1];
+    for (int c = 0; c < Vectors; ++c)
+      _mm512_storeu_ps(scaled + p * D + 16 * c,
+                       _mm512_mul_ps(_mm512_loadu_ps(qs + row * q_stride + head * D + 16 * c), _mm512_set1_ps(scale)));
+  }
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int64_t p = 0; p < count; ++p) {
+      const __m512 s = block_scores<Vectors>(scaled + p * D, kh, 16 * b, length, keep[pairs[2 * p] * blocks + b]);
+      _mm512_storeu_ps(scores + p * padded + 16 * b, s);
+      _mm512_storeu_ps(&tops[16 * p], _mm512_max_ps(_mm512_loadu_ps(&tops[16 * p]), s));
     }
-    for (int width = 16; width > 1; width /= 2)
-      for (int m = 0; m < width / 2; ++m)
-        part[m] = _mm512_add_ps(_mm512_permutex2var_ps(part[2 * m], evens, part[2 * m + 1]),
-                                _mm512_permutex2var_ps(part[2 * m], odds, part[2 * m + 1]));
-    const __m512i slot = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(j0)), lane);
-    __mmask16 keep = _mm512_cmplt_epi32_mask(slot, _mm512_set1_epi32(static_cast<int32_t>(length)));
-    if (seen) {
-      __mmask16 bits = 0;
-      for (int jj = 0; jj < 16 && j0 + jj < length; ++jj) bits |= static_cast<__mmask16>(seen[j0 + jj]) << jj;
-      keep &= bits;
-    } else {
-      keep &= _mm512_cmple_epi32_mask(slot, _mm512_set1_epi32(static_cast<int32_t>(last)));
+  // weights e^(s - peak) in place, 16 slots at a time; unseen slots give exactly 0
+  for (int64_t p = 0; p < count; ++p) {
+    float* w = scores + p * padded;
+    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_loadu_ps(&tops[16 * p])));
+    for (int64_t j = 0; j < padded; j += 16) {
+      const __m512 s = _mm512_loadu_ps(w + j);
+      const __mmask16 seen = _mm512_cmp_ps_mask(s, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+      _mm512_storeu_ps(w + j, _mm512_maskz_mov_ps(seen, exp_ps(_mm512_sub_ps(s, top))));
     }
-    const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), keep, part[0]);
-    _mm512_storeu_ps(scores + j0, s);
-    top = _mm512_max_ps(top, s);
+    for (int c = 0; c < Vectors; ++c) _mm512_storeu_ps(acc + p * D + 16 * c, _mm512_setzero_ps());
   }
-  // weights e^(s - top) in place, 16 slots at a time; unseen slots give exactly 0
-  const __m512 peak = _mm512_set1_ps(_mm512_reduce_max_ps(top));
-  for (int64_t j = 0; j < length; j += 16) {
-    const __m512 s = _mm512_loadu_ps(scores + j);
-    const __mmask16 keep = _mm512_cmp_ps_mask(s, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-    const __m512 w = _mm512_maskz_mov_ps(keep, exp_ps(_mm512_sub_ps(s, peak)));
-    _mm512_storeu_ps(scores + j, w);
+  // the weighted sum of values over the seen slots in slot order, so that where a slot sits (a tree node's slot
+  // is not the one it takes once accepted) never changes the result
+  for (int64_t j0 = 0; j0 < length; j0 += kValueBlock) {
+    const int64_t j1 = std::min(j0 + kValueBlock, length);
+    for (int64_t p = 0; p < count; ++p) {
+      const float* w = scores + p * padded;
+      __m512 a[Vectors];
+      for (int c = 0; c < Vectors; ++c) a[c] = _mm512_loadu_ps(acc + p * D + 16 * c);
+      float sum = total[p];  // the weights' sum, in slot order too
+      for (int64_t j = j0; j < j1; ++j) {
+        if (w[j] == 0.f) continue;  // unseen (or weightless: adding 0 * v would change nothing)
+        sum += w[j];
+        const __m512 wj = _mm512_set1_ps(w[j]);
+        for (int c = 0; c < Vectors; ++c) a[c] = _mm512_fmadd_ps(wj, _mm512_loadu_ps(vh + j * D + 16 * c), a[c]);
+      }
+      for (int c = 0; c < Vectors; ++c) _mm512_storeu_ps(acc + p * D + 16 * c, a[c]);
+      total[p] = sum;
+    }
   }
-  __m512 acc[Vectors];
-  for (int c = 0; c < Vectors; ++c) acc[c] = _mm512_setzero_ps();
-  // sums over the seen slots in slot order, so that where a slot sits (a tree node's slot is not the one it
-  // takes once accepted) never changes the result
-  float total = 0.f;
-  for (int64_t j = 0; j < length; ++j) {
-    if (scores[j] == 0.f) continue;  // unseen (or weightless: adding 0 * v would change nothing)
-    total += scores[j];
-    const __m512 w = _mm512_set1_ps(scores[j]);
-    for (int c = 0; c < Vectors; ++c) acc[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vh + j * D + 16 * c), acc[c]);
+  for (int64_t p = 0; p < count; ++p) {
+    const __m512 inv = _mm512_set1_ps(1.f / total[p]);
+    float* out = os + pairs[2 * p] * o_stride + pairs[2 * p + 1] * D;
+    for (int c = 0; c < Vectors; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(acc + p * D + 16 * c), inv));
   }
-  const __m512 inv = _mm512_set1_ps(1.f / total);
-  for (int c = 0; c < Vectors; ++c) _mm512_storeu_ps(oi + 16 * c, _mm512_mul_ps(acc[c], inv));
 }
 
 }  // namespace
@@ -294,21 +337,30 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64
     TORCH_CHECK(mask.size(0) == n && mask.size(1) == length, "visible: (n, length)");
   }
   const bool* seen = visible ? mask.data_ptr<bool>() : nullptr;
+  const int64_t blocks = (length + 15) / 16;
+  std::vector<__mmask16> keep(n * blocks);
+  for (int64_t i = 0; i < n; ++i) visible_blocks(seen ? seen + i * length : nullptr, length, length - n + i, &keep[i * blocks]);
   auto out = torch::empty({n, heads * D}, q.options());
   const float *qs = q.data_ptr<float>(), *ks = k.data_ptr<float>(), *vs = v.data_ptr<float>();
   float* os = out.data_ptr<float>();
   const int64_t group = heads / kv_heads;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  constexpr decltype(&attend_row<1>) rows_by_vectors[9] = {nullptr,        attend_row<1>, attend_row<2>,
-                                                           attend_row<3>, attend_row<4>, attend_row<5>,
-                                                           attend_row<6>, attend_row<7>, attend_row<8>};
-  const auto row = rows_by_vectors[D / 16];
-  at::parallel_for(0, n * heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores((length + 15) / 16 * 16);  // whole blocks of 16, the last padded with -inf
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t i = task / heads, h = task % heads;
-      row(qs + (i * heads + h) * D, ks + (h / group) * k.stride(0), vs + (h / group) * v.stride(0), length,
-          seen ? seen + i * length : nullptr, length - n + i, scale, scores.data(), os + i * heads * D + h * D);
+  constexpr decltype(&attend_kv_head<1>) by_vectors[9] = {nullptr,           attend_kv_head<1>, attend_kv_head<2>,
+                                                          attend_kv_head<3>, attend_kv_head<4>, attend_kv_head<5>,
+                                                          attend_kv_head<6>, attend_kv_head<7>, attend_kv_head<8>};
+  const auto attend = by_vectors[D / 16];
+  // each thread takes a run of heads and, KV head by KV head, every row of them at once
+  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> pairs;
+    std::vector<float> work;
+    for (int64_t g = begin / group; g * group < end; ++g) {
+      pairs.clear();
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t h = std::max(begin, g * group); h < std::min(end, (g + 1) * group); ++h) pairs.insert(pairs.end(), {i, h});
+      const int64_t count = static_cast<int64_t>(pairs.size()) / 2;
+      work.resize(count * (2 * D + blocks * 16));
+      attend(qs, heads * D, pairs.data(), count, ks + g * k.stride(0), vs + g * v.stride(0), length, keep.data(), blocks,
+             scale, work.data(), os, heads * D);
     }
   });
   return out;
