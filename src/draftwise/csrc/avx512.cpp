@@ -191,10 +191,11 @@ torch::Tensor vnni_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
 
 // --- attention --------------------------------------------------------------------------------------------
 // Why: PyTorch's CPU flash attention gives a query row different bits depending on how many rows come with it,
-// and in fp32 it costs ~130 us a layer for one token at a 300-token context. Here each (head, query row) is its
-// own task: scores against every key it may see, in slot order, a softmax whose sums run over the slots in the
-// same order, and the weighted sum of values, skipping the slots it may not see. A tree node's output is then
-// bit for bit a lone decode step's, given the same keys and values in the same slots.
+// and in fp32 it costs ~130 us a layer for one token at a 300-token context. Here each (head, query row) runs
+// its own fixed sequence: scores against every key it may see, in slot order, a softmax whose sums run over the
+// slots in the same order, and the weighted sum of values, skipping the slots it may not see. A tree node's
+// output is then bit for bit a lone decode step's, given the same keys and values in the same slots. The pairs
+// that share a KV head are interleaved block by block, so a tree reads each block of keys and values once.
 
 namespace {
 
