@@ -373,14 +373,13 @@ class LeanTarget:
         if self.device.type == "cpu":
             self.calibrate()
 
-    def calibrate(self, context: int = 128) -> None:
-        """Sets `verify_cost`: seconds = a + b * nodes at a chat-sized context, timed (~0.2 s for the default
-        model) at load and again wherever the forward changes. With int4 weights a node costs ~9% of a step, so
-        tree sizes should follow the cost."""
-        context = min(context, self.max_length - 8)
-        self.prefill(torch.arange(context, device=self.device) % self.config.vocab_size)
+    def calibrate(self, short: int = 128, long: int = 1024) -> None:
+        """Sets `verify_cost`: seconds to verify N nodes at the current context, from trees of 1 and 8 nodes timed at
+        a short and a long context (~0.5 s for the default model) at load. With int4 weights a node costs ~9% of a
+        step at 128 tokens, but its attention grows with the context (~3x that at 1,500), so tree sizes follow
+        both."""
 
-        def seconds(nodes: int) -> float:
+        def seconds(context: int, nodes: int) -> float:
             tokens = torch.arange(nodes, device=self.device)
             positions = torch.arange(context, context + nodes, device=self.device)[None]
             mask = torch.ones(nodes, context + nodes, dtype=torch.bool, device=self.device).tril(context)
@@ -392,10 +391,22 @@ class LeanTarget:
                 self.truncate(context)
             return min(times)
 
-        one, eight = seconds(1), seconds(8)
+        fits = []  # (context, step seconds, seconds per extra node)
+        for context in sorted({min(short, self.max_length - 8), min(long, self.max_length - 8)}):
+            self.reset()
+            self.prefill(torch.arange(context, device=self.device) % self.config.vocab_size)
+            one, eight = seconds(context, 1), seconds(context, 8)
+            fits.append((context, one, max(eight - one, 0.0) / 7))
         self.reset()
-        slope = max(eight - one, 0.0) / 7
-        self.verify_cost = lambda nodes: one - slope + slope * nodes
+        (c0, one0, node0), (c1, one1, node1) = fits[0], fits[-1]
+        growth = max(node1 - node0, 0.0) / (c1 - c0) if c1 > c0 else 0.0  # a node's extra seconds per context token
+        step_growth = max(one1 - one0, 0.0) / (c1 - c0) if c1 > c0 else 0.0
+
+        def verify_cost(nodes: int) -> float:
+            extra = max(self._length - c0, 0)
+            return one0 + step_growth * extra + (nodes - 1) * (node0 + growth * extra)
+
+        self.verify_cost = verify_cost
 
     def _rotary_tables(self, model) -> tuple[Tensor, Tensor]:
         """cos/sin for every position from the model's own rotary module (any rope type it supports)."""
