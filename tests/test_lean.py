@@ -293,3 +293,18 @@ def test_fused_decoder_layer_is_the_layer_and_gives_each_row_the_same_bits():
             x[i : i + 1], *layer.packed, cos[i : i + 1], sin[i : i + 1], alone, start + i, None, heads, target.eps, None
         )
         assert torch.equal(row, out[i : i + 1])
+
+
+def test_verify_cost_grows_with_the_context_it_is_asked_at():
+    """Timed at 128 and 1,024 tokens, the cost at 1,500 extrapolates both the step and the per-node cost."""
+    from draftwise.lean import context_verify_cost
+
+    length = [0]
+    cost = context_verify_cost([(128, 0.006, 0.0004), (1024, 0.008, 0.0012)], lambda: length[0])
+    assert cost(1) == pytest.approx(0.006) and cost(8) == pytest.approx(0.006 + 7 * 0.0004)  # short: as timed
+    length[0] = 1024
+    assert cost(8) == pytest.approx(0.008 + 7 * 0.0012)
+    length[0] = 1920  # one more span: every term grows by as much again
+    assert cost(1) == pytest.approx(0.010) and cost(8) == pytest.approx(0.010 + 7 * 0.0020)
+    flat = context_verify_cost([(128, 0.006, 0.0004), (1024, 0.005, 0.0003)], lambda: 5000)  # noise: never cheaper
+    assert flat(4) == pytest.approx(0.006 + 3 * 0.0004)

@@ -328,6 +328,21 @@ class _Layer:
             self.packed = ([norm1, *qkv, *o, norm2, *gate_up, *down], [p.nibbles for p in products])
 
 
+def context_verify_cost(fits: list[tuple[int, float, float]], length: Callable[[], int]) -> Callable[[int], float]:
+    """Seconds to verify N nodes at the context `length()`, from (context, step seconds, seconds per extra node)
+    timed at a short and a long context: both grow linearly past the short one (never below it)."""
+    (c0, step0, node0), (c1, step1, node1) = fits[0], fits[-1]
+    span = c1 - c0
+    step_growth = max(step1 - step0, 0.0) / span if span > 0 else 0.0
+    node_growth = max(node1 - node0, 0.0) / span if span > 0 else 0.0
+
+    def verify_cost(nodes: int) -> float:
+        extra = max(length() - c0, 0)
+        return step0 + step_growth * extra + (nodes - 1) * (node0 + node_growth * extra)
+
+    return verify_cost
+
+
 class LeanTarget:
     """A llama target with a static KV cache; same contract as `TargetModel` (see target.py)."""
 
@@ -398,15 +413,7 @@ class LeanTarget:
             one, eight = seconds(context, 1), seconds(context, 8)
             fits.append((context, one, max(eight - one, 0.0) / 7))
         self.reset()
-        (c0, one0, node0), (c1, one1, node1) = fits[0], fits[-1]
-        growth = max(node1 - node0, 0.0) / (c1 - c0) if c1 > c0 else 0.0  # a node's extra seconds per context token
-        step_growth = max(one1 - one0, 0.0) / (c1 - c0) if c1 > c0 else 0.0
-
-        def verify_cost(nodes: int) -> float:
-            extra = max(self._length - c0, 0)
-            return one0 + step_growth * extra + (nodes - 1) * (node0 + growth * extra)
-
-        self.verify_cost = verify_cost
+        self.verify_cost = context_verify_cost(fits, lambda: self._length)
 
     def _rotary_tables(self, model) -> tuple[Tensor, Tensor]:
         """cos/sin for every position from the model's own rotary module (any rope type it supports)."""
