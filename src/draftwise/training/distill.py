@@ -194,14 +194,12 @@ def build_forced_data(
             ids = torch.tensor(tokenizer(full, add_special_tokens=False)["input_ids"][:max_len])
             if ids.numel() < prompt_len + 4:
                 continue
-            out = model.model(ids[None], output_hidden_states=True)
+            out = model(ids[None], output_hidden_states=True)
             key = f"{number:04d}"
             tensors[f"{key}.ids"] = ids.int()
             tensors[f"{key}.response_from"] = torch.tensor([prompt_len])
             tensors[f"{key}.features"] = torch.stack([out.hidden_states[i][0] for i in feature_layers], 1).half()
-            # the argmax a few rows at a time: a whole text's logits (~100 MB) cost more in page faults than math
-            rows = out.last_hidden_state[0].split(64)
-            tensors[f"{key}.labels"] = torch.cat([model.lm_head(r).argmax(-1) for r in rows]).int()
+            tensors[f"{key}.labels"] = out.logits[0].argmax(-1).int()
             bar.update(1)
         save_file(tensors, str(path) + ".tmp")
         Path(str(path) + ".tmp").rename(path)
