@@ -56,3 +56,15 @@ def test_untrained_prompts_skip_what_the_head_was_trained_on(monkeypatch):
     monkeypatch.setattr(distill, "sharegpt_exchanges", lambda limit: [("a", "x"), ("c", "y")][:limit])
     monkeypatch.setattr(distill, "sharegpt_prompts", lambda limit: ["a", "b", "c", "d", "e"][:limit])
     assert distill.untrained_sharegpt_prompts(skip=1, limit=2, trained=2) == ["b", "d"]
+
+
+def test_offset_skips_prompts_an_earlier_build_answered(tmp_path, monkeypatch):
+    from draftwise.training import distill
+
+    cache = tmp_path / "datasets" / "sharegpt_first_turns.json"
+    cache.parent.mkdir()
+    cache.write_text(json.dumps([f"prompt {i}" for i in range(10)]))
+    monkeypatch.setattr(distill, "cache_dir", lambda: tmp_path)
+    first, later = distill.sharegpt_prompts(4), distill.sharegpt_prompts(3, offset=4)
+    assert first + later == distill.sharegpt_prompts(7)  # the same shuffle, continued
+    assert main(["distill", "--offset", "-1"]) == 2

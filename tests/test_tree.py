@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -87,3 +88,38 @@ def test_from_sequences_holds_exactly_the_prefixes(sequences):
     prefixes = {()} | {tuple(s[:k]) for s in sequences for k in range(len(s) + 1)}
     assert token_paths(tree) == prefixes
     assert (tree.scores <= 1e-6).all()
+
+
+@given(trees(), st.data())
+def test_greedy_acceptance_is_the_deepest_agreeing_path(tree: DraftTree, data):
+    """accept_greedy against a brute force over every node's root path: the deepest node whose whole path the
+    target agrees with, the lowest index among equals, and the target's choice after it as the bonus."""
+    from draftwise.verify import accept_greedy
+
+    best = data.draw(st.lists(st.integers(0, 5), min_size=tree.size, max_size=tree.size))
+    logits = torch.nn.functional.one_hot(torch.tensor(best), 6).float()
+    parents, tokens = tree.parents.tolist(), tree.tokens.tolist()
+    agreeing = [
+        sorted(naive_ancestors(parents, i))
+        for i in range(tree.size)
+        if all(tokens[j] == best[parents[j]] for j in naive_ancestors(parents, i) if j)
+    ]
+    expected = max(agreeing, key=len)  # max keeps the first of equals, and nodes come in index order
+    assert accept_greedy(tree, logits) == (expected, best[expected[-1]])
+
+
+@given(trees(), st.data())
+def test_subtree_keeps_exactly_the_chosen_nodes(tree: DraftTree, data):
+    parents = tree.parents.tolist()
+    chosen = data.draw(st.sets(st.integers(0, tree.size - 1)))
+    keep = sorted(set().union({0}, *(naive_ancestors(parents, i) for i in chosen)))
+    sub = tree.subtree(torch.tensor(keep))
+    assert sub.tokens.tolist() == [tree.tokens.tolist()[i] for i in keep]
+    assert token_paths(sub) <= token_paths(tree)
+    assert [keep[p] if p >= 0 else -1 for p in sub.parents.tolist()] == [parents[i] for i in keep]
+    if len(keep) < tree.size:
+        missing = next(i for i in range(1, tree.size) if i not in keep)
+        child = [i for i in range(tree.size) if parents[i] == missing]
+        if child:
+            with pytest.raises(ValueError):
+                tree.subtree(torch.tensor(keep + child[:1]))

