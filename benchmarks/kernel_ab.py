@@ -1,0 +1,99 @@
+"""csrc/avx512.cpp as it was at `--before` against now, in one process: both builds are loaded, an engine per
+method is loaded on each, and for every question each method runs on the old kernels and on the new ones, in
+turn (the order alternating per question), after a warm-up. Both builds must give the same text token for token
+(a change to the kernels that is meant to be exact); the ratio is the decode tokens/s, prefill excluded.
+
+    python benchmarks/kernel_ab.py --before 717dbcf --questions 4 --out benchmarks/runs/kernel-ab.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import subprocess
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.utils import cpp_extension
+
+import draftwise
+import draftwise.kernels
+from draftwise.bench.datasets import load_questions
+
+SOURCE = "src/draftwise/csrc/avx512.cpp"
+
+
+def build_at(commit: str):
+    """The AVX-512 extension as csrc/avx512.cpp was at `commit`, built under its own name."""
+    directory = Path(tempfile.mkdtemp())
+    source = directory / f"avx512_{commit}.cpp"
+    source.write_text(subprocess.check_output(["git", "show", f"{commit}:{SOURCE}"], text=True))
+    flags = ["-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-fopenmp"]
+    name = f"draftwise_avx512_{commit}"
+    return cpp_extension.load(name, [str(source)], extra_cflags=flags, build_directory=str(directory))
+
+
+@contextlib.contextmanager
+def kernels(module):
+    """draftwise.kernels.avx512_kernel() returns `module` inside (engines bind it at load; the acceptance reads it
+    per round)."""
+    saved = draftwise.kernels._built.get("avx512")
+    draftwise.kernels._built["avx512"] = module
+    try:
+        yield
+    finally:
+        draftwise.kernels._built["avx512"] = saved
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", default="717dbcf", help="commit whose csrc/avx512.cpp is the baseline")
+    parser.add_argument("--prompts", default="humaneval,mt-bench")
+    parser.add_argument("--questions", type=int, default=4, help="per prompt set")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--methods", default="ar,eagle,pld,rasd")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    now = draftwise.kernels.avx512_kernel()
+    if now is None:
+        raise SystemExit("this CPU has no AVX-512 VNNI: nothing to compare")
+    builds = {"before": build_at(args.before), "after": now}
+    options = {"rasd": {"datastore": "code"}}
+    methods = args.methods.split(",")
+    engines = {}
+    for variant, module in builds.items():
+        with kernels(module):
+            for method in methods:
+                engines[method, variant] = draftwise.load(method=method, **options.get(method, {}))
+    prompts = [q.turns[0] for q in load_questions(args.prompts, limit=args.questions, first_turn_only=True)]
+    for (_, variant), engine in engines.items():  # warm-up
+        with kernels(builds[variant]):
+            engine.generate(prompts[0], max_new_tokens=32)
+    tokens, seconds, ids = defaultdict(int), defaultdict(float), defaultdict(list)
+    for i, prompt in enumerate(prompts):
+        for method in methods:
+            for variant in list(builds) if i % 2 == 0 else list(builds)[::-1]:
+                with kernels(builds[variant]):
+                    out = engines[method, variant].generate(prompt, max_new_tokens=args.max_new_tokens)
+                key = f"{method} / {variant}"
+                tokens[key] += out.stats.new_tokens
+                seconds[key] += out.stats.total_s - out.stats.prefill_s
+                ids[key].append(list(out.token_ids))
+    rows = {key: tokens[key] / seconds[key] for key in tokens}
+    same = {m: ids[f"{m} / before"] == ids[f"{m} / after"] for m in methods}
+    print("decode tok/s (prefill excluded), kernels before -> after")
+    for method in methods:
+        before, after = rows[f"{method} / before"], rows[f"{method} / after"]
+        print(f"{method:6s} {before:7.1f} -> {after:7.1f}  ({after / before:.3f}x)  same tokens: {same[method]}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        report = {"decode_tokens_per_s": rows, "same_tokens": same, "prompts": args.prompts}
+        args.out.write_text(json.dumps({**report, "questions": args.questions, "before": args.before}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
