@@ -1,7 +1,9 @@
 """csrc/avx512.cpp as it was at `--before` against now, in one process: both builds are loaded, an engine per
 method is loaded on each, and for every question each method runs on the old kernels and on the new ones, in
 turn (the order alternating per question), after a warm-up. Both builds must give the same text token for token
-(a change to the kernels that is meant to be exact); the ratio is the decode tokens/s, prefill excluded.
+(a change to the kernels that is meant to be exact); the ratio is the decode tokens/s, prefill excluded. First,
+each of layer 0's four products alone on 1, 8 and 16 rows (best of 5 means of 200 calls), then one target
+forward over N tree nodes at a 300-token context (medians of 7), the builds interleaved.
 
     python benchmarks/kernel_ab.py --before 717dbcf --questions 4 --out benchmarks/runs/kernel-ab.json
 """
@@ -11,8 +13,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import statistics
 import subprocess
+import sys
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,6 +27,9 @@ from torch.utils import cpp_extension
 import draftwise
 import draftwise.kernels
 from draftwise.bench.datasets import load_questions
+
+sys.path.insert(0, str(Path(__file__).parent))
+from grid_kernel import verify_ms  # noqa: E402
 
 SOURCE = "src/draftwise/csrc/avx512.cpp"
 
@@ -34,6 +42,20 @@ def build_at(commit: str):
     flags = ["-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-fopenmp"]
     name = f"draftwise_avx512_{commit}"
     return cpp_extension.load(name, [str(source)], extra_cflags=flags, build_directory=str(directory))
+
+
+def product_us(module, product, rows: int) -> float:
+    """Microseconds of one `vnni_matmul` call on `product`'s weights and `rows` random rows."""
+    x = torch.randn(rows, product.codes.shape[1] * (8 if product.nibbles else 4))
+    for _ in range(20):
+        module.vnni_matmul(x, product.codes, product.scale, product.low, product.nibbles)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(200):
+            module.vnni_matmul(x, product.codes, product.scale, product.low, product.nibbles)
+        best = min(best, (time.perf_counter() - start) / 200)
+    return 1e6 * best
 
 
 @contextlib.contextmanager
@@ -69,6 +91,24 @@ def main() -> None:
         with kernels(module):
             for method in methods:
                 engines[method, variant] = draftwise.load(method=method, **options.get(method, {}))
+    layer = engines[methods[0], "after"].target.layers[0]
+    products_us = {}
+    for name in ("qkv", "o", "gate_up", "down"):
+        for rows in (1, 8, 16):
+            product = getattr(layer, name)
+            us = {variant: round(product_us(module, product, rows), 1) for variant, module in builds.items()}
+            products_us[f"{name} x {rows}"] = us
+            print(f"{name:7s} on {rows:2d} rows: {us['before']:6.1f} -> {us['after']:6.1f} us")
+    forward_ms = {}
+    for nodes in (1, 2, 4, 8, 16):
+        times = defaultdict(list)
+        for _ in range(3):
+            for variant, module in builds.items():
+                with kernels(module):
+                    times[variant].append(verify_ms(engines[methods[0], variant].target, nodes))
+        forward_ms[nodes] = {variant: round(statistics.median(t), 2) for variant, t in times.items()}
+        before, after = forward_ms[nodes]["before"], forward_ms[nodes]["after"]
+        print(f"forward over {nodes:2d} nodes: {before:6.2f} -> {after:6.2f} ms")
     prompts = [q.turns[0] for q in load_questions(args.prompts, limit=args.questions, first_turn_only=True)]
     for (_, variant), engine in engines.items():  # warm-up
         with kernels(builds[variant]):
@@ -91,8 +131,8 @@ def main() -> None:
         print(f"{method:6s} {before:7.1f} -> {after:7.1f}  ({after / before:.3f}x)  same tokens: {same[method]}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        report = {"decode_tokens_per_s": rows, "same_tokens": same, "prompts": args.prompts}
-        args.out.write_text(json.dumps({**report, "questions": args.questions, "before": args.before}, indent=1))
+        report = {"decode_tokens_per_s": rows, "same_tokens": same, "forward_ms": forward_ms, "products": products_us}
+        args.out.write_text(json.dumps({**report, "prompts": args.prompts, "before": args.before}, indent=1))
 
 
 if __name__ == "__main__":
