@@ -10,17 +10,16 @@ alternating, and checks that they give the same bits.
 from __future__ import annotations
 
 import argparse
-import subprocess
-import tempfile
+import sys
 import time
 from pathlib import Path
 
 import torch
-from torch.utils import cpp_extension
 
 from draftwise.kernels import avx512_kernel
 
-FLAGS = ["-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-fopenmp"]
+sys.path.insert(0, str(Path(__file__).parent))
+from kernel_ab import build_at  # noqa: E402
 
 
 def main() -> None:
@@ -28,11 +27,7 @@ def main() -> None:
     parser.add_argument("--before", default="783d96d", help="commit whose attention kernel is the baseline")
     parser.add_argument("--repeats", type=int, default=41)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp())
-    source = work / "avx512_before.cpp"
-    old_source = subprocess.check_output(["git", "show", f"{args.before}:src/draftwise/csrc/avx512.cpp"], text=True)
-    source.write_text(old_source)
-    before = cpp_extension.load("draftwise_avx512_before", [str(source)], build_directory=str(work), extra_cflags=FLAGS)
+    before = build_at(args.before)
     after = avx512_kernel()
     torch.manual_seed(0)
     print("| context | rows | before µs | after µs | ratio |\n|---|---|---|---|---|")

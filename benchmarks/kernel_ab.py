@@ -39,7 +39,7 @@ def build_at(commit: str):
     directory = Path(tempfile.mkdtemp())
     source = directory / f"avx512_{commit}.cpp"
     source.write_text(subprocess.check_output(["git", "show", f"{commit}:{SOURCE}"], text=True))
-    flags = ["-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-fopenmp"]
+    flags = draftwise.kernels.compile_flags(draftwise.kernels.AVX512_FLAGS)
     name = f"draftwise_avx512_{commit}"
     return cpp_extension.load(name, [str(source)], extra_cflags=flags, build_directory=str(directory))
 

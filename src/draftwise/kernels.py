@@ -71,6 +71,14 @@ def cpu_has_avx512_vnni() -> bool:
     return {"avx512f", "avx512bw", "avx512_vnni"} <= cpu_flags()
 
 
+AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vnni"]
+
+
+def compile_flags(isa_flags: list[str]) -> list[str]:
+    """The C++ flags every kernel builds with: no contracted FMAs, which would change the bits a row gets."""
+    return ["-O3", "-ffp-contract=off", *isa_flags, "-fopenmp"]
+
+
 def _extension(name: str, what: str, flags: list[str], runs_here: bool, switch: str):
     """The compiled extension csrc/<name>.cpp, built once per machine (~1 min, cached under the draftwise cache),
     or None where it cannot be: the CPU lacks the instructions, no C++ compiler, or the env `switch` is 0."""
@@ -90,7 +98,7 @@ def _extension(name: str, what: str, flags: list[str], runs_here: bool, switch: 
                     _built[name] = cpp_extension.load(
                         f"draftwise_{name}",
                         [str(_CSRC / f"{name}.cpp")],
-                        extra_cflags=["-O3", "-ffp-contract=off", *flags, "-fopenmp"],
+                        extra_cflags=compile_flags(flags),
                         build_directory=str(build),
                     )
             except Exception as error:  # no compiler, no headers: the stock kernels stay
@@ -109,5 +117,4 @@ def avx512_kernel():
     """For AVX-512 VNNI CPUs (csrc/avx512.cpp): `vnni_matmul`, int8 activations x the GGUF's Q4_1 / Q8_0 codes in
     int32, as llama.cpp computes them, and `attention`, which gives each query row the same bits whatever rows come
     with it; DRAFTWISE_AVX512_KERNEL=0 disables them."""
-    flags = ["-mavx512f", "-mavx512bw", "-mavx512vnni"]
-    return _extension("avx512", "AVX-512 kernels", flags, cpu_has_avx512_vnni(), "DRAFTWISE_AVX512_KERNEL")
+    return _extension("avx512", "AVX-512 kernels", AVX512_FLAGS, cpu_has_avx512_vnni(), "DRAFTWISE_AVX512_KERNEL")
