@@ -31,6 +31,8 @@ class GenerationStats:
     first_token_s: float = 0.0  # time to first token: prefill plus the first round
     draft_s: float = 0.0
     verify_s: float = 0.0
+    policy_queries: int = 0  # a tree policy's own queries (RADAR, LTD) and their time, part of draft_s
+    policy_s: float = 0.0
     total_s: float = 0.0
     finish_reason: str = "length"
 
@@ -80,6 +82,8 @@ def generate_tokens(
     features = target.prefill(tokens[:-1])
     drafter.begin(tokens[:-1], features)
     stats.prefill_s = time.perf_counter() - start
+    policy = getattr(drafter, "policy", None)
+    queries_before, query_s_before = getattr(policy, "queries", 0), getattr(policy, "query_s", 0.0)
     while stats.new_tokens < max_new_tokens:
         room = target.max_length - tokens.numel()
         if room <= 0:
@@ -131,6 +135,8 @@ def generate_tokens(
         stats.new_tokens += len(new)
         stats.draft_s += (t1 - t0) + (t4 - t3)
         stats.verify_s += t2 - t1
+        stats.policy_queries = getattr(policy, "queries", 0) - queries_before
+        stats.policy_s = getattr(policy, "query_s", 0.0) - query_s_before
         stats.total_s = time.perf_counter() - start
         if stats.rounds == 1:
             stats.first_token_s = stats.total_s

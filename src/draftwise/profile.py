@@ -155,6 +155,18 @@ def default_cost_path(model_name: str, compute: str | None = None) -> Path:
 # --- measuring ---------------------------------------------------------------------------------------------------
 
 
+_EVICTION_BUFFER: list[np.ndarray] = []
+
+
+def evict_caches() -> None:
+    """Read 64 MiB, more than a CPU's caches hold: a target forward streams the whole model through them, so the
+    Python work of a round (a policy query, the tree bookkeeping) runs cold, up to ~20x slower than in a tight
+    loop. Timing with this before each call measures that cost without loading a model."""
+    if not _EVICTION_BUFFER:
+        _EVICTION_BUFFER.append(np.ones(64 << 20, dtype=np.uint8))
+    _EVICTION_BUFFER[0].sum()
+
+
 def best_ms(fn: Callable[[], object], repeats: int, before: Callable[[], object] | None = None) -> float:
     """The fastest of `repeats` timed calls after a warm-up: other work on the machine only ever adds time, so
     the minimum is the estimate least disturbed by it. `before` runs untimed ahead of every call."""

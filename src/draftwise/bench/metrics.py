@@ -89,6 +89,10 @@ def summarize(records: list[dict]) -> dict:
         "tau": sum(accepted) / len(accepted) if accepted else None,  # bonus token included
         "draft_calls_per_round": _ratio(sum(s["draft_calls"] for s in stats), rounds),
         "verified_per_round": _ratio(sum(s["verified_tokens"] for s in stats), rounds),
+        # a tree policy's own time per query, measured in place (None for methods without one)
+        "policy_ms_per_query": _ratio(
+            1000 * sum(s.get("policy_s", 0.0) for s in stats), sum(s.get("policy_queries", 0) for s in stats)
+        ),
         "time_split_s": split if stats else None,
         "peak_rss_mb": max((r["peak_rss_mb"] for r in ok if r.get("peak_rss_mb")), default=None),
         "peak_gpu_mb": max((r["peak_gpu_mb"] for r in ok if r.get("peak_gpu_mb")), default=None),

@@ -99,6 +99,7 @@ def overall_table(summary: dict, methods: list[str], unavailable: dict[str, str]
         "τ",
         "draft calls/round",
         "verified/round",
+        "policy ms/query",
         "prefill",
         "draft",
         "verify",
@@ -123,6 +124,7 @@ def overall_table(summary: dict, methods: list[str], unavailable: dict[str, str]
             fmt(row["tau"]),
             fmt(row["draft_calls_per_round"]),
             fmt(row["verified_per_round"], ".1f"),
+            fmt(row.get("policy_ms_per_query"), ".3f"),
             *time_split_cells(row["time_split_s"]),
             fmt(row["peak_rss_mb"], ".0f"),
         ]

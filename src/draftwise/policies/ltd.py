@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from draftwise.drafters.eagle import TreePolicy
 from draftwise.errors import DraftwiseError
 from draftwise.policies.offline import SCORE_FLOOR, RoundSet, fixed, simulate
-from draftwise.profile import CostModel
+from draftwise.profile import CostModel, evict_caches
 from draftwise.tree import DraftTree
 
 
@@ -105,13 +105,37 @@ def mlp(inputs: int, hidden: list[int], outputs: int) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(inputs, outputs))
 
 
+def numpy_layers(net: nn.Sequential) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The Linear layers' (weight, bias) as float32 arrays, for `numpy_argmax`."""
+    return [
+        (m.weight.detach().float().numpy().copy(), m.bias.detach().float().numpy().copy())
+        for m in net
+        if isinstance(m, nn.Linear)
+    ]
+
+
+def numpy_argmax(layers: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray) -> int:
+    """argmax of an `mlp` (ReLU between the layers) on one observation."""
+    for i, (weight, bias) in enumerate(layers):
+        x = weight @ x + bias
+        if i < len(layers) - 1:
+            x = np.maximum(x, 0.0)
+    return int(x.argmax())
+
+
 class LtdPolicy(TreePolicy):
-    """π_D before each expansion call, π_V on the finished candidate tree; both act by argmax."""
+    """π_D before each expansion call, π_V on the finished candidate tree; both act by argmax.
+
+    Queries run the actors in NumPy on observation buffers filled in place: a query runs right after a target
+    forward has flushed the caches, where each eager torch op costs tens of µs (see `measure_query_ms`)."""
 
     name = "ltd"
 
     def __init__(self, depth_actor: nn.Module, size_actor: nn.Module, config: LtdConfig):
         self.depth_actor, self.size_actor, self.config = depth_actor.eval(), size_actor.eval(), config
+        self.depth_layers, self.size_layers = numpy_layers(self.depth_actor), numpy_layers(self.size_actor)
+        self.depth_buffer = np.zeros(config.depth_obs_dim, dtype=np.float32)
+        self.size_buffer = np.zeros(config.size_obs_dim, dtype=np.float32)
         self.context = 0
         self.queries, self.query_s = 0, 0.0
 
@@ -119,25 +143,33 @@ class LtdPolicy(TreePolicy):
         self.context = committed
         return self.keep_going
 
-    @torch.inference_mode()
+    def _observe(self, buffer: np.ndarray, scores: Tensor, calls: int) -> np.ndarray:
+        """`buffer` = [clip(scores) / 10, padded with the floor ; context / 1000 ; calls / 10]: what depth_obs and
+        size_obs build for one round."""
+        repeat = self.config.repeat
+        width = buffer.size - 2 * repeat
+        values = np.clip(scores[:width].float().numpy(), SCORE_FLOOR, 0.0) / 10
+        buffer[: values.size] = values
+        buffer[values.size : width] = SCORE_FLOOR / 10
+        buffer[width : width + repeat] = self.context / 1000
+        buffer[width + repeat :] = calls / 10
+        return buffer
+
     def keep_going(self, calls: int, frontier_scores: Tensor, candidate_scores: Tensor) -> bool:
         start = time.perf_counter()
         k = self.config.top_k
         latest = candidate_scores[-k:] if calls == 0 else candidate_scores[-k * k :]
-        obs = depth_obs(latest.float().numpy()[None], np.array([self.context]), np.array([calls]), self.config)
-        go = bool(self.depth_actor(torch.from_numpy(obs))[0].argmax() == 1)
+        go = numpy_argmax(self.depth_layers, self._observe(self.depth_buffer, latest, calls)) == 1
         self.queries += 1
         self.query_s += time.perf_counter() - start
         return go
 
-    @torch.inference_mode()
     def verify_size(self, candidates: DraftTree, budget: int) -> int:
         start = time.perf_counter()
         k = self.config.top_k
         calls = max(0, (candidates.size - 1 - k) // (k * k))
-        scores = candidates.scores[1:].float().numpy()[None]
-        obs = size_obs(scores, np.array([self.context]), np.array([calls]), self.config)
-        size = self.config.sizes[int(self.size_actor(torch.from_numpy(obs))[0].argmax())]
+        scores = candidates.scores[1 : 1 + k + calls * k * k]  # size_obs masks candidates past `calls` calls
+        size = self.config.sizes[numpy_argmax(self.size_layers, self._observe(self.size_buffer, scores, calls))]
         self.queries += 1
         self.query_s += time.perf_counter() - start
         return min(size, budget)
@@ -452,22 +484,23 @@ def train_ltd(
 DEFAULT_STEPS = {"size0": 32_768, "depth0": 65_536, "size1": 16_384, "depth2": 32_768, "size3": 16_384}
 
 
-def measure_query_ms(policy: LtdPolicy, repeats: int = 200) -> tuple[float, float]:
-    """Mean ms of one depth query and of one size query (on random scores of a full-depth round)."""
+def measure_query_ms(policy: LtdPolicy, repeats: int = 50) -> tuple[float, float]:
+    """Mean ms of one depth query and of one size query (random scores of a full-depth round), each timed with
+    the caches flushed first, as a target forward leaves them in a round (~5x a warm query's time)."""
     k, d = policy.config.top_k, policy.config.max_depth
     scores = -torch.rand(k + d * k * k).sort(descending=True).values * 10
     parents = torch.zeros(1 + scores.numel(), dtype=torch.long)
     parents[0] = -1
     tree = DraftTree(torch.zeros_like(parents), parents, torch.cat([torch.zeros(1), scores]))
-    for _ in range(10):
-        policy.keep_going(1, scores[:k], scores[: k + k * k])
-        policy.verify_size(tree, max(policy.config.sizes))
-    start = time.perf_counter()
+    depth_s = size_s = 0.0
     for i in range(repeats):
         calls = i % d
+        evict_caches()
+        start = time.perf_counter()
         policy.keep_going(calls, scores[:k], scores[: k + calls * k * k])
-    depth_ms = (time.perf_counter() - start) * 1000 / repeats
-    start = time.perf_counter()
-    for _ in range(repeats):
+        depth_s += time.perf_counter() - start
+        evict_caches()
+        start = time.perf_counter()
         policy.verify_size(tree, max(policy.config.sizes))
-    return depth_ms, (time.perf_counter() - start) * 1000 / repeats
+        size_s += time.perf_counter() - start
+    return depth_s * 1000 / repeats, size_s * 1000 / repeats
