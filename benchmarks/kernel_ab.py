@@ -70,6 +70,40 @@ def kernels(module):
         draftwise.kernels._built["avx512"] = saved
 
 
+def kernels_of(builds: dict):
+    """The context a variant's engines run in: its build of the kernels."""
+    return lambda variant: kernels(builds[variant])
+
+
+def interleaved_decode(
+    engines: dict, variants: list[str], methods: list[str], prompts: list[str], max_new_tokens: int, within
+) -> tuple[dict[str, float], dict[str, bool]]:
+    """Decode tokens/s (prefill excluded) of `engines[method, variant]` over `prompts`, every method on each
+    variant in turn per prompt (the order alternating), after a warm-up, each generation inside
+    `within(variant)`; and whether the variants gave the same tokens for each method. Prints the table."""
+    for (_, variant), engine in engines.items():  # warm-up
+        with within(variant):
+            engine.generate(prompts[0], max_new_tokens=32)
+    tokens, seconds, ids = defaultdict(int), defaultdict(float), defaultdict(list)
+    for i, prompt in enumerate(prompts):
+        for method in methods:
+            for variant in variants if i % 2 == 0 else variants[::-1]:
+                with within(variant):
+                    out = engines[method, variant].generate(prompt, max_new_tokens=max_new_tokens)
+                key = f"{method} / {variant}"
+                tokens[key] += out.stats.new_tokens
+                seconds[key] += out.stats.total_s - out.stats.prefill_s
+                ids[key].append(list(out.token_ids))
+    rows = {key: tokens[key] / seconds[key] for key in tokens}
+    first, second = variants
+    same = {m: ids[f"{m} / {first}"] == ids[f"{m} / {second}"] for m in methods}
+    print(f"decode tok/s (prefill excluded), {first} -> {second}")
+    for method in methods:
+        before, after = rows[f"{method} / {first}"], rows[f"{method} / {second}"]
+        print(f"{method:6s} {before:7.1f} -> {after:7.1f}  ({after / before:.3f}x)  same tokens: {same[method]}")
+    return rows, same
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", default="717dbcf", help="commit whose csrc/avx512.cpp is the baseline")
@@ -110,25 +144,7 @@ def main() -> None:
         before, after = forward_ms[nodes]["before"], forward_ms[nodes]["after"]
         print(f"forward over {nodes:2d} nodes: {before:6.2f} -> {after:6.2f} ms")
     prompts = [q.turns[0] for q in load_questions(args.prompts, limit=args.questions, first_turn_only=True)]
-    for (_, variant), engine in engines.items():  # warm-up
-        with kernels(builds[variant]):
-            engine.generate(prompts[0], max_new_tokens=32)
-    tokens, seconds, ids = defaultdict(int), defaultdict(float), defaultdict(list)
-    for i, prompt in enumerate(prompts):
-        for method in methods:
-            for variant in list(builds) if i % 2 == 0 else list(builds)[::-1]:
-                with kernels(builds[variant]):
-                    out = engines[method, variant].generate(prompt, max_new_tokens=args.max_new_tokens)
-                key = f"{method} / {variant}"
-                tokens[key] += out.stats.new_tokens
-                seconds[key] += out.stats.total_s - out.stats.prefill_s
-                ids[key].append(list(out.token_ids))
-    rows = {key: tokens[key] / seconds[key] for key in tokens}
-    same = {m: ids[f"{m} / before"] == ids[f"{m} / after"] for m in methods}
-    print("decode tok/s (prefill excluded), kernels before -> after")
-    for method in methods:
-        before, after = rows[f"{method} / before"], rows[f"{method} / after"]
-        print(f"{method:6s} {before:7.1f} -> {after:7.1f}  ({after / before:.3f}x)  same tokens: {same[method]}")
+    rows, same = interleaved_decode(engines, list(builds), methods, prompts, args.max_new_tokens, kernels_of(builds))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         report = {"decode_tokens_per_s": rows, "same_tokens": same, "forward_ms": forward_ms, "products": products_us}

@@ -308,3 +308,23 @@ def test_verify_cost_grows_with_the_context_it_is_asked_at():
     assert cost(1) == pytest.approx(0.010) and cost(8) == pytest.approx(0.010 + 7 * 0.0020)
     flat = context_verify_cost([(128, 0.006, 0.0004), (1024, 0.005, 0.0003)], lambda: 5000)  # noise: never cheaper
     assert flat(4) == pytest.approx(0.006 + 3 * 0.0004)
+
+
+def test_huge_page_copies_hold_the_same_tensors(monkeypatch):
+    """`in_huge_pages` copies bytes, dtypes and shapes exactly, 64-byte aligned, into one mapping; switched off it
+    hands the tensors back untouched."""
+    import mmap
+
+    from draftwise.lean import in_huge_pages
+
+    tensors = [torch.randn(3, 5), torch.randint(0, 255, (7, 64), dtype=torch.uint8), torch.randn(9).half()]
+    copies, arena = in_huge_pages(tensors)
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        assert arena is None and copies is tensors
+        return
+    assert arena is not None
+    for tensor, copy in zip(tensors, copies, strict=True):
+        assert copy.dtype == tensor.dtype and copy.shape == tensor.shape and torch.equal(copy, tensor)
+        assert copy.data_ptr() % 64 == 0 and copy.data_ptr() != tensor.data_ptr()
+    monkeypatch.setenv("DRAFTWISE_HUGE_PAGES", "0")
+    assert in_huge_pages(tensors) == (tensors, None)

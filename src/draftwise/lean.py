@@ -16,6 +16,9 @@ verify token for token. Same contract as `TargetModel`.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import os
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -328,6 +331,30 @@ class _Layer:
             self.packed = ([norm1, *qkv, *o, norm2, *gate_up, *down], [p.nibbles for p in products])
 
 
+HUGE_PAGE = 2 << 20
+
+
+def in_huge_pages(tensors: list[Tensor]) -> tuple[list[Tensor], mmap.mmap | None]:
+    """Copies of the CPU `tensors` laid out in one anonymous mapping that asks Linux for 2 MB pages (transparent
+    huge pages, `madvise`), and the mapping. A decode step streams every weight: in 4 KB pages that is ~20,000
+    page-table walks a step, and the round's Python work after it finds the TLB flushed too. Where the OS cannot
+    be asked (no `MADV_HUGEPAGE`), or `DRAFTWISE_HUGE_PAGES=0`, the tensors come back as they are."""
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is None or os.environ.get("DRAFTWISE_HUGE_PAGES", "1") == "0" or not tensors:
+        return tensors, None
+    sizes = [-(-t.nbytes // 64) * 64 for t in tensors]  # 64-byte aligned, as the kernels' loads like
+    arena = mmap.mmap(-1, sum(sizes) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    arena.madvise(advice)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(arena))
+    offset = -address % HUGE_PAGE  # the first 2 MB boundary: pages are only huge inside aligned 2 MB blocks
+    copies = []
+    for tensor, size in zip(tensors, sizes, strict=True):
+        view = torch.frombuffer(arena, dtype=torch.uint8, count=tensor.nbytes, offset=offset)
+        copies.append(view.view(tensor.dtype).view(tensor.shape).copy_(tensor))
+        offset += size
+    return copies, arena
+
+
 def context_verify_cost(fits: list[tuple[int, float, float]], length: Callable[[], int]) -> Callable[[int], float]:
     """Seconds to verify N nodes at the context `length()`, from (context, step seconds, seconds per extra node)
     timed at a short and a long context: both grow linearly past the short one (never below it)."""
@@ -385,8 +412,29 @@ class LeanTarget:
         whole_layers = config.hidden_size % 16 == 0 and config.intermediate_size % 64 == 0
         self.attention = avx512_kernel().attention if vnni else None
         self.kernel = avx512_kernel() if vnni and whole_layers and all(layer.packed for layer in self.layers) else None
+        self.arena = self._move_to_huge_pages() if self.kernel is not None else None
         if self.device.type == "cpu":
             self.calibrate()
+
+    def _move_to_huge_pages(self) -> mmap.mmap | None:
+        """What the fused layers stream each step (their packed weights, the LM head, the KV cache), copied into
+        2 MB pages (`in_huge_pages`); returns the mapping that holds them."""
+        head = self.lm_head
+        head_parts = [head.codes, head.scale, head.low] if isinstance(head, VnniLinear) else []
+        tensors = [t for layer in self.layers for t in layer.packed[0]] + head_parts + [self.kv]
+        copies, arena = in_huge_pages(tensors)
+        if arena is None:
+            return None
+        moved = iter(copies)
+        for layer in self.layers:
+            packed = [next(moved) for _ in layer.packed[0]]  # norm1, qkv x3, o x3, norm2, gate_up x3, down x3
+            for product, first in zip((layer.qkv, layer.o, layer.gate_up, layer.down), (1, 4, 8, 11), strict=True):
+                product.codes, product.scale, product.low = packed[first : first + 3]
+            layer.packed = (packed, layer.packed[1])
+        if head_parts:
+            head.codes, head.scale, head.low = (next(moved) for _ in range(3))
+        self.kv = next(moved)
+        return arena
 
     def calibrate(self, short: int = 128, long: int = 1024) -> None:
         """Sets `verify_cost`: seconds to verify N nodes at the current context, from trees of 1 and 8 nodes timed at

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -92,6 +93,8 @@ class CostModel:
     verify: PiecewiseLinear  # ms of one target forward by tree size N (root included)
     round_overhead_ms: float
     meta: dict = field(default_factory=dict)
+    # ms of one query of each learned policy ("radar", "ltd_depth", "ltd_size"), timed inside real rounds
+    policy_query_ms: dict[str, float] = field(default_factory=dict)
 
     def head_s(self, width, context):
         return self.head(width, context) / 1000
@@ -113,6 +116,7 @@ class CostModel:
         return {
             "meta": self.meta,
             "round_overhead_ms": round(self.round_overhead_ms, 3),
+            "policy_query_ms": {k: round(v, 4) for k, v in self.policy_query_ms.items()},
             "head": self.head.__dict__,
             "verify": self.verify.__dict__,
         }
@@ -123,9 +127,8 @@ class CostModel:
 
     @classmethod
     def from_json(cls, raw: dict) -> CostModel:
-        return cls(
-            PiecewiseLinear(**raw["head"]), PiecewiseLinear(**raw["verify"]), raw["round_overhead_ms"], raw["meta"]
-        )
+        head, verify = PiecewiseLinear(**raw["head"]), PiecewiseLinear(**raw["verify"])
+        return cls(head, verify, raw["round_overhead_ms"], raw["meta"], raw.get("policy_query_ms", {}))
 
     @classmethod
     def load(cls, path: Path) -> CostModel:
@@ -259,6 +262,37 @@ def measure_round_overhead(engine, drafter, prompts: Sequence[str], max_new_toke
     return max(min(residuals), 0.0)
 
 
+def measure_policy_queries(engine, head, prompts: Sequence[str], max_new_tokens: int) -> dict[str, float]:
+    """Ms per query of RADAR's and LTD's policies, timed inside real generations: a query runs after a target
+    forward and a head call, where its NumPy work runs ~5-10x slower than in a loop (the caches are cold).
+    Untrained networks of the shipped shapes: what a query costs does not depend on the weights."""
+    from draftwise.policies import TreeEagleDrafter
+    from draftwise.policies.ltd import LtdConfig, LtdPolicy, actors
+    from draftwise.policies.radar import RadarConfig, RadarNet, RadarPolicy
+
+    times: dict[str, list[float]] = {"radar": [], "ltd_depth": [], "ltd_size": []}
+
+    def timed(name: str, fn: Callable) -> Callable:
+        def call(*args):
+            start = time.perf_counter()
+            out = fn(*args)
+            times[name].append(time.perf_counter() - start)
+            return out
+
+        return call
+
+    radar = RadarPolicy(RadarNet(8), RadarConfig(top_k=8, depth=3, sample=False))
+    radar.keep_going = timed("radar", radar.keep_going)
+    ltd = LtdPolicy(*actors(LtdConfig()), LtdConfig())
+    ltd.keep_going, ltd.verify_size = timed("ltd_depth", ltd.keep_going), timed("ltd_size", ltd.verify_size)
+    for policy in (radar, ltd):
+        engine._drafters["profile"] = TreeEagleDrafter(head, policy=policy, top_k=8, depth=3, total_tokens=6)
+        for prompt in prompts:
+            engine.generate(prompt, method="profile", max_new_tokens=max_new_tokens)
+    del engine._drafters["profile"]
+    return {name: 1000 * statistics.fmean(t) for name, t in times.items() if t}
+
+
 def profile(
     model: str,
     dtype: str,
@@ -320,6 +354,8 @@ def profile(
         log(f"round overhead over {prompts} generations of {max_new_tokens} tokens ...")
         texts = sharegpt_prompts(3000 + prompts, seed=0)[3000:]  # past the draft head's training prompts
         cost.round_overhead_ms = measure_round_overhead(engine, EagleDrafter(head), texts, max_new_tokens, cost)
+        log("policy queries inside those rounds ...")
+        cost.policy_query_ms = measure_policy_queries(engine, head, texts, max_new_tokens)
     return cost
 
 
@@ -333,6 +369,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_cost_path(args.model, cost.meta["compute"])
     cost.save(out)
     print(f"round overhead {cost.round_overhead_ms:.1f} ms")
+    for name, ms in cost.policy_query_ms.items():
+        print(f"policy query, {name}: {ms:.3f} ms")
     for width in (1, 3, 8):
         print(f"head call, width {width:>2}, context 300: {cost.head(width, 300):6.2f} ms")
     for n in (1, 2, 4, 8, 16, 32, 64):

@@ -69,7 +69,8 @@ def train_radar_command(args, train: RoundSet, validation: RoundSet, cost: CostM
     from draftwise.policies.radar import RadarConfig, RadarNet, RadarPolicy, evaluate, measure_query_ms, train_radar
 
     torch.manual_seed(args.seed)
-    query_ms = measure_query_ms(RadarNet(train.top_k), train.top_k, args.depth)
+    # timed inside real rounds by `draftwise profile`, else here with the caches flushed (an upper bound)
+    query_ms = cost.policy_query_ms.get("radar") or measure_query_ms(RadarNet(train.top_k), train.top_k, args.depth)
     head_ms = cost.head(train.top_k, float(np.median(train.context)))
     beta = 10 * (head_ms + query_ms) / 1000  # radar.md §2.5: 10 x the marginal latency of one continue
     print(f"RADAR: T_d {head_ms:.2f} ms, T_p {query_ms:.3f} ms (measured), β {beta:.4f}, γ 0.99, mode {args.mode}")
@@ -109,7 +110,10 @@ def train_ltd_command(args, train: RoundSet, validation: RoundSet, cost: CostMod
         mode=args.mode,
     )
     torch.manual_seed(args.seed)
-    config.query_ms, config.size_query_ms = measure_query_ms(LtdPolicy(*actors(config), config))
+    if {"ltd_depth", "ltd_size"} <= cost.policy_query_ms.keys():  # timed inside real rounds by `draftwise profile`
+        config.query_ms, config.size_query_ms = cost.policy_query_ms["ltd_depth"], cost.policy_query_ms["ltd_size"]
+    else:  # timed here with the caches flushed: an upper bound
+        config.query_ms, config.size_query_ms = measure_query_ms(LtdPolicy(*actors(config), config))
     print(f"LTD: depth query {config.query_ms:.3f} ms, size query {config.size_query_ms:.3f} ms (measured)")
     steps = {k: int(v * args.steps_scale) for k, v in DEFAULT_STEPS.items()}
     policy, log = train_ltd(train, validation, cost, config, steps, seed=args.seed)
