@@ -323,8 +323,8 @@ def test_huge_page_copies_hold_the_same_tensors(monkeypatch):
         assert arena is None and copies is tensors
         return
     assert arena is not None
-    for tensor, copy in zip(tensors, copies, strict=True):
-        assert copy.dtype == tensor.dtype and copy.shape == tensor.shape and torch.equal(copy, tensor)
-        assert copy.data_ptr() % 64 == 0 and copy.data_ptr() != tensor.data_ptr()
+    for tensor, moved in zip(tensors, copies, strict=True):
+        assert moved.dtype == tensor.dtype and moved.shape == tensor.shape and torch.equal(moved, tensor)
+        assert moved.data_ptr() % 64 == 0 and moved.data_ptr() != tensor.data_ptr()
     monkeypatch.setenv("DRAFTWISE_HUGE_PAGES", "0")
     assert in_huge_pages(tensors) == (tensors, None)
