@@ -277,6 +277,44 @@ def test_cost_fit_recovers_a_known_curve(tmp_path):
     assert batch[1] == pytest.approx(again.round_s(6, 16, 300))
 
 
+def test_in_place_fit_recovers_what_rounds_add(tiny_model):
+    """Generations record every round's shape and wall time; the in-place fit recovers the overhead, per-call and
+    per-node extras that real rounds add to an isolated cost model, and drops a term that would fit negative."""
+    from draftwise.decode import GenerationStats
+    from draftwise.profile import fit_in_place
+
+    _, stats = run(tiny_model, tiny_eagle(tiny_model, depth=2, total_tokens=6), [5, 9, 11, 3], 20)
+    assert len(stats.round_s) == len(stats.round_verified) == stats.rounds
+    assert sum(stats.round_s) == pytest.approx(stats.total_s - stats.prefill_s, rel=0.05)
+    rng = np.random.default_rng(0)
+    isolated = CostModel(
+        PiecewiseLinear([1.0, 8.0], [0.5, 0.7], [0.0, 0.1]), PiecewiseLinear([1.0, 16.0], [6.0, 20.0], [1.0, 5.0]), 0.0
+    )
+    generations = []
+    for _ in range(20):
+        calls, size = rng.integers(0, 4, 30), rng.integers(1, 17, 30)
+        accepted = rng.integers(1, 4, 30)
+        context = 40 - 1 + np.concatenate([[0], np.cumsum(accepted)[:-1]])
+        seconds = isolated.round_s(calls, size, context) + (0.8 + 0.3 * calls + 0.05 * (size - 1)) / 1000
+        generations.append(
+            GenerationStats(
+                "x",
+                prompt_tokens=40,
+                accepted=accepted.tolist(),
+                round_draft_calls=calls.tolist(),
+                round_verified=size.tolist(),
+                round_s=(seconds * (1 + rng.normal(0, 0.01, 30))).tolist(),
+            )
+        )
+    overhead, per_call, per_node = fit_in_place(generations, isolated)
+    assert (overhead, per_call, per_node) == pytest.approx((0.8, 0.3, 0.05), abs=0.05)
+    for g in generations:  # rounds that cost less per node than the isolated model says: that term is dropped
+        g.round_s = (np.asarray(g.round_s) - 0.2e-3 * (np.asarray(g.round_verified) - 1)).tolist()
+    assert fit_in_place(generations, isolated)[2] == 0.0
+    priced = CostModel(isolated.head, isolated.verify, 0.8, call_extra_ms=0.3, node_extra_ms=0.05)
+    assert priced.round_s(2, 5, 100) == pytest.approx(isolated.round_s(2, 5, 100) + (0.8 + 0.6 + 0.2) / 1000)
+
+
 def test_profile_measurements_on_a_tiny_model(tiny_model):
     from draftwise.profile import measure_head, measure_verify
 

@@ -26,6 +26,8 @@ class GenerationStats:
     verified_tokens: int = 0
     accepted: list[int] = field(default_factory=list)  # tokens committed per round, bonus included
     round_draft_calls: list[int] = field(default_factory=list)  # draft-network forwards per round
+    round_verified: list[int] = field(default_factory=list)  # tree nodes verified per round, root included
+    round_s: list[float] = field(default_factory=list)  # wall seconds from each round's start to the next's
     margins: list[float] = field(default_factory=list)  # target top-1 minus top-2 logit at each new token
     prefill_s: float = 0.0
     first_token_s: float = 0.0  # time to first token: prefill plus the first round
@@ -50,7 +52,8 @@ class GenerationStats:
 
     def summary(self) -> dict:
         """The headline numbers (no per-round lists)."""
-        out = {k: v for k, v in asdict(self).items() if k not in ("accepted", "round_draft_calls", "margins")}
+        lists = ("accepted", "round_draft_calls", "round_verified", "round_s", "margins")
+        out = {k: v for k, v in asdict(self).items() if k not in lists}
         out.update(
             wall_s=self.total_s,
             mean_accepted=self.mean_accepted,
@@ -84,12 +87,16 @@ def generate_tokens(
     stats.prefill_s = time.perf_counter() - start
     policy = getattr(drafter, "policy", None)
     queries_before, query_s_before = getattr(policy, "queries", 0), getattr(policy, "query_s", 0.0)
+    round_start = start
     while stats.new_tokens < max_new_tokens:
         room = target.max_length - tokens.numel()
         if room <= 0:
             stats.finish_reason = "context"
             break
         t0 = time.perf_counter()
+        if stats.rounds:  # the last round, with whatever its consumer did with the tokens
+            stats.round_s.append(t0 - round_start)
+        round_start = t0
         calls_before = drafter.draft_calls
         context = DraftContext(
             tokens,
@@ -130,6 +137,7 @@ def generate_tokens(
         stats.round_draft_calls.append(drafter.draft_calls - calls_before)
         stats.draft_calls += stats.round_draft_calls[-1]
         stats.verified_tokens += tree.size
+        stats.round_verified.append(tree.size)
         stats.accepted.append(len(path))
         stats.margins.extend(margins[: len(new)])
         stats.new_tokens += len(new)
@@ -144,3 +152,5 @@ def generate_tokens(
         if stats.finish_reason == "stop":
             break
     stats.total_s = time.perf_counter() - start
+    if stats.rounds:
+        stats.round_s.append(start + stats.total_s - round_start)

@@ -5,11 +5,14 @@ A round costs a fixed overhead (tree building, acceptance, KV compaction, detoke
 target forward over the verified tree:
 
     t(draft_calls, N, context) = overhead + head(first_width) + (draft_calls - 1) * head(width) + verify(N)
+                                 + call_extra * draft_calls + node_extra * (N - 1)
 
 head() and verify() are piecewise-linear in their size argument (linear interpolation between measured sizes,
 because a CPU's cost jumps where kernels change, e.g. 1 -> 2 tokens) and linear in the context length at
-each measured size (least squares). RADAR's and LTD's rewards are in these seconds, so re-profiling and
-re-training on another machine takes minutes.
+each measured size (least squares), each timed on its own. The overhead and the two extras are then fitted on
+real rounds of random shapes: there the round's Python work runs with cold caches after each forward, which
+timings in a loop miss (they predicted real rounds 14-33% short). RADAR's and LTD's rewards are in these
+seconds, so re-profiling and re-training on another machine takes minutes.
 """
 
 from __future__ import annotations
@@ -95,6 +98,10 @@ class CostModel:
     meta: dict = field(default_factory=dict)
     # ms of one query of each learned policy ("radar", "ltd_depth", "ltd_size"), timed inside real rounds
     policy_query_ms: dict[str, float] = field(default_factory=dict)
+    # what real rounds cost beyond the isolated head and verify timings, per draft call and per verified node
+    # past the root (fitted with the overhead on rounds of random shapes: `fit_in_place`)
+    call_extra_ms: float = 0.0
+    node_extra_ms: float = 0.0
 
     def head_s(self, width, context):
         return self.head(width, context) / 1000
@@ -109,7 +116,8 @@ class CostModel:
         draft = np.where(
             calls > 0, self.head_s(first_width, context) + np.maximum(calls - 1, 0) * self.head_s(width, context), 0.0
         )
-        total = self.round_overhead_ms / 1000 + draft + self.verify_s(size, context)
+        extra = self.call_extra_ms * calls + self.node_extra_ms * np.maximum(np.asarray(size, dtype=float) - 1, 0)
+        total = (self.round_overhead_ms + extra) / 1000 + draft + self.verify_s(size, context)
         return float(total) if np.ndim(total) == 0 else total
 
     def to_json(self) -> dict:
@@ -117,6 +125,8 @@ class CostModel:
             "meta": self.meta,
             "round_overhead_ms": round(self.round_overhead_ms, 3),
             "policy_query_ms": {k: round(v, 4) for k, v in self.policy_query_ms.items()},
+            "call_extra_ms": round(self.call_extra_ms, 4),
+            "node_extra_ms": round(self.node_extra_ms, 4),
             "head": self.head.__dict__,
             "verify": self.verify.__dict__,
         }
@@ -128,7 +138,8 @@ class CostModel:
     @classmethod
     def from_json(cls, raw: dict) -> CostModel:
         head, verify = PiecewiseLinear(**raw["head"]), PiecewiseLinear(**raw["verify"])
-        return cls(head, verify, raw["round_overhead_ms"], raw["meta"], raw.get("policy_query_ms", {}))
+        extras = {k: raw.get(k, 0.0) for k in ("call_extra_ms", "node_extra_ms")}
+        return cls(head, verify, raw["round_overhead_ms"], raw["meta"], raw.get("policy_query_ms", {}), **extras)
 
     @classmethod
     def load(cls, path: Path) -> CostModel:
@@ -230,36 +241,59 @@ def measure_verify(target, sizes: Sequence[int], contexts: Sequence[int], repeat
     return samples
 
 
-def measure_round_overhead(engine, drafter, prompts: Sequence[str], max_new_tokens: int, partial: CostModel) -> float:
-    """Ms per round not explained by the head and verify fits: the least over real generations with `drafter`."""
-    from draftwise.drafters.eagle import TreePolicy
+class RandomShapes:
+    """A TreePolicy drawing each round's shape at random (0..`max_calls` expansion calls, V from `sizes`), so that
+    the rounds `fit_in_place` times cover the shapes a policy can choose."""
 
-    class Recorder(TreePolicy):
-        def __init__(self) -> None:
-            self.rounds: list[tuple[int, int]] = []  # (context, verified size)
-            self.context = 0
+    name = "random-shapes"
 
-        def begin_round(self, committed: int):
-            self.context = committed
-            return None
+    def __init__(self, max_calls: int, sizes: Sequence[int], seed: int = 0):
+        self.rng, self.max_calls, self.sizes = np.random.default_rng(seed), max_calls, list(sizes)
 
-        def observe(self, result) -> None:
-            self.rounds.append((self.context, result.tree.size))
+    def begin_round(self, committed: int):
+        stop_at = int(self.rng.integers(self.max_calls + 1))
+        return lambda calls, frontier_scores, candidate_scores: calls < stop_at
 
-    recorder = Recorder()
-    drafter.policy = recorder
-    engine._drafters["profile"] = drafter
+    def verify_size(self, candidates, budget: int) -> int:
+        return min(budget, int(self.rng.choice(self.sizes)))
+
+    def observe(self, result) -> None:
+        pass
+
+
+def random_shape_rounds(engine, head, prompts: Sequence[str], max_new_tokens: int) -> list:
+    """GenerationStats of generations whose every round has a random tree shape (`RandomShapes`)."""
+    from draftwise.policies import TreeEagleDrafter
+
+    policy = RandomShapes(3, (1, 2, 3, 4, 6, 8, 12, 16))
+    engine._drafters["profile"] = TreeEagleDrafter(head, policy=policy, top_k=8, depth=3, total_tokens=16)
     engine.generate("Say hi.", method="profile", max_new_tokens=8)  # warm-up
-    residuals = []
-    for prompt in prompts:
-        recorder.rounds.clear()
-        stats = engine.generate(prompt, method="profile", max_new_tokens=max_new_tokens).stats
-        explained = 0.0
-        for (context, size), calls in zip(recorder.rounds, stats.round_draft_calls, strict=True):
-            explained += partial.round_s(calls, size, context, width=drafter.top_k, first_width=3)
-        residuals.append((stats.total_s - stats.prefill_s - explained) * 1000 / max(stats.rounds, 1))
+    out = [engine.generate(p, method="profile", max_new_tokens=max_new_tokens).stats for p in prompts]
     del engine._drafters["profile"]
-    return max(min(residuals), 0.0)
+    return out
+
+
+def fit_in_place(generations: Sequence, partial: CostModel) -> tuple[float, float, float]:
+    """(overhead, per draft call, per verified node past the root) in ms that the rounds of `generations` cost
+    beyond the isolated timings of `partial`: least squares over every round, non-negative (a term that fits
+    below zero is dropped). Isolated forwards run with the round's Python work hot in the caches; in a round it
+    is cold, and the head call and the tree bookkeeping grow with the shape."""
+    rows, residuals = [], []
+    for stats in generations:
+        context = stats.prompt_tokens - 1 + np.concatenate([[0], np.cumsum(stats.accepted)[:-1]])
+        calls, size = np.asarray(stats.round_draft_calls, float), np.asarray(stats.round_verified, float)
+        predicted = partial.round_s(calls, size, context, width=8, first_width=3)
+        rows.append(np.stack([np.ones_like(calls), calls, size - 1], 1))
+        residuals.append(1000 * (np.asarray(stats.round_s) - predicted))
+    design, target = np.concatenate(rows), np.concatenate(residuals)
+    keep = [0, 1, 2]
+    while True:
+        coef, *_ = np.linalg.lstsq(design[:, keep], target, rcond=None)
+        if (coef >= 0).all() or len(keep) == 1:
+            break
+        keep.pop(int(np.argmin(coef)))
+    fitted = dict(zip(keep, np.maximum(coef, 0.0), strict=True))
+    return float(fitted.get(0, 0.0)), float(fitted.get(1, 0.0)), float(fitted.get(2, 0.0))
 
 
 def measure_policy_queries(engine, head, prompts: Sequence[str], max_new_tokens: int) -> dict[str, float]:
@@ -306,7 +340,7 @@ def profile(
     """Measure and fit this machine's cost model for `model` with its draft head (a random head of the default
     shape if none ships: a head call's cost does not depend on its weights)."""
     from draftwise.draft_head import DraftHead, DraftHeadConfig
-    from draftwise.drafters.eagle import EagleDrafter, load_head
+    from draftwise.drafters.eagle import load_head
     from draftwise.engine import Engine
 
     load = os.getloadavg()[0]
@@ -351,10 +385,11 @@ def profile(
     if prompts > 0:
         from draftwise.training.distill import sharegpt_prompts
 
-        log(f"round overhead over {prompts} generations of {max_new_tokens} tokens ...")
+        log(f"real rounds of random shapes over {prompts} generations of {max_new_tokens} tokens ...")
         texts = sharegpt_prompts(3000 + prompts, seed=0)[3000:]  # past the draft head's training prompts
-        cost.round_overhead_ms = measure_round_overhead(engine, EagleDrafter(head), texts, max_new_tokens, cost)
-        log("policy queries inside those rounds ...")
+        extras = fit_in_place(random_shape_rounds(engine, head, texts, max_new_tokens), cost)
+        cost.round_overhead_ms, cost.call_extra_ms, cost.node_extra_ms = extras
+        log("policy queries inside real rounds ...")
         cost.policy_query_ms = measure_policy_queries(engine, head, texts, max_new_tokens)
     return cost
 
@@ -368,7 +403,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
     cost = profile(args.model, args.dtype, *options, engine_name=args.engine)
     out = Path(args.out) if args.out else default_cost_path(args.model, cost.meta["compute"])
     cost.save(out)
-    print(f"round overhead {cost.round_overhead_ms:.1f} ms")
+    print(
+        f"in real rounds: overhead {cost.round_overhead_ms:.2f} ms, +{cost.call_extra_ms:.3f} ms a draft call, "
+        f"+{cost.node_extra_ms:.3f} ms a verified node"
+    )
     for name, ms in cost.policy_query_ms.items():
         print(f"policy query, {name}: {ms:.3f} ms")
     for width in (1, 3, 8):
@@ -392,7 +430,9 @@ def register(commands) -> None:
         "the policies of a target computing in <compute>)",
     )
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (the fastest counts)")
-    parser.add_argument("--prompts", type=int, default=3, help="generations used to measure the round overhead")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--prompts", type=int, default=8, help="generations of random tree shapes, to fit what real rounds add"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.set_defaults(func=cmd_profile)
