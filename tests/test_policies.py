@@ -555,6 +555,8 @@ def test_radar_keeps_the_fastest_run_that_keeps_tau():
     assert fastest_keeping_tau([fast_lossy, slower_keeps, slowest_keeps], 0.01)[2] == "keeps"
     assert fastest_keeping_tau([fast_lossy, slower_keeps], 0.10)[2] == "fast"
     assert fastest_keeping_tau([fast_lossy], 0.01)[2] == "fast"  # nothing keeps τ: the fastest
+    slow_lossy = (1.10, -1.4, "slow but keeps more", {"tau_ratio": 0.98})
+    assert fastest_keeping_tau([fast_lossy, slow_lossy], 0.01)[2] == "slow but keeps more"  # the least τ lost
     never_stops = (0.99, -4.0, "never stops", {"tau_ratio": 1.0})
     assert fastest_keeping_tau([fast_lossy, never_stops], 0.01)[2] == "fast"
 

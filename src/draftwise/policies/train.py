@@ -59,10 +59,16 @@ def print_table(rows: dict[str, dict], reference: float) -> None:
 
 def fastest_keeping_tau(runs: list[tuple], max_tau_loss: float) -> tuple:
     """RADAR's promise is fewer draft calls at the fixed tree's acceptance: of (speed ratio, -calls, ..., report)
-    runs, the fastest that beats the fixed tree with validation τ within `max_tau_loss` of its τ, else the
-    fastest (a policy that never stops keeps τ but is no RADAR)."""
-    keeps_tau = [r for r in runs if r[-1]["tau_ratio"] >= 1 - max_tau_loss and r[0] > 1] or runs
-    return max(keeps_tau, key=lambda r: (r[0], r[1]))
+    runs, the fastest that beats the fixed tree with validation τ within `max_tau_loss` of its τ; if none does,
+    the one of those beating the fixed tree that keeps the most τ (a policy that never stops keeps τ but is no
+    RADAR); if none beats it, the fastest."""
+    faster = [r for r in runs if r[0] > 1]
+    keeps_tau = [r for r in faster if r[-1]["tau_ratio"] >= 1 - max_tau_loss]
+    if keeps_tau:
+        return max(keeps_tau, key=lambda r: (r[0], r[1]))
+    if faster:
+        return max(faster, key=lambda r: (r[-1]["tau_ratio"], r[0]))
+    return max(runs, key=lambda r: (r[0], r[1]))
 
 
 def train_radar_command(args, train: RoundSet, validation: RoundSet, cost: CostModel, out: Path) -> dict:
