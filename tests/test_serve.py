@@ -422,3 +422,24 @@ def test_generating_on_another_thread_than_the_load_warns_once(engine: Engine, m
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         engine.generate("hi", max_new_tokens=2)  # once only
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_text_stream_decodes_incrementally_to_the_full_text(seed):
+    """Rounds of 1-5 tokens through TextStream's incremental decoding give, piece by piece, the full decode of the
+    tokens, multi-byte characters split across rounds included; a stop string cuts the text where it starts."""
+    from draftwise.decode import GenerationStats
+    from draftwise.engine import TextStream
+    from draftwise.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+    text = "Grüße, 東京! def f(x):\n    return x ** 2  # ✓ naïve café 🚀🚀 ünïcödé\n" * 3
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    rng = torch.Generator().manual_seed(seed)
+    cuts = torch.cumsum(torch.randint(1, 6, (len(ids),), generator=rng), 0).tolist()
+    chunks = [ids[a:b] for a, b in zip([0, *cuts], cuts, strict=False) if a < len(ids)]
+    engine = type("E", (), {"tokenizer": tokenizer})()
+    stream = TextStream(engine, (c for c in chunks), GenerationStats("x"), [])
+    assert "".join(stream) == tokenizer.decode(ids, skip_special_tokens=True) == stream.generation.text
+    stopped = TextStream(engine, (c for c in chunks), GenerationStats("x"), ["café"])
+    assert "".join(stopped) == stopped.generation.text == text[: text.index("café")]
