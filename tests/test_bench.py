@@ -357,3 +357,23 @@ def test_broken_and_missing_peers_are_reported(tiny_model_dir, prompt_file, tmp_
     assert json.loads((out / "results.json").read_text())["unavailable"] == {
         "missing": "llama-cpp-python is not installed"
     }
+
+
+def test_speedup_interval_brackets_the_speedup_and_narrows_with_agreement():
+    """The bootstrap interval contains the headline speedup; questions that agree give a narrow one, questions
+    that disagree a wide one; too few questions give none."""
+    from draftwise.bench.metrics import speedup_interval
+
+    def record(method: str, index: int, tokens: int, wall: float) -> dict:
+        turn = {"new_tokens": tokens, "wall_s": wall}
+        return {"method": method, "index": index, "error": None, "turns": [turn]}
+
+    steady = [record("ar", q, 100, 1.0) for q in range(8)] + [record("x", q, 100, 0.8) for q in range(8)]
+    low, high = speedup_interval(steady, "x")
+    assert low == pytest.approx(1.25) and high == pytest.approx(1.25)
+    walls = [0.5, 1.0, 0.6, 1.4, 0.7, 1.2, 0.5, 1.3]
+    mixed = [record("ar", q, 100, 1.0) for q in range(8)] + [record("x", q, 100, w) for q, w in enumerate(walls)]
+    speedup = 800 / sum(walls) / 100
+    low, high = speedup_interval(mixed, "x")
+    assert low < speedup < high and high - low > 0.2
+    assert speedup_interval(mixed[:2] + mixed[8:10], "x") is None

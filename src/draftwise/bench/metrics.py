@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from draftwise.verify import NEAR_TIE_EPSILON, compare_greedy
 
 VERDICTS = ("identical", "near_tie", "mismatch")  # what compare_greedy answers
@@ -100,18 +102,48 @@ def summarize(records: list[dict]) -> dict:
     }
 
 
-def aggregate(records: list[dict], methods: list[str]) -> dict:
-    """Per method, overall and per category, with speedup = tokens/s over the baseline's in the same scope."""
+def speedup_interval(
+    records: list[dict], method: str, level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float] | None:
+    """A bootstrap interval for `method`'s speedup over the baseline: the questions both answered are resampled
+    with replacement, and each resample's speedup is computed as the headline one is (total tokens over total
+    time, for each method). It shows how much the figure depends on which questions were asked; it does not
+    cover the machine's drift between runs. None with fewer than 3 such questions."""
 
-    def scope(subset: list[dict]) -> dict[str, dict]:
+    def totals(m: str) -> dict[int, tuple[int, float]]:
+        return {
+            r["index"]: (sum(t["new_tokens"] for t in r["turns"]), sum(t["wall_s"] for t in r["turns"]))
+            for r in records
+            if r["method"] == m and not r["error"]
+        }
+
+    mine, base = totals(method), totals(BASELINE)
+    shared = sorted(mine.keys() & base.keys())
+    if len(shared) < 3:
+        return None
+    a = np.array([mine[q] for q in shared], dtype=float)
+    b = np.array([base[q] for q in shared], dtype=float)
+    picks = np.random.default_rng(seed).integers(0, len(shared), (resamples, len(shared)))
+    ratios = (a[picks, 0].sum(1) / a[picks, 1].sum(1)) / (b[picks, 0].sum(1) / b[picks, 1].sum(1))
+    low, high = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
+def aggregate(records: list[dict], methods: list[str]) -> dict:
+    """Per method, overall and per category, with speedup = tokens/s over the baseline's in the same scope (and,
+    overall, its bootstrap interval over questions)."""
+
+    def scope(subset: list[dict], intervals: bool = False) -> dict[str, dict]:
         rows = {m: summarize([r for r in subset if r["method"] == m]) for m in methods}
         base = rows.get(BASELINE, {}).get("tokens_per_s")
-        for row in rows.values():
+        for method, row in rows.items():
             row["speedup"] = row["tokens_per_s"] / base if base and row["tokens_per_s"] is not None else None
+            if intervals and method != BASELINE and base:
+                row["speedup_ci95"] = speedup_interval(subset, method)
         return rows
 
     categories = list(dict.fromkeys(r["category"] for r in records))
     return {
-        "overall": scope(records),
+        "overall": scope(records, intervals=True),
         "categories": {c: scope([r for r in records if r["category"] == c]) for c in categories},
     }

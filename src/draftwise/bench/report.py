@@ -89,12 +89,19 @@ def time_split_cells(split: dict | None) -> list[str]:
     ]
 
 
+def speedup_cell(row: dict) -> str:
+    """1.15× (1.08–1.22): the speedup and its 95% bootstrap interval over questions, where there is one."""
+    interval = row.get("speedup_ci95")
+    cell = fmt(row["speedup"], ".2f", "×")
+    return f"{cell} ({interval[0]:.2f}–{interval[1]:.2f})" if interval and row["speedup"] is not None else cell
+
+
 def overall_table(summary: dict, methods: list[str], unavailable: dict[str, str], greedy: bool) -> str:
     header = [
         "method",
         "tok/s",
         "tok/s (mean per q)",
-        "speedup",
+        "speedup (95% CI over questions)",
         "TTFT ms",
         "τ",
         "draft calls/round",
@@ -119,7 +126,7 @@ def overall_table(summary: dict, methods: list[str], unavailable: dict[str, str]
             method,
             fmt(row["tokens_per_s"], ".1f"),
             fmt(row["tokens_per_s_mean"], ".1f"),
-            fmt(row["speedup"], ".2f", "×"),
+            speedup_cell(row),
             fmt(ttft_ms, ".0f"),
             fmt(row["tau"]),
             fmt(row["draft_calls_per_round"]),
@@ -201,8 +208,9 @@ def render_report(
         f"Prompts `{settings['prompts']}`: {settings['questions']} questions, max "
         f"{settings['max_new_tokens']} new tokens, temperature {settings['temperature']:g}, seed "
         f"{settings['seed']}. Methods alternate per question, after a warm-up. Tokens/s = total new tokens / "
-        f"total wall time (Spec-Bench); speedup is against `{BASELINE}` in the same run; τ counts the bonus "
-        "token.",
+        f"total wall time (Spec-Bench); speedup is against `{BASELINE}` in the same run, with a 95% bootstrap "
+        "interval over the questions (how much it depends on which were asked, not on the machine's drift "
+        "between runs); τ counts the bonus token.",
         "## Losslessness" if greedy else "## Losslessness\n\nSampling run: outputs are not compared.",
     ]
     if greedy:
