@@ -610,3 +610,15 @@ def test_ltd_query_matches_its_networks():
         assert policy.verify_size(tree, 100) == size
         actions.update({("go", expected), ("size", size)})
     assert {("go", True), ("go", False)} <= actions and len(actions) >= 4  # the actions were exercised
+
+
+def test_in_place_samples_replace_isolated_ones_and_join_them_smoothly():
+    from draftwise.profile import in_place_samples
+
+    isolated = [(n, c, float(n)) for n in (1, 2, 4, 8, 16, 32) for c in (64, 320)]
+    in_place = [(n, 100 + i, 2.0 * n) for n in (1, 2, 4) for i in range(25)] + [(8, 50, 99.0)] * 3  # 8: too few
+    merged = in_place_samples(isolated, in_place)
+    assert not [r for r in merged if r[0] <= 4 and r[1] in (64, 320)]  # in place replaces isolated there
+    assert all(ms == 2.0 * x for x, _, ms in merged if x <= 4)
+    assert [ms for x, _, ms in merged if x == 8] == [16.0, 16.0]  # past the in-place sizes: x 2, the ratio at 4
+    assert in_place_samples(isolated, []) == isolated

@@ -261,16 +261,64 @@ class RandomShapes:
         pass
 
 
-def random_shape_rounds(engine, head, prompts: Sequence[str], max_new_tokens: int) -> list:
-    """GenerationStats of generations whose every round has a random tree shape (`RandomShapes`)."""
+@dataclass
+class InPlaceRounds:
+    """Generations with random tree shapes, and every target forward and head call timed as they ran there:
+    (size or width, context, ms) samples, as measure_verify and measure_head give them in isolation."""
+
+    generations: list
+    verify_ms: list[tuple[int, int, float]]
+    head_ms: list[tuple[int, int, float]]
+
+
+def random_shape_rounds(engine, head, prompts: Sequence[str], max_new_tokens: int) -> InPlaceRounds:
+    """Generations whose every round has a random tree shape (`RandomShapes`), timing each forward and head call."""
     from draftwise.policies import TreeEagleDrafter
+
+    target, verify_ms, head_ms = engine.target, [], []
+    forward_tree, step = target.forward_tree, head.step
+
+    def timed_forward(tree):
+        context, start = target.length, time.perf_counter()
+        out = forward_tree(tree)
+        verify_ms.append((tree.size, context, 1000 * (time.perf_counter() - start)))
+        return out
+
+    def timed_step(hidden, token_ids, positions, cache, mask):
+        context, start = cache.length, time.perf_counter()
+        out = step(hidden, token_ids, positions, cache, mask)
+        head_ms.append((hidden.shape[0], context, 1000 * (time.perf_counter() - start)))
+        return out
 
     policy = RandomShapes(3, (1, 2, 3, 4, 6, 8, 12, 16))
     engine._drafters["profile"] = TreeEagleDrafter(head, policy=policy, top_k=8, depth=3, total_tokens=16)
     engine.generate("Say hi.", method="profile", max_new_tokens=8)  # warm-up
-    out = [engine.generate(p, method="profile", max_new_tokens=max_new_tokens).stats for p in prompts]
-    del engine._drafters["profile"]
-    return out
+    target.forward_tree, head.step = timed_forward, timed_step
+    try:
+        out = [engine.generate(p, method="profile", max_new_tokens=max_new_tokens).stats for p in prompts]
+    finally:
+        del target.forward_tree, head.step  # the instance attributes; the methods show through again
+        del engine._drafters["profile"]
+    return InPlaceRounds(out, verify_ms, head_ms)
+
+
+def in_place_samples(
+    isolated: list[tuple[int, int, float]], in_place: list[tuple[int, int, float]], least: int = 20
+) -> list[tuple[int, int, float]]:
+    """The in-place samples at every size seen at least `least` times, the isolated ones at the other sizes;
+    isolated sizes past the largest in-place one are scaled by the in-place / isolated ratio there (medians), so
+    the curve does not drop where the sources meet."""
+    by_size: dict[int, list[float]] = {}
+    for x, _, ms in in_place:
+        by_size.setdefault(x, []).append(ms)
+    kept = {x for x, times in by_size.items() if len(times) >= least}
+    if not kept:
+        return list(isolated)
+    top = max(kept)
+    at_top = [ms for x, _, ms in isolated if x == top]
+    ratio = statistics.median(by_size[top]) / statistics.median(at_top) if at_top else 1.0
+    rest = [(x, c, ms * ratio if x > top else ms) for x, c, ms in isolated if x not in kept]
+    return [r for r in in_place if r[0] in kept] + rest
 
 
 def fit_in_place(generations: Sequence, partial: CostModel) -> tuple[float, float, float]:
@@ -387,7 +435,13 @@ def profile(
 
         log(f"real rounds of random shapes over {prompts} generations of {max_new_tokens} tokens ...")
         texts = sharegpt_prompts(3000 + prompts, seed=0)[3000:]  # past the draft head's training prompts
-        extras = fit_in_place(random_shape_rounds(engine, head, texts, max_new_tokens), cost)
+        rounds = random_shape_rounds(engine, head, texts, max_new_tokens)
+        # Forwards and head calls as they ran in those rounds: a tree node cost 2-3x its isolated time there (the
+        # minimum of tight loops), a head call ~1.5x. Sizes the rounds did not reach keep the isolated timings.
+        cost.verify = PiecewiseLinear.fit(in_place_samples(verify_samples, rounds.verify_ms))
+        cost.head = PiecewiseLinear.fit(in_place_samples(head_samples, rounds.head_ms))
+        meta["samples"].update(in_place_verify_ms=rounds.verify_ms, in_place_head_ms=rounds.head_ms)
+        extras = fit_in_place(rounds.generations, cost)
         cost.round_overhead_ms, cost.call_extra_ms, cost.node_extra_ms = extras
         log("policy queries inside real rounds ...")
         cost.policy_query_ms = measure_policy_queries(engine, head, texts, max_new_tokens)
