@@ -9,10 +9,12 @@ target forward over the verified tree:
 
 head() and verify() are piecewise-linear in their size argument (linear interpolation between measured sizes,
 because a CPU's cost jumps where kernels change, e.g. 1 -> 2 tokens) and linear in the context length at
-each measured size (least squares), each timed on its own. The overhead and the two extras are then fitted on
-real rounds of random shapes: there the round's Python work runs with cold caches after each forward, which
-timings in a loop miss (they predicted real rounds 14-33% short). RADAR's and LTD's rewards are in these
-seconds, so re-profiling and re-training on another machine takes minutes.
+each measured size (least squares). Both are timed twice: on their own in tight loops, and as they run in real
+rounds of random tree shapes (`random_shape_rounds`); the in-place timings replace the isolated ones at every
+size those rounds reach, because there a node cost 2-3x its tight-loop time and a head call ~1.5x (cold caches
+after each forward; the loops' minimum is also optimistic on a noisy machine). The overhead and the two extras
+are fitted on the same rounds. RADAR's and LTD's rewards are in these seconds, so re-profiling and re-training
+on another machine takes minutes.
 """
 
 from __future__ import annotations
