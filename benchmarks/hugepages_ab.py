@@ -9,7 +9,6 @@ in turn per question. The pages change where bytes live, not what is computed: t
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -28,7 +27,7 @@ from draftwise.tree import DraftTree
 
 sys.path.insert(0, str(Path(__file__).parent))
 from grid_kernel import verify_ms  # noqa: E402
-from kernel_ab import interleaved_decode  # noqa: E402
+from kernel_ab import ab_parser, interleaved_decode  # noqa: E402
 
 VARIANTS = {"4k": "0", "2m": "1"}  # DRAFTWISE_HUGE_PAGES at load
 
@@ -56,13 +55,7 @@ def query_after_forward_us(target, repeats: int = 40) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", default="humaneval,mt-bench")
-    parser.add_argument("--questions", type=int, default=4, help="per prompt set")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--methods", default="ar,eagle,pld,rasd")
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    args = ab_parser(__doc__.splitlines()[0]).parse_args()
     torch.set_num_threads(2)
     options = {"rasd": {"datastore": "code"}}
     methods = args.methods.split(",")

@@ -104,14 +104,20 @@ def interleaved_decode(
     return rows, same
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--before", default="717dbcf", help="commit whose csrc/avx512.cpp is the baseline")
+def ab_parser(description: str) -> argparse.ArgumentParser:
+    """The options every in-process A/B script takes: prompts, questions, tokens, methods, output."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--prompts", default="humaneval,mt-bench")
     parser.add_argument("--questions", type=int, default=4, help="per prompt set")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--methods", default="ar,eagle,pld,rasd")
     parser.add_argument("--out", type=Path, default=None)
+    return parser
+
+
+def main() -> None:
+    parser = ab_parser(__doc__.splitlines()[0])
+    parser.add_argument("--before", default="717dbcf", help="commit whose csrc/avx512.cpp is the baseline")
     args = parser.parse_args()
     torch.set_num_threads(2)
     now = draftwise.kernels.avx512_kernel()
