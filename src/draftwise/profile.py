@@ -20,6 +20,7 @@ on another machine takes minutes.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -171,16 +172,28 @@ def default_cost_path(model_name: str, compute: str | None = None) -> Path:
 # --- measuring ---------------------------------------------------------------------------------------------------
 
 
-_EVICTION_BUFFER: list[np.ndarray] = []
+@functools.cache
+def _eviction_buffer() -> np.ndarray:
+    return np.ones(64 << 20, dtype=np.uint8)
 
 
 def evict_caches() -> None:
     """Read 64 MiB, more than a CPU's caches hold: a target forward streams the whole model through them, so the
     Python work of a round (a policy query, the tree bookkeeping) runs cold, up to ~20x slower than in a tight
     loop. Timing with this before each call measures that cost without loading a model."""
-    if not _EVICTION_BUFFER:
-        _EVICTION_BUFFER.append(np.ones(64 << 20, dtype=np.uint8))
-    _EVICTION_BUFFER[0].sum()
+    _eviction_buffer().sum()
+
+
+def timed(fn: Callable, key: Callable[..., tuple], samples: list[tuple]) -> Callable:
+    """`fn`, appending `(*key(*args), ms)` to `samples` at each call; `key` runs before the call."""
+
+    def call(*args):
+        k, start = key(*args), time.perf_counter()
+        out = fn(*args)
+        samples.append((*k, 1000 * (time.perf_counter() - start)))
+        return out
+
+    return call
 
 
 def best_ms(fn: Callable[[], object], repeats: int, before: Callable[[], object] | None = None) -> float:
@@ -278,20 +291,8 @@ def random_shape_rounds(engine, head, prompts: Sequence[str], max_new_tokens: in
     from draftwise.policies import TreeEagleDrafter
 
     target, verify_ms, head_ms = engine.target, [], []
-    forward_tree, step = target.forward_tree, head.step
-
-    def timed_forward(tree):
-        context, start = target.length, time.perf_counter()
-        out = forward_tree(tree)
-        verify_ms.append((tree.size, context, 1000 * (time.perf_counter() - start)))
-        return out
-
-    def timed_step(hidden, token_ids, positions, cache, mask):
-        context, start = cache.length, time.perf_counter()
-        out = step(hidden, token_ids, positions, cache, mask)
-        head_ms.append((hidden.shape[0], context, 1000 * (time.perf_counter() - start)))
-        return out
-
+    timed_forward = timed(target.forward_tree, lambda tree: (tree.size, target.length), verify_ms)
+    timed_step = timed(head.step, lambda hidden, tokens, positions, cache, mask: (len(hidden), cache.length), head_ms)
     policy = RandomShapes(3, (1, 2, 3, 4, 6, 8, 12, 16))
     engine._drafters["profile"] = TreeEagleDrafter(head, policy=policy, top_k=8, depth=3, total_tokens=16)
     engine.generate("Say hi.", method="profile", max_new_tokens=8)  # warm-up
@@ -354,27 +355,19 @@ def measure_policy_queries(engine, head, prompts: Sequence[str], max_new_tokens:
     from draftwise.policies.ltd import LtdConfig, LtdPolicy, actors
     from draftwise.policies.radar import RadarConfig, RadarNet, RadarPolicy
 
-    times: dict[str, list[float]] = {"radar": [], "ltd_depth": [], "ltd_size": []}
-
-    def timed(name: str, fn: Callable) -> Callable:
-        def call(*args):
-            start = time.perf_counter()
-            out = fn(*args)
-            times[name].append(time.perf_counter() - start)
-            return out
-
-        return call
-
+    times: dict[str, list[tuple]] = {"radar": [], "ltd_depth": [], "ltd_size": []}
     radar = RadarPolicy(RadarNet(8), RadarConfig(top_k=8, depth=3, sample=False))
-    radar.keep_going = timed("radar", radar.keep_going)
     ltd = LtdPolicy(*actors(LtdConfig()), LtdConfig())
-    ltd.keep_going, ltd.verify_size = timed("ltd_depth", ltd.keep_going), timed("ltd_size", ltd.verify_size)
+    no_key = lambda *args: ()  # noqa: E731
+    radar.keep_going = timed(radar.keep_going, no_key, times["radar"])
+    ltd.keep_going = timed(ltd.keep_going, no_key, times["ltd_depth"])
+    ltd.verify_size = timed(ltd.verify_size, no_key, times["ltd_size"])
     for policy in (radar, ltd):
         engine._drafters["profile"] = TreeEagleDrafter(head, policy=policy, top_k=8, depth=3, total_tokens=6)
         for prompt in prompts:
             engine.generate(prompt, method="profile", max_new_tokens=max_new_tokens)
     del engine._drafters["profile"]
-    return {name: 1000 * statistics.fmean(t) for name, t in times.items() if t}
+    return {name: statistics.fmean(ms for (ms,) in t) for name, t in times.items() if t}
 
 
 def profile(
