@@ -76,20 +76,27 @@ def kernels_of(builds: dict):
 
 
 def interleaved_decode(
-    engines: dict, variants: list[str], methods: list[str], prompts: list[str], max_new_tokens: int, within
+    engines: dict,
+    variants: list[str],
+    methods: list[str],
+    prompts: list[str],
+    max_new_tokens: int,
+    within,
+    **sampling,
 ) -> tuple[dict[str, float], dict[str, bool]]:
     """Decode tokens/s (prefill excluded) of `engines[method, variant]` over `prompts`, every method on each
     variant in turn per prompt (the order alternating), after a warm-up, each generation inside
-    `within(variant)`; and whether the variants gave the same tokens for each method. Prints the table."""
+    `within(variant)` with `sampling` (temperature, seed; greedy without); and whether the variants gave the same
+    tokens for each method. Prints the table."""
     for (_, variant), engine in engines.items():  # warm-up
         with within(variant):
-            engine.generate(prompts[0], max_new_tokens=32)
+            engine.generate(prompts[0], max_new_tokens=32, **sampling)
     tokens, seconds, ids = defaultdict(int), defaultdict(float), defaultdict(list)
     for i, prompt in enumerate(prompts):
         for method in methods:
             for variant in variants if i % 2 == 0 else variants[::-1]:
                 with within(variant):
-                    out = engines[method, variant].generate(prompt, max_new_tokens=max_new_tokens)
+                    out = engines[method, variant].generate(prompt, max_new_tokens=max_new_tokens, **sampling)
                 key = f"{method} / {variant}"
                 tokens[key] += out.stats.new_tokens
                 seconds[key] += out.stats.total_s - out.stats.prefill_s

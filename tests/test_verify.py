@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from draftwise.tree import DraftTree
-from draftwise.verify import Sampling, accept_greedy, accept_sampling, target_probs, top_two
+from draftwise.verify import Sampling, accept_greedy, accept_sampling, sample_token, target_probs, top_two
 
 V = 5
 
@@ -55,6 +55,22 @@ def test_sampling_first_token_has_the_target_law():
     for make_tree in (deterministic, sampled):
         tv = (first_token_frequencies(make_tree, probs) - probs[0]).abs().sum() / 2
         assert tv < 0.02  # sampling noise at 20k trials is ~0.006
+
+
+def test_sample_token_draws_each_token_by_its_weight_and_never_a_zero():
+    """Inverse-CDF draws against the weights (unnormalised, zeros at both ends and inside), by total variation."""
+    weights = torch.tensor([0.0, 3.0, 0.0, 1.0, 0.5, 0.0, 2.5, 0.0])
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.tensor([sample_token(weights, generator) for _ in range(20000)]), minlength=8)
+    assert counts[weights == 0].sum() == 0
+    assert (counts / 20000 - weights / weights.sum()).abs().sum() / 2 < 0.02  # noise at 20k draws is ~0.005
+    assert all(sample_token(torch.tensor([0.0, 0.0, 1e-30, 0.0]), generator) == 2 for _ in range(100))
+
+
+def test_sample_token_at_the_top_of_the_unit_interval(monkeypatch):
+    """A uniform draw that rounds up to the total still lands on a token with weight, not past the end."""
+    monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: torch.tensor(1.0, dtype=torch.float64))
+    assert sample_token(torch.tensor([0.2, 0.7, 0.1, 0.0, 0.0])) == 2
 
 
 def test_target_probs_top_k_top_p_and_temperature():

@@ -103,14 +103,14 @@ def sample_chain(
 ) -> DraftTree:
     """`length` tokens sampled one after another from the drafter's q, each q kept so verification can
     accept with min(1, p/q) and stay lossless. `next_logits(token)` feeds a sampled token to the drafter."""
-    from draftwise.verify import target_probs
+    from draftwise.verify import sample_token, target_probs
 
     vocab = root_logits.numel()
     tokens, proposals = [root], [torch.nn.functional.one_hot(torch.tensor(root), vocab).float()]
     logits = root_logits
     for i in range(length):
         q = target_probs(logits, sampling)
-        token = int(torch.multinomial(q, 1, generator=generator))
+        token = sample_token(q, generator)
         tokens.append(token)
         proposals.append(q)
         if i + 1 < length:

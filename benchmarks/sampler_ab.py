@@ -1,0 +1,109 @@
+"""Sampling's code at --before (`torch.multinomial` draws, and an acceptance loop that renormalised the residual
+after every rejected child) against today's (an inverse-CDF draw, `verify.sample_token`, and a residual whose
+total is tracked instead), in one process. First the time of one draw over the vocabulary right after a target
+forward, then decoding at T = 1, every method on each variant in turn per question. The two consume the
+generator differently, so the same seed gives different (equally distributed) text: compare tokens/s, not
+tokens, and expect the spread of text-dependent speed on top.
+
+    python benchmarks/sampler_ab.py --questions 4 --out benchmarks/runs/sampler-ab.json
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import subprocess
+import sys
+import time
+import types
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+import draftwise
+from draftwise import decode, verify
+from draftwise.bench.datasets import load_questions
+from draftwise.tree import DraftTree
+
+sys.path.insert(0, str(Path(__file__).parent))
+from kernel_ab import ab_parser, interleaved_decode  # noqa: E402
+
+
+def multinomial(weights: torch.Tensor, generator: torch.Generator | None = None) -> int:
+    return int(torch.multinomial(weights, 1, generator=generator))
+
+
+def verify_at(commit: str) -> types.ModuleType:
+    """draftwise/verify.py as it was at `commit`, as a module of its own."""
+    source = subprocess.run(["git", "show", f"{commit}:src/draftwise/verify.py"], capture_output=True, text=True)
+    if source.returncode:
+        raise SystemExit(f"cannot read verify.py at {commit}: {source.stderr.strip()}")
+    module = types.ModuleType("verify_before")
+    sys.modules[module.__name__] = module  # its dataclasses look their module up there
+    exec(compile(source.stdout, f"verify.py@{commit}", "exec"), module.__dict__)
+    return module
+
+
+@contextlib.contextmanager
+def sampling_code(accept, draw):
+    """Decoding verifies with `accept`, and sampled drafting (`dynamic_tree.sample_chain`) draws with `draw`."""
+    kept = decode.accept_sampling, verify.sample_token
+    decode.accept_sampling, verify.sample_token = accept, draw
+    try:
+        yield
+    finally:
+        decode.accept_sampling, verify.sample_token = kept
+
+
+def draw_after_forward_us(target, draw, repeats: int = 40) -> float:
+    """Median µs of one draw from the target's next-token distribution right after a one-node forward."""
+    generator, probe, root, times = torch.Generator().manual_seed(0), torch.tensor([1, 2]), DraftTree.root_only(3), []
+    for _ in range(repeats):
+        target.prefill(probe)
+        probs = target.forward_tree(root).logits[0].softmax(-1)
+        start = time.perf_counter()
+        draw(probs, generator)
+        times.append(time.perf_counter() - start)
+    return 1e6 * statistics.median(times)
+
+
+def main() -> None:
+    parser = ab_parser(__doc__.splitlines()[0])
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--before", default="e48e54e", help="commit whose verify.py is the baseline")
+    args = parser.parse_args()
+    variants = {
+        "before": (verify_at(args.before).accept_sampling, multinomial),
+        "after": (verify.accept_sampling, verify.sample_token),
+    }
+    torch.set_num_threads(2)
+    options = {"rasd": {"datastore": "code"}}
+    methods = args.methods.split(",")
+    loaded = {method: draftwise.load(method=method, **options.get(method, {})) for method in methods}
+    engines = {(method, name): loaded[method] for method in methods for name in variants}
+    draw_us = defaultdict(list)
+    for _ in range(3):
+        for name, (_, draw) in variants.items():
+            draw_us[name].append(draw_after_forward_us(loaded[methods[0]].target, draw))
+    draw_us = {name: round(statistics.median(t), 1) for name, t in draw_us.items()}
+    print(f"one draw after a forward: {draw_us['before']:.0f} -> {draw_us['after']:.0f} us")
+    prompts = [q.turns[0] for q in load_questions(args.prompts, limit=args.questions, first_turn_only=True)]
+    within = lambda name: sampling_code(*variants[name])  # noqa: E731
+    rows, _ = interleaved_decode(
+        engines, list(variants), methods, prompts, args.max_new_tokens, within, temperature=args.temperature, seed=0
+    )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        report = {
+            "decode_tokens_per_s": rows,
+            "draw_us": draw_us,
+            "temperature": args.temperature,
+            "before": args.before,
+        }
+        args.out.write_text(json.dumps({**report, "prompts": args.prompts, "questions": args.questions}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
