@@ -108,10 +108,8 @@ def accept_sampling(tree: DraftTree, probs: Tensor, generator: torch.Generator |
             token = int(tree.tokens[child])
             weight = float(residual[token])
             q = None if tree.proposals is None else tree.proposals[child].float()
-            if q is None:
-                ratio = weight / mass
-            else:
-                ratio = min(1.0, weight / mass / float(q[token])) if q[token] > 0 else 0.0
+            q_token = 1.0 if q is None else float(q[token])  # a deterministic child's q is one-hot
+            ratio = min(1.0, weight / mass / q_token) if q_token > 0 else 0.0
             if torch.rand((), generator=generator).item() < ratio:
                 accepted = child
                 break
