@@ -1,11 +1,12 @@
-"""Sampling's code at --before (`torch.multinomial` draws, and an acceptance loop that renormalised the residual
-after every rejected child) against today's (an inverse-CDF draw, `verify.sample_token`, and a residual whose
-total is tracked instead), in one process. First the time of one draw over the vocabulary right after a target
-forward, then decoding at T = 1, every method on each variant in turn per question. The two consume the
-generator differently, so the same seed gives different (equally distributed) text: compare tokens/s, not
-tokens, and expect the spread of text-dependent speed on top.
+"""Sampling's code at --before (`torch.multinomial` draws, an acceptance loop that renormalised the residual after
+every rejected child, top-p by sorting the vocabulary) against today's (an inverse-CDF draw, `verify.sample_token`,
+a residual whose total is tracked, top-p sorting only the likeliest tokens), in one process. First the time of one
+draw over the vocabulary right after a target forward, then decoding (--temperature, --top-p), every method on each
+variant in turn per question. The two consume the generator differently, so the same seed gives different (equally
+distributed) text: compare tokens/s, not tokens, and expect the spread of text-dependent speed on top.
 
     python benchmarks/sampler_ab.py --questions 4 --out benchmarks/runs/sampler-ab.json
+    python benchmarks/sampler_ab.py --questions 4 --temperature 0.7 --top-p 0.95 --out benchmarks/runs/sampler-ab-t07-p095.json
 """
 
 from __future__ import annotations
@@ -47,14 +48,15 @@ def verify_at(commit: str) -> types.ModuleType:
 
 
 @contextlib.contextmanager
-def sampling_code(accept, draw):
-    """Decoding verifies with `accept`, and sampled drafting (`dynamic_tree.sample_chain`) draws with `draw`."""
-    kept = decode.accept_sampling, verify.sample_token
-    decode.accept_sampling, verify.sample_token = accept, draw
+def sampling_code(accept, draw, probs):
+    """Decoding verifies with `accept` on `probs`, and sampled drafting (`dynamic_tree.sample_chain`) draws with
+    `draw` from `probs`."""
+    kept = decode.accept_sampling, decode.target_probs, verify.sample_token, verify.target_probs
+    decode.accept_sampling, decode.target_probs, verify.sample_token, verify.target_probs = accept, probs, draw, probs
     try:
         yield
     finally:
-        decode.accept_sampling, verify.sample_token = kept
+        decode.accept_sampling, decode.target_probs, verify.sample_token, verify.target_probs = kept
 
 
 def draw_after_forward_us(target, draw, repeats: int = 40) -> float:
@@ -72,11 +74,13 @@ def draw_after_forward_us(target, draw, repeats: int = 40) -> float:
 def main() -> None:
     parser = ab_parser(__doc__.splitlines()[0])
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--before", default="e48e54e", help="commit whose verify.py is the baseline")
     args = parser.parse_args()
+    before = verify_at(args.before)
     variants = {
-        "before": (verify_at(args.before).accept_sampling, multinomial),
-        "after": (verify.accept_sampling, verify.sample_token),
+        "before": (before.accept_sampling, multinomial, before.target_probs),
+        "after": (verify.accept_sampling, verify.sample_token, verify.target_probs),
     }
     torch.set_num_threads(2)
     options = {"rasd": {"datastore": "code"}}
@@ -85,14 +89,22 @@ def main() -> None:
     engines = {(method, name): loaded[method] for method in methods for name in variants}
     draw_us = defaultdict(list)
     for _ in range(3):
-        for name, (_, draw) in variants.items():
+        for name, (_, draw, _) in variants.items():
             draw_us[name].append(draw_after_forward_us(loaded[methods[0]].target, draw))
     draw_us = {name: round(statistics.median(t), 1) for name, t in draw_us.items()}
     print(f"one draw after a forward: {draw_us['before']:.0f} -> {draw_us['after']:.0f} us")
     prompts = [q.turns[0] for q in load_questions(args.prompts, limit=args.questions, first_turn_only=True)]
     within = lambda name: sampling_code(*variants[name])  # noqa: E731
     rows, _ = interleaved_decode(
-        engines, list(variants), methods, prompts, args.max_new_tokens, within, temperature=args.temperature, seed=0
+        engines,
+        list(variants),
+        methods,
+        prompts,
+        args.max_new_tokens,
+        within,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=0,
     )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -100,6 +112,7 @@ def main() -> None:
             "decode_tokens_per_s": rows,
             "draw_us": draw_us,
             "temperature": args.temperature,
+            "top_p": args.top_p,
             "before": args.before,
         }
         args.out.write_text(json.dumps({**report, "prompts": args.prompts, "questions": args.questions}, indent=1))

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from draftwise.tree import DraftTree
-from draftwise.verify import Sampling, accept_greedy, accept_sampling, sample_token, target_probs, top_two
+from draftwise.verify import (
+    Sampling,
+    accept_greedy,
+    accept_sampling,
+    outside_nucleus,
+    sample_token,
+    target_probs,
+    top_two,
+)
 
 V = 5
 
@@ -82,6 +90,19 @@ def test_target_probs_top_k_top_p_and_temperature():
     assert p[0, 0] == 1.0  # the top token alone already holds more than half the mass
     p = target_probs(logits, Sampling(0.5))
     assert torch.allclose(p, (logits / 0.5).softmax(-1))
+
+
+@pytest.mark.parametrize("spread", [0.1, 1.0, 4.0, 12.0])
+def test_nucleus_from_the_head_equals_the_nucleus_from_a_full_sort(spread):
+    """Top-p over the 256 most likely tokens, with its fallback for flat rows, against sorting the whole row."""
+    torch.manual_seed(int(spread * 10))
+    scores = torch.randn(6, 49152) * spread
+    for top_p in (0.1, 0.5, 0.9, 0.95, 0.999):
+        top, order = scores.softmax(-1).sort(dim=-1, descending=True)
+        full = torch.ones_like(scores, dtype=torch.bool).scatter(-1, order, top.cumsum(-1) - top >= top_p)
+        assert torch.equal(outside_nucleus(scores, top_p), full)
+        assert torch.equal(outside_nucleus(scores[:1], top_p, heads=(4,)), full[:1])
+        assert torch.equal(outside_nucleus(scores[0], top_p), full[0])  # one row, as sampled drafting passes it
 
 
 @pytest.mark.parametrize("vocab", [5, 16, 137, 49152])
