@@ -6,7 +6,8 @@ variant in turn per question. The two consume the generator differently, so the 
 distributed) text: compare tokens/s, not tokens, and expect the spread of text-dependent speed on top.
 
     python benchmarks/sampler_ab.py --questions 4 --out benchmarks/runs/sampler-ab.json
-    python benchmarks/sampler_ab.py --questions 4 --temperature 0.7 --top-p 0.95 --out benchmarks/runs/sampler-ab-t07-p095.json
+    python benchmarks/sampler_ab.py --questions 4 --temperature 0.7 --top-p 0.95 \
+        --out benchmarks/runs/sampler-ab-t07-p095.json
 """
 
 from __future__ import annotations
