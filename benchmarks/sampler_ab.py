@@ -1,9 +1,10 @@
 """Sampling's code at --before (`torch.multinomial` draws, an acceptance loop that renormalised the residual after
 every rejected child, top-p by sorting the vocabulary) against today's (an inverse-CDF draw, `verify.sample_token`,
-a residual whose total is tracked, top-p sorting only the likeliest tokens), in one process. First the time of one
-draw over the vocabulary right after a target forward, then decoding (--temperature, --top-p), every method on each
-variant in turn per question. The two consume the generator differently, so the same seed gives different (equally
-distributed) text: compare tokens/s, not tokens, and expect the spread of text-dependent speed on top.
+a residual whose total is tracked, top-p sorting only the likeliest tokens, only the rows on the acceptance walk),
+in one process. First the time of one draw over the vocabulary right after a target forward, then decoding
+(--temperature, --top-p), every method on each variant in turn per question. The two consume the generator
+differently, so the same seed gives different (equally distributed) text: compare tokens/s, not tokens, and expect
+the spread of text-dependent speed on top.
 
     python benchmarks/sampler_ab.py --questions 4 --out benchmarks/runs/sampler-ab.json
     python benchmarks/sampler_ab.py --questions 4 --temperature 0.7 --top-p 0.95 \
@@ -48,6 +49,12 @@ def verify_at(commit: str) -> types.ModuleType:
     return module
 
 
+def every_row(accept):
+    """`accept` from a verify.py whose acceptance took every node's row at once: decoding now hands over a function
+    of the node, and this computes it for all of them (one call per node, where decoding then made one in all)."""
+    return lambda tree, rows, generator=None: accept(tree, torch.stack([rows(i) for i in range(tree.size)]), generator)
+
+
 @contextlib.contextmanager
 def sampling_code(accept, draw, probs):
     """Decoding verifies with `accept` on `probs`, and sampled drafting (`dynamic_tree.sample_chain`) draws with
@@ -80,7 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     before = verify_at(args.before)
     variants = {
-        "before": (before.accept_sampling, multinomial, before.target_probs),
+        "before": (every_row(before.accept_sampling), multinomial, before.target_probs),
         "after": (verify.accept_sampling, verify.sample_token, verify.target_probs),
     }
     torch.set_num_threads(2)

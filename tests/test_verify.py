@@ -81,6 +81,22 @@ def test_sample_token_at_the_top_of_the_unit_interval(monkeypatch):
     assert sample_token(torch.tensor([0.2, 0.7, 0.1, 0.0, 0.0])) == 2
 
 
+def test_sampling_from_rows_on_demand_reads_only_the_walk_and_matches_the_full_tensor():
+    torch.manual_seed(1)
+    probs = torch.softmax(torch.randn(6, V) * 2, -1)
+    tree = DraftTree(torch.tensor([0, 1, 2, 3, 4, 1]), torch.tensor([-1, 0, 1, 0, 3, 4]), torch.zeros(6))
+    for seed in range(200):
+        asked: list[int] = []
+
+        def rows(node, asked=asked):
+            asked.append(node)
+            return probs[node]
+
+        on_demand = accept_sampling(tree, rows, torch.Generator().manual_seed(seed))
+        assert on_demand == accept_sampling(tree, probs, torch.Generator().manual_seed(seed))
+        assert asked == on_demand[0]  # the root, then each accepted node once
+
+
 def test_target_probs_top_k_top_p_and_temperature():
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]])
     assert torch.allclose(target_probs(logits, Sampling(1.0)), logits.softmax(-1))

@@ -118,7 +118,8 @@ def generate_tokens(
         if sampling.greedy:
             path, bonus = accept_greedy(tree, out.logits, best_next)
         else:
-            path, bonus = accept_sampling(tree, target_probs(out.logits, sampling), generator)
+            rows = lambda node, logits=out.logits: target_probs(logits[node], sampling)  # noqa: E731 - rows on the walk only
+            path, bonus = accept_sampling(tree, rows, generator)
         t2 = time.perf_counter()
         target.commit(past, path)  # bookkeeping below counts as overhead
         new = tree.tokens[path[1:]].tolist() + [bonus]
