@@ -16,10 +16,8 @@ from __future__ import annotations
 import contextlib
 import json
 import statistics
-import subprocess
 import sys
 import time
-import types
 from collections import defaultdict
 from pathlib import Path
 
@@ -31,22 +29,12 @@ from draftwise.bench.datasets import load_questions
 from draftwise.tree import DraftTree
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bookkeeping_ab import module_at  # noqa: E402
 from kernel_ab import ab_parser, interleaved_decode  # noqa: E402
 
 
 def multinomial(weights: torch.Tensor, generator: torch.Generator | None = None) -> int:
     return int(torch.multinomial(weights, 1, generator=generator))
-
-
-def verify_at(commit: str) -> types.ModuleType:
-    """draftwise/verify.py as it was at `commit`, as a module of its own."""
-    source = subprocess.run(["git", "show", f"{commit}:src/draftwise/verify.py"], capture_output=True, text=True)
-    if source.returncode:
-        raise SystemExit(f"cannot read verify.py at {commit}: {source.stderr.strip()}")
-    module = types.ModuleType("verify_before")
-    sys.modules[module.__name__] = module  # its dataclasses look their module up there
-    exec(compile(source.stdout, f"verify.py@{commit}", "exec"), module.__dict__)
-    return module
 
 
 def every_row(accept):
@@ -85,7 +73,7 @@ def main() -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--before", default="e48e54e", help="commit whose verify.py is the baseline")
     args = parser.parse_args()
-    before = verify_at(args.before)
+    before = module_at(args.before, "src/draftwise/verify.py", "verify_before")
     variants = {
         "before": (every_row(before.accept_sampling), multinomial, before.target_probs),
         "after": (verify.accept_sampling, verify.sample_token, verify.target_probs),

@@ -120,11 +120,12 @@ def accept_sampling(
     children = tree.children()
     node, path = 0, [0]
     while True:
+        target = row(node)
+        if not children[node]:  # a leaf: the bonus comes from the target's row as it is
+            return path, sample_token(target, generator)
         # the target's row as children are rejected, never renormalised: a deterministic child's rejection
         # zeroes one entry and takes its weight off `mass`, in float64 (O(1), not two passes over the vocabulary)
-        target = row(node)
-        residual = target.clone()
-        mass = float(residual.double().sum())
+        residual, mass = target.clone(), float(target.double().sum())
         accepted = None
         for child in children[node]:
             token = int(tree.tokens[child])
@@ -142,8 +143,7 @@ def accept_sampling(
                 residual = (residual / mass - q).clamp_min(0.0)
                 mass = float(residual.double().sum())
             if mass <= 1e-12:  # every token rejected, up to rounding (reached with that probability at most)
-                residual = target.clone()
-                mass = float(residual.double().sum())
+                residual, mass = target.clone(), float(target.double().sum())
         if accepted is None:
             return path, sample_token(residual, generator)
         node = accepted
