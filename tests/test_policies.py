@@ -622,3 +622,48 @@ def test_in_place_samples_replace_isolated_ones_and_join_them_smoothly():
     assert all(ms == 2.0 * x for x, _, ms in merged if x <= 4)
     assert [ms for x, _, ms in merged if x == 8] == [16.0, 16.0]  # past the in-place sizes: x 2, the ratio at 4
     assert in_place_samples(isolated, []) == isolated
+
+
+def test_logged_text_can_follow_the_sampling_law():
+    """`--trajectory sampled`: the text is drawn by rejection sampling (reproducibly per seed, unlike greedy's),
+    and the verdicts logged on it stay exact (greedy `correct` is still the argmax of each node's parent)."""
+    model = tiny_llama(vocab_size=32)
+    drafter = ModelTreeDrafter(noisy_copy(model, 0.25), TOP_K, DEPTH)
+    prompt, sizes = [5, 7, 3, 9, 11], (1, 2, 4, 8)
+
+    def logged(seed: int | None) -> list[dict]:
+        draws = None if seed is None else torch.Generator().manual_seed(seed)
+        return list(log_generation(TargetModel(model), drafter, prompt, 40, sizes, sampled=draws))
+
+    greedy, first, again, other = logged(None), logged(0), logged(0), logged(1)
+    assert first == again and first != other and first != greedy
+    contexts = [r["context"] for r in first]
+    assert contexts == sorted(contexts) and len(set(contexts)) == len(contexts)
+
+
+def test_per_mode_fits_serve_their_own_decoding_mode(tmp_path, tiny_model):
+    """A policy directory with a `sampling/` fit loads as PerMode: greedy rounds ask the greedy fit, rounds at the
+    fit's temperature or above the sampling fit, and a sampling fit for another tree shape is refused."""
+    from draftwise.errors import DraftwiseError
+    from draftwise.policies import PerMode, make_policy
+
+    config = RadarConfig(top_k=TOP_K, depth=DEPTH, size=12)
+    RadarPolicy(RadarNet(TOP_K), config).save(tmp_path)
+    RadarPolicy(RadarNet(TOP_K), config).save(tmp_path / "sampling")
+    policy = make_policy("radar", "unused", DEPTH, tmp_path)
+    assert isinstance(policy, PerMode) and policy.config == config
+    head = tiny_eagle(tiny_model).head
+    for sampling, asked, idle in ((Sampling(), policy.greedy, policy.sampling), (Sampling(1.0), policy.sampling, None)):
+        drafter = TreeEagleDrafter(head, top_k=TOP_K, depth=DEPTH, total_tokens=12, policy=policy)
+        before = asked.queries
+        run(tiny_model, drafter, [5, 17, 3], 16, sampling=sampling)
+        assert asked.queries > before and (idle is None or idle.queries == 0)
+    policy.use(Sampling(0.7))  # below the T = 1 its text was drawn at: the greedy fit
+    assert policy.active is policy.greedy
+    (tmp_path / "sampling" / "radar-validation.json").write_text(json.dumps({"logged": {"temperature": 0.5}}))
+    policy = make_policy("radar", "unused", DEPTH, tmp_path)
+    policy.use(Sampling(0.7))
+    assert policy.active is policy.sampling and policy.temperature == 0.5
+    RadarPolicy(RadarNet(TOP_K), RadarConfig(top_k=TOP_K, depth=DEPTH - 1, size=12)).save(tmp_path / "sampling")
+    with pytest.raises(DraftwiseError, match="draft different trees"):
+        make_policy("radar", "unused", DEPTH, tmp_path)

@@ -21,6 +21,7 @@ from draftwise.errors import DraftwiseError
 from draftwise.kernels import avx512_kernel, use_small_batch_linear
 from draftwise.lean import quantize_draft_linears
 from draftwise.tree import DraftTree
+from draftwise.verify import Sampling
 
 HEADS_DIR = Path(__file__).resolve().parent.parent / "data" / "heads"
 
@@ -67,6 +68,9 @@ class TreePolicy:
     The default is EAGLE-2's: always the full depth, always `total_tokens`."""
 
     name = "fixed"
+
+    def use(self, sampling: Sampling) -> None:
+        """The decoding mode of the rounds that follow (a policy fitted per mode switches on it)."""
 
     def begin_round(self, committed: int) -> KeepGoing | None:
         """A new round starts; returns the stop rule asked before each expansion call (None: full depth)."""
@@ -140,6 +144,7 @@ class EagleDrafter(Drafter):
             return DraftTree.root_only(root)
         root_logits, root_hidden = self._catch_up(context.tokens)
         committed = self.cache.length
+        self.policy.use(context.sampling)
         budget = min(self.total_tokens, context.budget)
         try:
             if context.sampling.greedy:

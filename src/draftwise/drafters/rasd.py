@@ -179,6 +179,7 @@ class RasdDrafter(EagleDrafter):
         start = time.perf_counter()
         root_logits, root_hidden = self._catch_up(tokens)
         committed = self.cache.length
+        self.policy.use(context.sampling)
         try:
             draft = self._tree(root, root_logits, root_hidden, committed, min(self.total_tokens, context.budget))
         finally:

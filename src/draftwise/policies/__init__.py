@@ -4,11 +4,13 @@ Every policy answers EagleDrafter's TreePolicy questions (drafters/eagle.py): a 
 expansion call and a verification size. `fixed` is EAGLE-2; `threshold` and `heuristic` are hand-written
 baselines (baselines.py); `radar` (radar.py) and `ltd` (ltd.py) are learned offline from logged rounds
 (logger.py, offline.py) for this machine's cost model (draftwise.profile) by `draftwise train-policy`
-(train.py). Trained policies ship under data/policies/<model>/.
+(train.py). Trained policies ship under data/policies/<model>/, with a `sampling/` fit beside the greedy one
+where one was made (`PerMode`).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from draftwise.draft_head import DraftHead
@@ -17,8 +19,10 @@ from draftwise.drafters.eagle import EAGLE2_TREE, EagleDrafter, TreePolicy, defa
 from draftwise.errors import DraftwiseError
 from draftwise.profile import fit_dir
 from draftwise.tree import DraftTree
+from draftwise.verify import Sampling
 
 POLICY_NAMES = ("fixed", "threshold", "heuristic", "radar", "ltd")
+SAMPLING_FIT = "sampling"  # a policy directory's subdirectory: the same policies fitted to sampled text
 
 
 def policy_dir(model_name: str, compute: str | None = None) -> Path:
@@ -27,6 +31,52 @@ def policy_dir(model_name: str, compute: str | None = None) -> Path:
     fitted = fit_dir(model_name, compute)
     candidates = [fitted, fitted.with_name(fitted.name.removesuffix("-avx2")), fit_dir(model_name)]
     return next(d for d in candidates if (d / "cost.json").exists() or d == candidates[-1])
+
+
+class PerMode(TreePolicy):
+    """A learned policy fitted twice, on greedy decoding's rounds and on sampled text's (`log-rounds --trajectory
+    sampled`): less of sampled text is accepted, so smaller trees pay there. Rounds at or above the temperature the
+    sampling fit's text was drawn at ask that fit, the others the greedy one (at T = 0.7 with top-p 0.95 the greedy
+    fit ran as fast or faster, at T = 1 the sampling fit did: benchmarks/RESULTS.md). Both share one tree shape."""
+
+    def __init__(self, greedy: TreePolicy, sampling: TreePolicy, temperature: float = 1.0):
+        self.greedy, self.sampling, self.active, self.temperature = greedy, sampling, greedy, temperature
+        self.name, self.config = greedy.name, greedy.config
+
+    def use(self, sampling: Sampling) -> None:
+        self.active = self.sampling if sampling.temperature >= self.temperature else self.greedy
+
+    def begin_round(self, committed: int):
+        return self.active.begin_round(committed)
+
+    def verify_size(self, candidates: DraftTree, budget: int) -> int:
+        return self.active.verify_size(candidates, budget)
+
+    def observe(self, result) -> None:
+        self.active.observe(result)
+
+    @property
+    def queries(self) -> int:
+        return self.greedy.queries + self.sampling.queries
+
+    @property
+    def query_s(self) -> float:
+        return self.greedy.query_s + self.sampling.query_s
+
+
+def with_sampling_fit(policy: TreePolicy, directory: Path, load) -> TreePolicy:
+    """`policy`, paired with its sampling fit where `directory` has one (`load(dir)` reads it; the temperature of
+    its rounds comes from the record `train-policy` left beside it, T = 1 where it names none)."""
+    fit_dir = directory / SAMPLING_FIT
+    if not fit_dir.is_dir():
+        return policy
+    sampling = load(fit_dir)
+    shape = ("top_k", "depth", "size", "max_depth", "sizes")
+    if any(getattr(policy.config, f, None) != getattr(sampling.config, f, None) for f in shape):
+        raise DraftwiseError(f"the {policy.name} fits in {directory} and its {SAMPLING_FIT}/ draft different trees")
+    record = fit_dir / f"{policy.name}-validation.json"
+    logged = json.loads(record.read_text()).get("logged", {}) if record.exists() else {}
+    return PerMode(policy, sampling, float(logged.get("temperature", 1.0)))
 
 
 class TreeEagleDrafter(EagleDrafter):
@@ -44,7 +94,7 @@ def make_policy(
     name: str, model_name: str, depth: int, directory: Path | None = None, seed: int = 0, compute: str | None = None
 ) -> TreePolicy:
     """A policy by name; radar and ltd load their trained weights from `directory` (default: shipped, for the
-    target's `compute`)."""
+    target's `compute`), with its sampling fit where there is one."""
     from draftwise.policies.baselines import ConfidenceThreshold, HeuristicSchedule
 
     if name == "fixed":
@@ -56,11 +106,13 @@ def make_policy(
     if name == "radar":
         from draftwise.policies.radar import RadarPolicy
 
-        return RadarPolicy.load(directory or policy_dir(model_name, compute), seed=seed)
+        directory = directory or policy_dir(model_name, compute)
+        return with_sampling_fit(RadarPolicy.load(directory, seed=seed), directory, RadarPolicy.load)
     if name == "ltd":
         from draftwise.policies.ltd import LtdPolicy
 
-        return LtdPolicy.load(directory or policy_dir(model_name, compute))
+        directory = directory or policy_dir(model_name, compute)
+        return with_sampling_fit(LtdPolicy.load(directory), directory, LtdPolicy.load)
     raise DraftwiseError(f"unknown policy '{name}'; choose one of {', '.join(POLICY_NAMES)}")
 
 
@@ -84,13 +136,14 @@ def policy_and_shape(
             policy = make_policy(policy, model_name, shape["depth"], directory, compute=compute)
         else:
             policy = make_policy(policy, model_name, options.get("depth") or shape["depth"])
-    if isinstance(policy, RadarPolicy):
+    fit = policy.greedy if isinstance(policy, PerMode) else policy
+    if isinstance(fit, RadarPolicy):
         c = policy.config
         shape = {"top_k": c.top_k, "depth": c.depth, "total_tokens": c.size}
-    elif isinstance(policy, LtdPolicy):
+    elif isinstance(fit, LtdPolicy):
         c = policy.config
         shape = {"top_k": c.top_k, "depth": c.max_depth, "total_tokens": max(c.sizes)}
-    if isinstance(policy, RadarPolicy | LtdPolicy) and options.get("top_k") not in (None, shape["top_k"]):
+    if isinstance(fit, RadarPolicy | LtdPolicy) and options.get("top_k") not in (None, shape["top_k"]):
         raise DraftwiseError(f"the {policy.name} policy was trained for a top-k of {shape['top_k']}")
     shape.update({k: v for k, v in options.items() if v is not None})
     return policy, shape
@@ -106,4 +159,12 @@ def policy_drafter(
     return drafter
 
 
-__all__ = ["POLICY_NAMES", "TreeEagleDrafter", "make_policy", "policy_and_shape", "policy_dir", "policy_drafter"]
+__all__ = [
+    "POLICY_NAMES",
+    "PerMode",
+    "TreeEagleDrafter",
+    "make_policy",
+    "policy_and_shape",
+    "policy_dir",
+    "policy_drafter",
+]

@@ -12,7 +12,10 @@ A node's logits depend only on its own path (tree attention), so these verdicts 
 the node, and the accepted length of every truncation is exact offline (offline.py): greedy from `correct`,
 and for sampling the whole acceptance-length law (RADAR's P_L: a node is reached with the product of `p` on
 its path; see ../shared/papers/radar.md §4.3). The trajectory continues greedily on the union's verdict, so
-the logged text is plain greedy decoding's.
+the logged text is plain greedy decoding's, or (`--trajectory sampled`) by rejection sampling under the logged
+law, so the logged contexts are the text a sampling policy will see (at T = 1 the target is less sure of its own
+sampled text than of its greedy text: on greedy contexts the offline τ of the fixed d3 V6 tree was 1.64, in the
+T = 1 bench 1.44).
 
 Training prompts only: ShareGPT first turns past the 3000 the draft head trained on, plus GSM-style problems
 from reasoning-gym (a different seed from the benchmark's, its questions excluded). Never MT-bench,
@@ -34,7 +37,7 @@ from draftwise.drafters.eagle import EagleDrafter, TreePolicy
 from draftwise.errors import DraftwiseError
 from draftwise.target import TargetModel
 from draftwise.tree import DraftTree
-from draftwise.verify import Sampling, accept_greedy, target_probs
+from draftwise.verify import Sampling, accept_greedy, accept_sampling, target_probs
 
 DEFAULT_SIZES = (1, 2, 4, 6, 8, 10, 12, 16, 24, 32)  # verification sizes V (root included) the logs can answer for
 LOG_DEPTH, LOG_TOP_K = 8, 8
@@ -118,9 +121,11 @@ def log_generation(
     law: Sampling = T1,
     stop_token_ids: frozenset[int] = frozenset(),
     before_verify: Callable[[DraftTree, int], None] | None = None,
+    sampled: torch.Generator | None = None,
 ) -> Iterator[dict]:
-    """Greedy decoding that yields one record per round (see round_record). `law` is the sampling law whose
-    acceptance probabilities are stored. `before_verify(candidates, context)` is a test hook."""
+    """Decoding that yields one record per round (see round_record). `law` is the sampling law whose
+    acceptance probabilities are stored. The text is greedy, or sampled from `law` when `sampled` (the draws'
+    generator) is given. `before_verify(candidates, context)` is a test hook."""
     capture = _Capture()
     drafter.policy = capture
     target.feature_layers = drafter.feature_layers
@@ -143,7 +148,11 @@ def log_generation(
             before_verify(candidates, capture.context)
         past = target.length
         out = target.forward_tree(union)
-        path, bonus = accept_greedy(union, out.logits)
+        if sampled is None:
+            path, bonus = accept_greedy(union, out.logits)
+        else:
+            rows = out.logits
+            path, bonus = accept_sampling(union, lambda node: target_probs(rows[node], law), sampled)  # noqa: B023
         if candidates is not None:
             record = round_record(candidates, union_index, out.logits, law, capture.context, drafter.top_k)
             record.update(accepted=len(path) - 1, last_accepted=last_accepted)
@@ -198,6 +207,7 @@ def log_rounds(
     depth: int,
     top_k: int,
     temperature: float,
+    trajectory: str = "greedy",
 ) -> int:
     """Log rounds for every training prompt into `out` (one part per prompt; existing parts are kept)."""
     from tqdm import tqdm
@@ -215,6 +225,8 @@ def log_rounds(
         "top_k": top_k,
         "temperature": temperature,
     }
+    if trajectory != "greedy":  # a key only where it differs, so directories logged before it still resume
+        settings["trajectory"] = trajectory
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "meta.json"
     if meta_path.exists():
@@ -236,8 +248,9 @@ def log_rounds(
             continue
         ids = engine.encode(text)
         records = []
+        draws = torch.Generator().manual_seed(prompt_id) if trajectory == "sampled" else None  # resumable: per prompt
         for i, record in enumerate(
-            log_generation(target, drafter, ids, max_new_tokens, sizes, law, engine.stop_token_ids)
+            log_generation(target, drafter, ids, max_new_tokens, sizes, law, engine.stop_token_ids, sampled=draws)
         ):
             records.append({"prompt_id": prompt_id, "source": source, "round": i, **record})
         if records:
@@ -256,6 +269,8 @@ def cmd_log_rounds(args: argparse.Namespace) -> int:
         raise DraftwiseError("--depth, --top-k and --max-new-tokens must be >= 1")
     if args.temperature <= 0:
         raise DraftwiseError("--temperature (the sampling law whose acceptance is logged) must be > 0")
+    if args.trajectory not in ("greedy", "sampled"):
+        raise DraftwiseError("--trajectory must be greedy or sampled")
     if args.threads:
         torch.set_num_threads(args.threads)
     total = log_rounds(
@@ -270,6 +285,7 @@ def cmd_log_rounds(args: argparse.Namespace) -> int:
         args.depth,
         args.top_k,
         args.temperature,
+        args.trajectory,
     )
     print(f"logged {total} new rounds into {args.out}")
     return 0
@@ -288,5 +304,10 @@ def register(commands) -> None:
     parser.add_argument("--depth", type=int, default=LOG_DEPTH, help="expansion calls per logged round")
     parser.add_argument("--top-k", type=int, default=LOG_TOP_K, help="frontier width")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling law of the logged acceptance")
+    parser.add_argument(
+        "--trajectory",
+        default="greedy",
+        help="the logged text: greedy, or sampled from the --temperature law (for policies that serve sampling)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     parser.set_defaults(func=cmd_log_rounds)

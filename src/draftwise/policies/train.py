@@ -138,6 +138,12 @@ def train_ltd_command(args, train: RoundSet, validation: RoundSet, cost: CostMod
     return {"method": "ltd", "config": asdict(config), "steps": steps, "validation": report, "stages": stages}
 
 
+def logged_settings(rounds_dir: Path) -> dict:
+    """How the rounds were logged (`log-rounds`' meta.json), for the card: the text's law matters to the fit."""
+    meta = rounds_dir / "meta.json"
+    return json.loads(meta.read_text()).get("settings", {}) if meta.exists() else {}
+
+
 def write_card(out: Path, model: str) -> None:
     """README.md for the policies in `out`, from the validation records train-policy leaves there."""
     lines = [
@@ -167,9 +173,12 @@ def write_card(out: Path, model: str) -> None:
         lines += [
             f"## {method}",
             "",
-            f"Command: `{data.get('command', '')}` ({data.get('train_s', 0) / 60:.1f} min).",
+            f"Command: `{data.get('command', '')}` ({data.get('train_s', 0) / 60:.1f} min), acceptance law: "
+            f"{data['config'].get('mode', 'greedy')}.",
             "",
         ]
+        if data.get("logged"):
+            lines += ["Rounds logged with: `" + json.dumps(data["logged"]) + "`", ""]
         lines += ["| offline validation (held-out prompts) | policy | fixed tree |", "|---|---|---|"]
         lines += [
             f"| draft calls per round | {v['draft_calls']:.2f} | {v['fixed_draft_calls']:.2f} |",
@@ -235,6 +244,7 @@ def cmd_train_policy(args: argparse.Namespace) -> int:
         fixed_size=args.size,
         baselines=table,
         rounds={"train": len(train), "validation": len(validation)},
+        logged=logged_settings(rounds_dir),
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.method}-validation.json").write_text(json.dumps(record, indent=2, default=float) + "\n")
