@@ -667,3 +667,22 @@ def test_per_mode_fits_serve_their_own_decoding_mode(tmp_path, tiny_model):
     RadarPolicy(RadarNet(TOP_K), RadarConfig(top_k=TOP_K, depth=DEPTH - 1, size=12)).save(tmp_path / "sampling")
     with pytest.raises(DraftwiseError, match="draft different trees"):
         make_policy("radar", "unused", DEPTH, tmp_path)
+
+
+def test_profile_times_rounds_of_random_shapes_in_place():
+    """`draftwise profile`'s in-place pass: generations whose rounds draw random tree shapes (RandomShapes, a
+    TreePolicy), with every forward and head call timed where it ran, and the per-round extras fitted on them."""
+    from transformers import AutoTokenizer
+
+    from draftwise.engine import Engine
+    from draftwise.models import resolve_model
+    from draftwise.profile import fit_in_place, random_shape_rounds
+
+    model = tiny_llama(49152, max_positions=512, peaked=False)
+    engine = Engine(model, AutoTokenizer.from_pretrained(resolve_model("smollm2-135m")), model_name="tiny", method="ar")
+    head = tiny_eagle(model).head
+    rounds = random_shape_rounds(engine, head, ["Name three colours.", "Count to five."], 12)
+    assert len(rounds.generations) == 2 and "profile" not in engine._drafters
+    assert len({n for n, _, _ in rounds.verify_ms}) > 2 and all(ms > 0 for *_, ms in rounds.head_ms)
+    partial = CostModel(PiecewiseLinear.fit(rounds.head_ms), PiecewiseLinear.fit(rounds.verify_ms), 0.0)
+    assert all(extra >= 0 for extra in fit_in_place(rounds.generations, partial))

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from draftwise.drafters.eagle import TreePolicy
 from draftwise.errors import DraftwiseError
 from draftwise.models import cpu_has_native_bf16
 
@@ -256,7 +257,7 @@ def measure_verify(target, sizes: Sequence[int], contexts: Sequence[int], repeat
     return samples
 
 
-class RandomShapes:
+class RandomShapes(TreePolicy):
     """A TreePolicy drawing each round's shape at random (0..`max_calls` expansion calls, V from `sizes`), so that
     the rounds `fit_in_place` times cover the shapes a policy can choose."""
 
@@ -271,9 +272,6 @@ class RandomShapes:
 
     def verify_size(self, candidates, budget: int) -> int:
         return min(budget, int(self.rng.choice(self.sizes)))
-
-    def observe(self, result) -> None:
-        pass
 
 
 @dataclass
