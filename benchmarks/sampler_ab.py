@@ -9,6 +9,8 @@ the spread of text-dependent speed on top.
     python benchmarks/sampler_ab.py --questions 4 --out benchmarks/runs/sampler-ab.json
     python benchmarks/sampler_ab.py --questions 4 --temperature 0.7 --top-p 0.95 \
         --out benchmarks/runs/sampler-ab-t07-p095.json
+    python benchmarks/sampler_ab.py --questions 4 --temperature 0.7 --top-p 0.95 --before d1aa515 --before-as-is \
+        --methods ar,eagle,pld,ltd --out benchmarks/runs/sampler-ab-nucleus.json  # top-p rescaled, not re-softmaxed
 """
 
 from __future__ import annotations
@@ -72,10 +74,17 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--before", default="e48e54e", help="commit whose verify.py is the baseline")
+    parser.add_argument(
+        "--before-as-is",
+        action="store_true",
+        help="the baseline's acceptance and draw as they are (for a --before that already computes rows on demand)",
+    )
     args = parser.parse_args()
     before = module_at(args.before, "src/draftwise/verify.py", "verify_before")
+    as_it_is = (before.accept_sampling, before.sample_token, before.target_probs)
+    as_it_was = (every_row(before.accept_sampling), multinomial, before.target_probs)
     variants = {
-        "before": (every_row(before.accept_sampling), multinomial, before.target_probs),
+        "before": as_it_is if args.before_as_is else as_it_was,
         "after": (verify.accept_sampling, verify.sample_token, verify.target_probs),
     }
     torch.set_num_threads(2)

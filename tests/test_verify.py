@@ -10,7 +10,7 @@ from draftwise.verify import (
     Sampling,
     accept_greedy,
     accept_sampling,
-    outside_nucleus,
+    nucleus,
     sample_token,
     target_probs,
     top_two,
@@ -110,15 +110,20 @@ def test_target_probs_top_k_top_p_and_temperature():
 
 @pytest.mark.parametrize("spread", [0.1, 1.0, 4.0, 12.0])
 def test_nucleus_from_the_head_equals_the_nucleus_from_a_full_sort(spread):
-    """Top-p over the 256 most likely tokens, with its fallback for flat rows, against sorting the whole row."""
+    """Top-p over the 256 most likely tokens, with its fallback for flat rows, against sorting the whole row and a
+    softmax over the masked scores: the same tokens kept, the same probabilities up to rounding."""
     torch.manual_seed(int(spread * 10))
     scores = torch.randn(6, 49152) * spread
+    probs = scores.softmax(-1)
     for top_p in (0.1, 0.5, 0.9, 0.95, 0.999):
-        top, order = scores.softmax(-1).sort(dim=-1, descending=True)
-        full = torch.ones_like(scores, dtype=torch.bool).scatter(-1, order, top.cumsum(-1) - top >= top_p)
-        assert torch.equal(outside_nucleus(scores, top_p), full)
-        assert torch.equal(outside_nucleus(scores[:1], top_p, heads=(4,)), full[:1])
-        assert torch.equal(outside_nucleus(scores[0], top_p), full[0])  # one row, as sampled drafting passes it
+        top, order = probs.sort(dim=-1, descending=True)
+        dropped = torch.ones_like(scores, dtype=torch.bool).scatter(-1, order, top.cumsum(-1) - top >= top_p)
+        full = scores.masked_fill(dropped, -torch.inf).softmax(-1)
+        for got, want in ((nucleus(probs, top_p), full), (nucleus(probs[:1], top_p, heads=(4,)), full[:1])):
+            assert torch.equal(got > 0, want > 0)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        one = nucleus(probs[0], top_p)  # one row, as sampled drafting passes it
+        assert torch.equal(one > 0, full[0] > 0) and torch.isclose(one.sum(), torch.tensor(1.0))
 
 
 @pytest.mark.parametrize("vocab", [5, 16, 137, 49152])
