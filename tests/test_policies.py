@@ -484,6 +484,7 @@ def test_train_policy_command_on_logged_rounds(tmp_path, capsys):
         (["generate", "hi", "--method", "pld", "--policy", "radar"], "--policy applies to --method eagle and rasd"),
         (["generate", "hi", "--method", "eagle", "--policy", "bogus"], "unknown policy 'bogus'"),
         (["log-rounds", "--sizes", "0,4"], "--sizes must be positive"),
+        (["log-rounds", "--trajectory", "beam"], "--trajectory must be greedy or sampled"),
         (["profile", "--repeats", "0"], "--repeats must be >= 1"),
     ],
 )
