@@ -49,12 +49,12 @@ def every_row(accept):
 def sampling_code(accept, draw, probs):
     """Decoding verifies with `accept` on `probs`, and sampled drafting (`dynamic_tree.sample_chain`) draws with
     `draw` from `probs`."""
-    kept = decode.accept_sampling, decode.target_probs, verify.sample_token, verify.target_probs
-    decode.accept_sampling, decode.target_probs, verify.sample_token, verify.target_probs = accept, probs, draw, probs
+    kept = decode.accept_sampling, verify.sample_token, verify.target_probs  # decoding's rows come through verify
+    decode.accept_sampling, verify.sample_token, verify.target_probs = accept, draw, probs
     try:
         yield
     finally:
-        decode.accept_sampling, decode.target_probs, verify.sample_token, verify.target_probs = kept
+        decode.accept_sampling, verify.sample_token, verify.target_probs = kept
 
 
 def draw_after_forward_us(target, draw, repeats: int = 40) -> float:

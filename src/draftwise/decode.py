@@ -11,7 +11,7 @@ from torch import Tensor
 
 from draftwise.drafters.base import DraftContext, Drafter, RoundResult
 from draftwise.target import TargetModel
-from draftwise.verify import Sampling, accept_greedy, accept_sampling, target_probs, top_two
+from draftwise.verify import Sampling, accept_greedy, accept_sampling, rows_on_demand, top_two
 
 
 @dataclass
@@ -118,8 +118,7 @@ def generate_tokens(
         if sampling.greedy:
             path, bonus = accept_greedy(tree, out.logits, best_next)
         else:
-            rows = lambda node, logits=out.logits: target_probs(logits[node], sampling)  # noqa: E731 - rows on the walk only
-            path, bonus = accept_sampling(tree, rows, generator)
+            path, bonus = accept_sampling(tree, rows_on_demand(out.logits, sampling), generator)
         t2 = time.perf_counter()
         target.commit(past, path)  # bookkeeping below counts as overhead
         new = tree.tokens[path[1:]].tolist() + [bonus]

@@ -40,6 +40,11 @@ def target_probs(logits: Tensor, sampling: Sampling) -> Tensor:
     return probs if sampling.top_p >= 1.0 else nucleus(probs, sampling.top_p)
 
 
+def rows_on_demand(logits: Tensor, sampling: Sampling) -> Callable[[int], Tensor]:
+    """A node's target row, computed when accept_sampling's walk reaches it (a round visits τ of N nodes)."""
+    return lambda node: target_probs(logits[node], sampling)
+
+
 def nucleus(probs: Tensor, top_p: float, heads: tuple[int, ...] = (256, 4096)) -> Tensor:
     """`probs` renormalised over each row's nucleus (the smallest set of the most likely tokens whose probability
     reaches `top_p`), zero elsewhere: top-p sampling. Each row sorts only its most likely `heads[i]` tokens, the
@@ -126,7 +131,7 @@ def accept_sampling(
             return path, sample_token(target, generator)
         # the target's row as children are rejected, never renormalised: a deterministic child's rejection
         # zeroes one entry and takes its weight off `mass`, in float64 (O(1), not two passes over the vocabulary)
-        residual, mass = target.clone(), float(target.double().sum())
+        residual, mass = target.clone(), float(target.sum(dtype=torch.float64))
         accepted = None
         for child in children[node]:
             token = int(tree.tokens[child])
@@ -142,9 +147,9 @@ def accept_sampling(
                 mass -= weight
             else:
                 residual = (residual / mass - q).clamp_min(0.0)
-                mass = float(residual.double().sum())
+                mass = float(residual.sum(dtype=torch.float64))
             if mass <= 1e-12:  # every token rejected, up to rounding (reached with that probability at most)
-                residual, mass = target.clone(), float(target.double().sum())
+                residual, mass = target.clone(), float(target.sum(dtype=torch.float64))
         if accepted is None:
             return path, sample_token(residual, generator)
         node = accepted

@@ -10,7 +10,9 @@ where one was made (`PerMode`).
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from draftwise.draft_head import DraftHead
@@ -64,10 +66,11 @@ class PerMode(TreePolicy):
         return self.greedy.query_s + self.sampling.query_s
 
 
-def with_sampling_fit(policy: TreePolicy, directory: Path, load) -> TreePolicy:
-    """`policy`, paired with its sampling fit where `directory` has one (`load(dir)` reads it; the temperature of
-    its rounds comes from the record `train-policy` left beside it, T = 1 where it names none)."""
-    fit_dir = directory / SAMPLING_FIT
+def load_fits(load: Callable[[Path], TreePolicy], directory: Path) -> TreePolicy:
+    """The policy `load` reads from `directory`, paired with its sampling fit where `directory` has one (the
+    temperature of that fit's rounds comes from the record `train-policy` left beside it, T = 1 where it names
+    none)."""
+    policy, fit_dir = load(directory), directory / SAMPLING_FIT
     if not fit_dir.is_dir():
         return policy
     sampling = load(fit_dir)
@@ -106,13 +109,11 @@ def make_policy(
     if name == "radar":
         from draftwise.policies.radar import RadarPolicy
 
-        directory = directory or policy_dir(model_name, compute)
-        return with_sampling_fit(RadarPolicy.load(directory, seed=seed), directory, RadarPolicy.load)
+        return load_fits(functools.partial(RadarPolicy.load, seed=seed), directory or policy_dir(model_name, compute))
     if name == "ltd":
         from draftwise.policies.ltd import LtdPolicy
 
-        directory = directory or policy_dir(model_name, compute)
-        return with_sampling_fit(LtdPolicy.load(directory), directory, LtdPolicy.load)
+        return load_fits(LtdPolicy.load, directory or policy_dir(model_name, compute))
     raise DraftwiseError(f"unknown policy '{name}'; choose one of {', '.join(POLICY_NAMES)}")
 
 

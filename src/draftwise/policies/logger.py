@@ -37,7 +37,7 @@ from draftwise.drafters.eagle import EagleDrafter, TreePolicy
 from draftwise.errors import DraftwiseError
 from draftwise.target import TargetModel
 from draftwise.tree import DraftTree
-from draftwise.verify import Sampling, accept_greedy, accept_sampling, target_probs
+from draftwise.verify import Sampling, accept_greedy, accept_sampling, rows_on_demand, target_probs
 
 DEFAULT_SIZES = (1, 2, 4, 6, 8, 10, 12, 16, 24, 32)  # verification sizes V (root included) the logs can answer for
 LOG_DEPTH, LOG_TOP_K = 8, 8
@@ -151,8 +151,7 @@ def log_generation(
         if sampled is None:
             path, bonus = accept_greedy(union, out.logits)
         else:
-            rows = out.logits
-            path, bonus = accept_sampling(union, lambda node: target_probs(rows[node], law), sampled)  # noqa: B023
+            path, bonus = accept_sampling(union, rows_on_demand(out.logits, law), sampled)
         if candidates is not None:
             record = round_record(candidates, union_index, out.logits, law, capture.context, drafter.top_k)
             record.update(accepted=len(path) - 1, last_accepted=last_accepted)

@@ -15,6 +15,7 @@ and with a CostModel, `seconds[L, V]`, the modelled round time. Policies are sim
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -131,17 +132,20 @@ class RoundSet:
         return np.asarray(cost.round_s(calls + 1, size, self.context, width=self.top_k, first_width=first))
 
 
+def logged_settings(directory: Path) -> dict:
+    """How `draftwise log-rounds` logged the rounds in `directory` (its meta.json)."""
+    return json.loads((Path(directory) / "meta.json").read_text())["settings"]
+
+
 def load_rounds(directory: Path) -> RoundSet:
     """Every Parquet part under `directory` (written by `draftwise log-rounds`) as one RoundSet."""
-    import json
-
     import pyarrow.parquet as pq
 
     directory = Path(directory)
     parts = sorted(directory.glob("part-*.parquet"))
     if not parts:
         raise DraftwiseError(f"no logged rounds in {directory}; run `draftwise log-rounds --out {directory}` first")
-    settings = json.loads((directory / "meta.json").read_text())["settings"]
+    settings = logged_settings(directory)
     return rounds_from_records(
         [row for part in parts for row in pq.read_table(part).to_pylist()],
         settings["top_k"],

@@ -27,7 +27,7 @@ from draftwise.drafters.eagle import EAGLE2_TREE
 from draftwise.errors import DraftwiseError
 from draftwise.policies import policy_dir
 from draftwise.policies.baselines import DEFAULT_THRESHOLD, heuristic_calls, threshold_calls
-from draftwise.policies.offline import RoundSet, best_fixed, fixed, headroom, load_rounds, simulate
+from draftwise.policies.offline import RoundSet, best_fixed, fixed, headroom, load_rounds, logged_settings, simulate
 from draftwise.profile import CostModel, default_cost_path
 
 
@@ -136,12 +136,6 @@ def train_ltd_command(args, train: RoundSet, validation: RoundSet, cost: CostMod
     report = evaluate(validation, cost, config, argmax_actor(policy.depth_actor), argmax_actor(policy.size_actor))
     stages = [{k: v for k, v in e.items() if k != "curve"} for e in log]
     return {"method": "ltd", "config": asdict(config), "steps": steps, "validation": report, "stages": stages}
-
-
-def logged_settings(rounds_dir: Path) -> dict:
-    """How the rounds were logged (`log-rounds`' meta.json), for the card: the text's law matters to the fit."""
-    meta = rounds_dir / "meta.json"
-    return json.loads(meta.read_text()).get("settings", {}) if meta.exists() else {}
 
 
 def write_card(out: Path, model: str) -> None:
