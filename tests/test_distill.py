@@ -68,3 +68,15 @@ def test_offset_skips_prompts_an_earlier_build_answered(tmp_path, monkeypatch):
     first, later = distill.sharegpt_prompts(4), distill.sharegpt_prompts(3, offset=4)
     assert first + later == distill.sharegpt_prompts(7)  # the same shuffle, continued
     assert main(["distill", "--offset", "-1"]) == 2
+
+
+def test_forced_mode_offset_reads_the_exchanges_an_earlier_build_did_not(tmp_path, monkeypatch):
+    from draftwise.training import distill
+
+    exchanges = [(f"question {i}", f"answer {i}") for i in range(10)]
+    read = []
+    monkeypatch.setattr(distill, "sharegpt_exchanges", lambda limit, seed=0: exchanges[:limit])
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: (None, None))
+    monkeypatch.setattr(distill, "build_forced_data", lambda m, t, pairs, *a, **k: read.extend(pairs) or len(pairs))
+    assert main(["distill", "--mode", "forced", "--offset", "4", "--limit", "3", "--out", str(tmp_path)]) == 0
+    assert read == exchanges[4:7]

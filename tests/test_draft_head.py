@@ -101,6 +101,11 @@ def test_train_draft_learns_and_resumes(tmp_path):
     train(args, target=target)
     tuned = [json.loads(line) for line in (tmp_path / "tuned" / "log.jsonl").read_text().splitlines()]
     assert tuned[0]["loss"] < 0.8 * log[0]["loss"]
+    # ... and the summary and card say where it started: the given head on the same held-out split
+    summary = json.loads((tmp_path / "tuned" / "summary.json").read_text())
+    trained = json.loads((tmp_path / "head" / "summary.json").read_text())["heldout_top1_per_step"]
+    assert summary["heldout_top1_before"] == pytest.approx(trained, abs=1e-3)
+    assert "Before fine-tuning" in (tmp_path / "tuned" / "head" / "README.md").read_text()
 
 
 def test_soft_labels_are_the_targets_own_distribution(tmp_path):

@@ -373,6 +373,7 @@ def train_stage(
     actor with the best validation tokens/s among the checkpoints after each rollout."""
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.logger import Logger
     from tqdm import tqdm
 
     DepthEnv, SizeEnv = _envs()
@@ -397,6 +398,7 @@ def train_stage(
         seed=seed,
         verbose=0,
     )
+    model.set_logger(Logger(folder=None, output_formats=[]))  # SB3's default makes an empty temp dir per run
 
     def extract() -> nn.Sequential:
         policy = model.policy

@@ -250,7 +250,7 @@ def cmd_distill(args) -> int:
         raise DraftwiseError(f"--feature-layers takes comma-separated integers, got {args.feature_layers!r}") from exc
     if args.mode == "forced":
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-        exchanges = sharegpt_exchanges(args.limit, args.seed)
+        exchanges = sharegpt_exchanges(args.offset + args.limit, args.seed)[args.offset :]
         count = build_forced_data(model, tokenizer, exchanges, Path(args.out), layers, shard_size=args.shard_size)
         print(f"{count} sequences in {args.out}")
         return 0
@@ -285,7 +285,7 @@ def register(subparsers) -> None:
     parser.add_argument("--prompts", default="sharegpt", help="'sharegpt' or a JSONL file ({'prompt'} or {'turns'})")
     parser.add_argument("--limit", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0, help="shuffles ShareGPT before --limit")
-    parser.add_argument("--offset", type=int, default=0, help="skip this many prompts first (generate mode)")
+    parser.add_argument("--offset", type=int, default=0, help="skip this many prompts (exchanges in forced mode) first")
     parser.add_argument("--out", default="runs/distill")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)

@@ -200,6 +200,11 @@ def train(args, target=None) -> Path:
     bar = tqdm(total=total_steps, initial=step, desc="train-draft", unit="step")
     started = time.perf_counter() - elapsed
     bf16 = uses_bf16(args.precision)
+    before = None
+    if args.init_head:  # the fine-tuning's baseline: the given head on this data's held-out split
+        head.eval()
+        before = evaluate(head, held_out, layer_index, target_to_draft, args.ttt_steps, bf16)
+        bar.write(f"before fine-tuning: held-out top-1 per step {[round(a, 3) for a in before]}")
     head.train()
     while step < total_steps:
         epoch, offset = divmod(step * args.accumulate, len(training))
@@ -250,6 +255,7 @@ def train(args, target=None) -> Path:
         "steps": step,
         "wall_time_s": round(elapsed, 1),
         "heldout_top1_per_step": [round(a, 4) for a in heldout],
+        **({"heldout_top1_before": [round(a, 4) for a in before]} if before else {}),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     head.save(out / "head", card=model_card(args, config, summary))
@@ -260,6 +266,8 @@ def train(args, target=None) -> Path:
 def model_card(args, config: DraftHeadConfig, summary: dict) -> str:
     params = sum(p.numel() for p in DraftHead(config).parameters())
     accuracy = ", ".join(f"step {k}: {a:.1%}" for k, a in enumerate(summary["heldout_top1_per_step"]))
+    before = summary.get("heldout_top1_before")
+    before = f" Before fine-tuning: {', '.join(f'{a:.1%}' for a in before)}." if before else ""
     return f"""# Draft head for {args.model}
 
 EAGLE-3-style head: target features at layers {list(config.feature_layers)} fused by one linear layer, paired with
@@ -274,7 +282,7 @@ the next token's embedding (the target's, not stored here), one decoder layer, a
   --soft-labels {args.soft_labels}{f" --init-head {args.init_head}" if args.init_head else ""}`;
   {summary["steps"]} optimizer steps of
   {args.accumulate} sequences, {summary["wall_time_s"] / 60:.0f} minutes on this machine's CPU.
-- Held-out top-1 accuracy of the unrolled predictions (training-time test): {accuracy}.
+- Held-out top-1 accuracy of the unrolled predictions (training-time test): {accuracy}.{before}
 """
 
 
