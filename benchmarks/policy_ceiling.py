@@ -79,6 +79,14 @@ def two_stage_table(
     return stage0, stage1
 
 
+def two_stage_choice(
+    stage0: dict[int, int | None], stage1: dict[tuple[int, int], int], b0: int, b1: int, fallback: int
+) -> int:
+    """A round's column under `two_stage_table`'s tables; bins the training folds never saw get `fallback`."""
+    stop = stage0.get(b0, fallback)  # None: this root bin pays for the call
+    return stop if stop is not None else stage1.get((b0, b1), fallback)
+
+
 def accelerator_like(cost: CostModel, tree_64: float, head: float) -> CostModel:
     """`cost` with a near-flat verify curve and a cheap head, scaled from its one-token forward at no context."""
     step = cost.verify(1, 0)
@@ -149,9 +157,7 @@ def main() -> None:
             tokens[train], seconds[train], first[train], second[train], stop_columns, go_columns
         )
         picked["two-stage: root, then best after one call"][held] = [
-            stage0.get(int(b0), fixed_column)
-            if stage0.get(int(b0), fixed_column) is not None
-            else stage1.get((int(b0), int(b1)), fixed_column)
+            two_stage_choice(stage0, stage1, int(b0), int(b1), fixed_column)
             for b0, b1 in zip(first[held], second[held], strict=True)
         ]
 

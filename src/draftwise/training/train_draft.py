@@ -173,17 +173,21 @@ def train(args, target=None) -> Path:
         optimizer,
         lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total_steps))),
     )
-    step, elapsed = 0, 0.0
+    target_to_draft = torch.full((config.target_vocab_size,), -1, dtype=torch.long)
+    target_to_draft[head.draft_to_target] = torch.arange(config.draft_vocab_size)
+    bf16 = uses_bf16(args.precision)
+    step, elapsed, before = 0, 0.0, None
     checkpoint = out / "checkpoint.pt"
     if checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False)
         head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        step, elapsed = state["step"], state["elapsed_s"]
+        step, elapsed, before = state["step"], state["elapsed_s"], state.get("before")
         print(f"resuming from step {step}")
-    target_to_draft = torch.full((config.target_vocab_size,), -1, dtype=torch.long)
-    target_to_draft[head.draft_to_target] = torch.arange(config.draft_vocab_size)
+    elif args.init_head:  # the fine-tuning's baseline: the given head on this data's held-out split
+        before = evaluate(head.eval(), held_out, layer_index, target_to_draft, args.ttt_steps, bf16)
+        print(f"before fine-tuning: held-out top-1 per step {[round(a, 3) for a in before]}")
 
     def save_checkpoint() -> None:
         state = {
@@ -192,6 +196,7 @@ def train(args, target=None) -> Path:
             "schedule": schedule.state_dict(),
             "step": step,
             "elapsed_s": elapsed,
+            "before": before,
         }
         torch.save(state, str(checkpoint) + ".tmp")
         Path(str(checkpoint) + ".tmp").rename(checkpoint)
@@ -199,12 +204,6 @@ def train(args, target=None) -> Path:
     log = (out / "log.jsonl").open("a")
     bar = tqdm(total=total_steps, initial=step, desc="train-draft", unit="step")
     started = time.perf_counter() - elapsed
-    bf16 = uses_bf16(args.precision)
-    before = None
-    if args.init_head:  # the fine-tuning's baseline: the given head on this data's held-out split
-        head.eval()
-        before = evaluate(head, held_out, layer_index, target_to_draft, args.ttt_steps, bf16)
-        bar.write(f"before fine-tuning: held-out top-1 per step {[round(a, 3) for a in before]}")
     head.train()
     while step < total_steps:
         epoch, offset = divmod(step * args.accumulate, len(training))
