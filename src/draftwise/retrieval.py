@@ -13,6 +13,7 @@ standard library's source, or a JSONL file.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import sysconfig
@@ -194,8 +195,7 @@ def build_datastore(
     from pydivsufsort import divsufsort
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / META_FILE).exists():
-        raise DraftwiseError(f"'{out}' exists and is not a datastore; choose another --out")
+    check_replaceable(out)
     began = time.perf_counter()
     separator = vocab_size
     dtype = np.uint16 if separator < 2**16 else np.int32
@@ -220,27 +220,65 @@ def build_datastore(
     suffix_array = suffix_array.astype(np.int32 if tokens.size < 2**31 else np.int64, copy=False)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    np.save(staging / TOKENS_FILE, tokens)
-    np.save(staging / SUFFIX_ARRAY_FILE, suffix_array)
-    meta = {
-        **(meta or {}),
-        "vocab_size": vocab_size,
-        "separator": separator,
-        "dtype": np.dtype(dtype).name,
-        "num_tokens": int(total),
-        "num_sequences": count,
-        "bytes": {
-            "tokens": (staging / TOKENS_FILE).stat().st_size,
-            "suffix_array": (staging / SUFFIX_ARRAY_FILE).stat().st_size,
-        },
-        "build_seconds": round(time.perf_counter() - began, 3),
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    (staging / META_FILE).write_text(json.dumps(meta, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    try:
+        np.save(staging / TOKENS_FILE, tokens)
+        np.save(staging / SUFFIX_ARRAY_FILE, suffix_array)
+        meta = {
+            **(meta or {}),
+            "vocab_size": vocab_size,
+            "separator": separator,
+            "dtype": np.dtype(dtype).name,
+            "num_tokens": int(total),
+            "num_sequences": count,
+            "bytes": {
+                "tokens": (staging / TOKENS_FILE).stat().st_size,
+                "suffix_array": (staging / SUFFIX_ARRAY_FILE).stat().st_size,
+            },
+            "build_seconds": round(time.perf_counter() - began, 3),
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (staging / META_FILE).write_text(json.dumps(meta, indent=2))
+        for name in (TOKENS_FILE, SUFFIX_ARRAY_FILE, META_FILE):
+            with open(staging / name, "rb") as f:
+                os.fsync(f.fileno())
+        check_replaceable(out)  # again: the directory may have changed during the sort
+        replace_directory(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # no half-written datastore is left behind
+        raise
     return meta
+
+
+def is_datastore(directory: Path) -> bool:
+    """A directory holding exactly a datastore's files, with a meta.json that says so."""
+    if not directory.is_dir() or {p.name for p in directory.iterdir()} != {TOKENS_FILE, SUFFIX_ARRAY_FILE, META_FILE}:
+        return False
+    try:
+        meta = json.loads((directory / META_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(meta, dict) and {"separator", "num_tokens", "vocab_size"} <= meta.keys()
+
+
+def check_replaceable(out: Path) -> None:
+    """Only an empty directory or an older datastore may be replaced: distill and log-rounds directories have a
+    meta.json too, and their data must never be deleted."""
+    if out.exists() and not out.is_dir():
+        raise DraftwiseError(f"'{out}' exists and is not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not is_datastore(out):
+        raise DraftwiseError(f"'{out}' exists and is not a datastore (its files would be lost); choose another --out")
+
+
+def replace_directory(staging: Path, out: Path) -> None:
+    """Move `staging` to `out`. An older `out` is renamed aside first and deleted only once the new one is in
+    place, so a crash at any point leaves the old or the new datastore whole (the old under `.old-*`)."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=out.name + ".old-", dir=out.parent))
+        os.rename(out, old / out.name)
+    os.rename(staging, out)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 # --- corpora -------------------------------------------------------------------------------------------
