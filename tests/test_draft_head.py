@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_llama
 
 from draftwise.draft_head import DraftHead, DraftHeadConfig, KVCache
+from draftwise.errors import DraftwiseError
 from draftwise.kernels import avx512_kernel
 from draftwise.lean import quantize_draft_linears
 
@@ -96,6 +97,10 @@ def test_train_draft_learns_and_resumes(tmp_path):
     train(args, target=target)
     log = [json.loads(line) for line in (tmp_path / "head" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log[30:]] == list(range(31, 36))
+    args.lr = 1e-3  # ... but not with another learning rate: that would be another run under the same name
+    with pytest.raises(DraftwiseError, match="--lr 0.003 then, 0.001 now"):
+        train(args, target=target)
+    args.lr = 3e-3
     # fine-tuning starts where the trained head is, not where the target's layer starts
     args.init_head, args.out, args.epochs = str(tmp_path / "head" / "head"), str(tmp_path / "tuned"), 1
     train(args, target=target)
@@ -177,3 +182,18 @@ def test_the_packed_layer_step_is_the_ops_step(head_and_data):
         results.append((*first, *second, cache.data[:, :, : cache.length].clone()))
     for fused, ops in zip(*results, strict=True):
         torch.testing.assert_close(fused, ops, atol=1e-4, rtol=1e-4)
+
+
+class Planted:
+    def __reduce__(self):
+        return (print, ("planted code ran",))
+
+
+def test_resuming_never_runs_code_from_a_checkpoint(tmp_path, capsys):
+    """checkpoint.pt is read with weights_only: a planted pickle is refused with one clear line, not run."""
+    from draftwise.training.train_draft import load_checkpoint
+
+    torch.save({"head": Planted()}, tmp_path / "checkpoint.pt")
+    with pytest.raises(DraftwiseError, match="cannot resume from"):
+        load_checkpoint(tmp_path / "checkpoint.pt", None)
+    assert "planted code ran" not in capsys.readouterr().out

@@ -13,11 +13,8 @@ standard library's source, or a JSONL file.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 import sysconfig
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,6 +26,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from draftwise.errors import DraftwiseError
+from draftwise.files import atomic_directory
 from draftwise.tree import DraftTree
 
 TOKENS_FILE, SUFFIX_ARRAY_FILE, META_FILE = "tokens.npy", "suffix_array.npy", "meta.json"
@@ -218,9 +216,7 @@ def build_datastore(
     print(f"sorting {tokens.size:,} suffixes ...", file=sys.stderr, flush=True)
     suffix_array = divsufsort(tokens)
     suffix_array = suffix_array.astype(np.int32 if tokens.size < 2**31 else np.int64, copy=False)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
+    with atomic_directory(out) as staging:
         np.save(staging / TOKENS_FILE, tokens)
         np.save(staging / SUFFIX_ARRAY_FILE, suffix_array)
         meta = {
@@ -238,14 +234,7 @@ def build_datastore(
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (staging / META_FILE).write_text(json.dumps(meta, indent=2))
-        for name in (TOKENS_FILE, SUFFIX_ARRAY_FILE, META_FILE):
-            with open(staging / name, "rb") as f:
-                os.fsync(f.fileno())
         check_replaceable(out)  # again: the directory may have changed during the sort
-        replace_directory(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # no half-written datastore is left behind
-        raise
     return meta
 
 
@@ -267,18 +256,6 @@ def check_replaceable(out: Path) -> None:
         raise DraftwiseError(f"'{out}' exists and is not a directory; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not is_datastore(out):
         raise DraftwiseError(f"'{out}' exists and is not a datastore (its files would be lost); choose another --out")
-
-
-def replace_directory(staging: Path, out: Path) -> None:
-    """Move `staging` to `out`. An older `out` is renamed aside first and deleted only once the new one is in
-    place, so a crash at any point leaves the old or the new datastore whole (the old under `.old-*`)."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=out.name + ".old-", dir=out.parent))
-        os.rename(out, old / out.name)
-    os.rename(staging, out)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 # --- corpora -------------------------------------------------------------------------------------------
