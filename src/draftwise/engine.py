@@ -248,6 +248,8 @@ class Engine:
         generator = torch.Generator()  # per generation, so the global RNG is never touched
         if seed is None:
             generator.seed()
+        elif not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
+            raise DraftwiseError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
         else:
             generator.manual_seed(seed)
         self.target.feature_layers = drafter.feature_layers

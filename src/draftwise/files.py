@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from draftwise.errors import DraftwiseError
+
 
 def fsync_tree(directory: Path) -> None:
     """Flush every file under `directory` to disk, so that a rename after it never publishes empty files."""
@@ -54,3 +56,13 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_user_text(path: str | Path, what: str = "file") -> str:
+    """A file a user named, as UTF-8 text, or one clear error saying why not."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DraftwiseError(f"{what} {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
+    except OSError as exc:
+        raise DraftwiseError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc

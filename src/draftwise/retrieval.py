@@ -296,17 +296,21 @@ def text_corpus(texts: Iterable[str], tokenizer, total: int | None, desc: str, u
 
 
 def jsonl_texts(path: Path) -> Iterator[str]:
-    with path.open() as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise DraftwiseError(f'{path}:{number}: expected a JSON object with a "text" field') from exc
-            if not isinstance(text, str):
-                raise DraftwiseError(f'{path}:{number}: "text" must be a string')
-            yield text
+    number = 0
+    with path.open(encoding="utf-8") as lines:
+        try:
+            for number, line in enumerate(lines, 1):  # noqa: B007 (the error names the line)
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise DraftwiseError(f'{path}:{number}: expected a JSON object with a "text" field') from exc
+                if not isinstance(text, str):
+                    raise DraftwiseError(f'{path}:{number}: "text" must be a string')
+                yield text
+        except UnicodeDecodeError as exc:
+            raise DraftwiseError(f"{path} is not UTF-8 text (near line {number + 1}: {exc.reason})") from exc
 
 
 # --- CLI ----------------------------------------------------------------------------------------------------
