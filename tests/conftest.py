@@ -86,6 +86,10 @@ def greedy_reference(model, prompt: list[int], max_new_tokens: int) -> list[int]
     return run(model, NoDraft(), prompt, max_new_tokens)[0]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a test that takes over ~10 s (subprocesses, builds); -m 'not slow' skips")
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     return tiny_llama()
