@@ -13,6 +13,8 @@ import base64
 import hashlib
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,10 +79,17 @@ DRIVER = f"SPEC = {(PACKAGE, VERSION, MODULE, GGUF)!r}\n" + textwrap.dedent(
     """
 )
 
-# A small C++ extension (pybind11 only, ~10 s to build) standing in for csrc/*.cpp.
-TINY_KERNEL = """#include <pybind11/pybind11.h>
+# Small C++ extensions standing in for csrc/*.cpp: pybind11 only (~10 s to build), and the bare C API (~2 s).
+PYBIND_KERNEL = """#include <pybind11/pybind11.h>
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("add_one", [](long n) { return n + 1; }); }
+"""
+C_API_KERNEL = """#include <Python.h>
+
+static PyObject* add_one(PyObject*, PyObject* n) { return PyLong_FromLong(PyLong_AsLong(n) + 1); }
+static PyMethodDef methods[] = {{"add_one", add_one, METH_O, nullptr}, {nullptr, nullptr, 0, nullptr}};
+static PyModuleDef module = {PyModuleDef_HEAD_INIT, "draftwise_tiny", nullptr, -1, methods};
+PyMODINIT_FUNC PyInit_draftwise_tiny(void) { return PyModule_Create(&module); }
 """
 
 
@@ -369,7 +378,7 @@ def test_a_held_lock_times_out_with_an_error_naming_it(cache, monkeypatch):
     try:
         assert holder.stdout.readline() == b"held\n"
         monkeypatch.setenv("DRAFTWISE_LOCK_TIMEOUT", "1")
-        with pytest.raises(DraftwiseError, match=str(lock)):
+        with pytest.raises(DraftwiseError, match=re.escape(str(lock))):
             models.ensure_embedded("fake")
     finally:
         holder.kill()
@@ -392,15 +401,32 @@ def test_a_killed_lock_holder_does_not_block(tmp_path):
     assert time.perf_counter() - began < 1
 
 
+def test_publish_dir_keeps_the_first_and_removes_the_second(tmp_path):
+    """Without the lock too (a direct _convert_gguf), the second of two renames keeps the first's directory."""
+    from draftwise.cachefiles import publish_dir
+
+    final, staged = tmp_path / "model", tmp_path / "model.staging-x"
+    for directory, text in [(final, "first"), (staged, "second")]:
+        directory.mkdir()
+        (directory / "config.json").write_text(text)
+    assert publish_dir(staged, final) is False
+    assert (final / "config.json").read_text() == "first" and not staged.exists()
+
+
 # --- conversion ----------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def downloaded(tmp_path, wheelhouse) -> Path:
-    """A cache whose GGUF is downloaded (by a subprocess, as a user's first run would)."""
-    cache = tmp_path / "cache"
+@pytest.fixture(scope="module")
+def downloaded_once(tmp_path_factory, wheelhouse) -> Path:
+    cache = tmp_path_factory.mktemp("downloaded") / "cache"
     run_step("download", driver_env(cache, wheelhouse), timeout=120)
     return cache
+
+
+@pytest.fixture
+def downloaded(tmp_path, downloaded_once) -> Path:
+    """A cache whose GGUF is downloaded (by a subprocess, as a user's first run would)."""
+    return Path(shutil.copytree(downloaded_once, tmp_path / "cache"))
 
 
 def converted_ok(cache: Path) -> bool:
@@ -449,11 +475,10 @@ def test_conversion_killed_at_a_random_moment(tmp_path, downloaded):
 # --- kernels -------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def kernel_source(tmp_path) -> Path:
-    directory = tmp_path / "csrc"
+def write_kernel_source(directory: Path, text: str) -> Path:
+    """A csrc directory holding tiny.cpp (built as the extension draftwise_tiny)."""
     directory.mkdir()
-    (directory / "tiny.cpp").write_text(TINY_KERNEL)
+    (directory / "tiny.cpp").write_text(text)
     return directory
 
 
@@ -462,25 +487,27 @@ def torch_locks(cache: Path) -> list[Path]:
 
 
 @slow
-def test_kernel_build_killed_while_compiling_does_not_hang_the_next_run(tmp_path, kernel_source):
+def test_kernel_build_killed_while_compiling_does_not_hang_the_next_run(tmp_path):
+    csrc = write_kernel_source(tmp_path / "csrc", C_API_KERNEL)
     cache = tmp_path / "cache"
-    process = start("kernel", driver_env(cache), str(kernel_source))
+    process = start("kernel", driver_env(cache), str(csrc))
     deadline = time.monotonic() + 120
     while not torch_locks(cache):  # torch's build lock exists exactly while it compiles
         assert process.poll() is None and time.monotonic() < deadline, "the build ended before it could be killed"
         time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    _, out = run_step("kernel", driver_env(cache), str(kernel_source), timeout=120)
+    _, out = run_step("kernel", driver_env(cache), str(csrc), timeout=120)
     assert out.strip() == "42" and leftovers(cache) == [] and torch_locks(cache) == []
 
 
 @slow
-def test_kernel_build_killed_at_a_random_moment(tmp_path, kernel_source):
-    clean, _ = run_step("kernel", driver_env(tmp_path / "clean"), str(kernel_source), timeout=180)
+def test_kernel_build_killed_at_a_random_moment(tmp_path):
+    csrc = write_kernel_source(tmp_path / "csrc", PYBIND_KERNEL)
+    clean, _ = run_step("kernel", driver_env(tmp_path / "clean"), str(csrc), timeout=180)
     cache = tmp_path / "cache"
     delay = random.uniform(0, clean)
-    kill_after("kernel", driver_env(cache), delay, str(kernel_source))
-    rerun, out = run_step("kernel", driver_env(cache), str(kernel_source), timeout=clean + RERUN_MARGIN_S + 60)
+    kill_after("kernel", driver_env(cache), delay, str(csrc))
+    rerun, out = run_step("kernel", driver_env(cache), str(csrc), timeout=clean + RERUN_MARGIN_S + 60)
     assert out.strip() == "42" and leftovers(cache) == []
     report("kernel build", clean, rerun, delay)
