@@ -242,7 +242,7 @@ def ensure_embedded(name: str) -> Path:
         if _is_converted(out_dir):
             return out_dir
         remove_leftovers(out_dir.parent, f".{name}.*")  # the staging of a killed conversion
-        remove_leftovers(out_dir.parent, f"{name}.*")  # the same, left by draftwise before 0.2
+        remove_leftovers(out_dir.parent, f"{name}.*")  # the same, as an older draftwise named it
         _convert_gguf(embedded_gguf(name), out_dir)
     return out_dir
 
