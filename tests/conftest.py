@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from draftwise.decode import GenerationStats, generate_tokens
-from draftwise.drafters.base import Drafter, NoDraft
-from draftwise.target import TargetModel
-from draftwise.verify import Sampling
+from draftwise.core.decode import GenerationStats, generate_tokens
+from draftwise.core.drafter import Drafter, NoDraft
+from draftwise.core.verify import Sampling
+from draftwise.targets.hf import TargetModel
 
 
 def tiny_llama(
@@ -69,8 +69,8 @@ def run(
 def tiny_eagle(model, draft_vocab: int | None = None, seed: int = 0, **options):
     """An EagleDrafter with a random head over the target's layers 0, 1 and final; a reduced draft vocabulary
     (every other token) exercises the id mapping and q's zeros outside it."""
-    from draftwise.draft_head import DraftHead, DraftHeadConfig
     from draftwise.drafters.eagle import EagleDrafter
+    from draftwise.heads.model import DraftHead, DraftHeadConfig
 
     torch.manual_seed(seed)
     vocab = model.config.vocab_size

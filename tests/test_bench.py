@@ -9,15 +9,15 @@ import pytest
 from conftest import tiny_llama
 from transformers import AutoTokenizer
 
-from draftwise.bench import parse_method_options, parse_methods
 from draftwise.bench.datasets import Question, interleave_categories, load_questions
 from draftwise.bench.metrics import aggregate, assign_verdicts, first_difference, tie_epsilon
 from draftwise.bench.plots import load_profile
 from draftwise.bench.report import render_report
 from draftwise.bench.runner import PEERS, Settings, run_benchmark, run_engine, run_question, turn_record
 from draftwise.cli import main
-from draftwise.errors import DraftwiseError
-from draftwise.verify import compare_greedy
+from draftwise.cli.bench import parse_method_options, parse_methods
+from draftwise.core.errors import DraftwiseError
+from draftwise.core.verify import compare_greedy
 
 
 def test_first_difference():
@@ -256,7 +256,7 @@ def test_run_benchmark_rotates_methods_and_keeps_errors():
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A random 2-layer llama with SmolLM2's tokenizer and chat template, so the normal CLI path loads it."""
-    from draftwise.models import resolve_model
+    from draftwise.targets.models import resolve_model
 
     path = tmp_path_factory.mktemp("tiny-llama")
     tiny_llama(49152, max_positions=512, peaked=False).save_pretrained(path)

@@ -6,8 +6,8 @@ import pytest
 from conftest import tiny_llama
 from transformers import AutoTokenizer
 
-from draftwise import models
 from draftwise.cli import main
+from draftwise.targets import models
 
 
 @pytest.fixture(scope="module")

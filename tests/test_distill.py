@@ -8,8 +8,8 @@ import pytest
 from conftest import tiny_llama
 from transformers import AutoTokenizer
 
-from draftwise import models
 from draftwise.cli import main
+from draftwise.targets import models
 from draftwise.training.distill import _decode_truncated_json_array, build_distill_data, load_distill_data
 
 

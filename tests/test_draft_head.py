@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from draftwise.draft_head import DraftHead, DraftHeadConfig, KVCache
-from draftwise.kernels import avx512_kernel
-from draftwise.lean import quantize_draft_linears
+from draftwise.core.kernels import avx512_kernel
+from draftwise.heads.model import DraftHead, DraftHeadConfig, KVCache
+from draftwise.targets.lean.model import quantize_draft_linears
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_train_draft_learns_and_resumes(tmp_path):
 
     from transformers import AutoTokenizer
 
-    from draftwise import models
+    from draftwise.targets import models
     from draftwise.training.distill import build_distill_data
     from draftwise.training.train_draft import train
 
@@ -115,7 +115,7 @@ def test_soft_labels_are_the_targets_own_distribution(tmp_path):
 
     from transformers import AutoTokenizer
 
-    from draftwise import models
+    from draftwise.targets import models
     from draftwise.training.distill import build_distill_data, load_distill_data
     from draftwise.training.train_draft import SoftLabels, train
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from draftwise.kernels import SmallBatchLinear, use_small_batch_linear
+from draftwise.core.kernels import SmallBatchLinear, use_small_batch_linear
 
 
 @pytest.mark.parametrize("rows", [1, 2, 7, 16, 48, 49, 130])

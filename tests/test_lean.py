@@ -11,12 +11,15 @@ import torch
 from conftest import run, tiny_eagle, tiny_llama
 from test_lossless import OracleDrafter, RandomDrafter
 
-from draftwise.drafters.base import NoDraft
+from draftwise.core.drafter import NoDraft
+from draftwise.core.errors import DraftwiseError
+from draftwise.core.kernels import avx512_kernel, grid_kernel
+from draftwise.core.tree import DraftTree
+from draftwise.core.verify import NEAR_TIE_EPSILON, compare_greedy
 from draftwise.drafters.eagle import EagleDrafter
 from draftwise.engine import choose_engine
-from draftwise.errors import DraftwiseError
-from draftwise.kernels import avx512_kernel, grid_kernel
-from draftwise.lean import (
+from draftwise.targets.hf import TargetModel
+from draftwise.targets.lean.model import (
     GridLinear,
     Int4Groups,
     LeanTarget,
@@ -25,9 +28,6 @@ from draftwise.lean import (
     lean_supported,
     quantize_draft_linears,
 )
-from draftwise.target import TargetModel
-from draftwise.tree import DraftTree
-from draftwise.verify import NEAR_TIE_EPSILON, compare_greedy
 
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]
 
@@ -101,7 +101,7 @@ def test_int4_groups_only_where_exact_and_same_product():
 @pytest.mark.parametrize("native", [True, False])
 def test_int4_dense_copy_follows_the_cpu(monkeypatch, native):
     """Where bf16 is emulated (AVX2) the dense copy for prefills is fp32 and the Q8_0 LM head stays int4 longer."""
-    monkeypatch.setattr("draftwise.lean.cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr("draftwise.targets.lean.model.cpu_has_native_bf16", lambda: native)
     layer = Int4Groups.exact(on_4bit_grid(torch.randn(64, 128), seed=2))
     assert layer.dense.dtype == (torch.bfloat16 if native else torch.float32)
     assert layer.max_rows == Int4Groups.MAX_ROWS[native][1]
@@ -124,7 +124,8 @@ def test_speculation_on_4bit_weights_equals_its_own_plain_decoding(compute, monk
     if kernel is not None and kernel() is None:
         pytest.skip(f"{compute} needs a kernel this CPU cannot run")
     if compute == "float32+int4":
-        monkeypatch.setattr("draftwise.lean.avx512_kernel", lambda: None)  # the AVX2 kernel even where VNNI is
+        # the AVX2 kernel even where VNNI is
+        monkeypatch.setattr("draftwise.targets.lean.model.avx512_kernel", lambda: None)
     model = quantized_llama()
 
     def lean_int4(m, layers=()):
@@ -193,8 +194,8 @@ def test_grid_kernel_is_exact_and_gives_each_row_the_same_bits(grid):
 
 
 def test_without_the_grid_kernels_fp32_weights_stay_dense(monkeypatch):
-    monkeypatch.setattr("draftwise.lean.grid_kernel", lambda: None)
-    monkeypatch.setattr("draftwise.lean.avx512_kernel", lambda: None)
+    monkeypatch.setattr("draftwise.targets.lean.model.grid_kernel", lambda: None)
+    monkeypatch.setattr("draftwise.targets.lean.model.avx512_kernel", lambda: None)
     target = LeanTarget(quantized_llama(), dtype=torch.float32, int4=True)
     assert target.dtype_name == "float32"
 
@@ -297,7 +298,7 @@ def test_fused_decoder_layer_is_the_layer_and_gives_each_row_the_same_bits():
 
 def test_verify_cost_grows_with_the_context_it_is_asked_at():
     """Timed at 128 and 1,024 tokens, the cost at 1,500 extrapolates both the step and the per-node cost."""
-    from draftwise.lean import context_verify_cost
+    from draftwise.targets.lean.model import context_verify_cost
 
     length = [0]
     cost = context_verify_cost([(128, 0.006, 0.0004), (1024, 0.008, 0.0012)], lambda: length[0])
@@ -315,7 +316,7 @@ def test_huge_page_copies_hold_the_same_tensors(monkeypatch):
     hands the tensors back untouched."""
     import mmap
 
-    from draftwise.lean import in_huge_pages
+    from draftwise.targets.lean.model import in_huge_pages
 
     tensors = [torch.randn(3, 5), torch.randint(0, 255, (7, 64), dtype=torch.uint8), torch.randn(9).half()]
     copies, arena = in_huge_pages(tensors)

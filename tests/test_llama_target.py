@@ -10,12 +10,12 @@ pytest.importorskip("llama_cpp", reason="the llama engine needs `pip install 'dr
 
 from test_lossless import OracleDrafter, RandomDrafter  # noqa: E402
 
-from draftwise.decode import GenerationStats, generate_tokens  # noqa: E402
-from draftwise.drafters.base import NoDraft  # noqa: E402
+from draftwise.core.decode import GenerationStats, generate_tokens  # noqa: E402
+from draftwise.core.drafter import NoDraft  # noqa: E402
+from draftwise.core.tree import DraftTree  # noqa: E402
+from draftwise.core.verify import Sampling  # noqa: E402
 from draftwise.drafters.pld import PromptLookup  # noqa: E402
 from draftwise.engine import llama_parts  # noqa: E402
-from draftwise.tree import DraftTree  # noqa: E402
-from draftwise.verify import Sampling  # noqa: E402
 
 pytestmark = pytest.mark.real_model
 
@@ -98,7 +98,7 @@ def test_speculative_equals_plain_decoding_on_llama_cpp(llama, make_drafter):
 
 def test_flushing_parked_nodes_keeps_the_output(llama, monkeypatch):
     """Rebuilding the cache once rejected nodes pile up (here after every few) changes nothing."""
-    import draftwise.llama_target as llama_target
+    import draftwise.targets.llama_cpp as llama_target
 
     target, prompt = llama
     plain, _ = generate(target, NoDraft(), prompt, max_new_tokens=32)
@@ -112,7 +112,7 @@ def test_models_load_without_the_amx_repack_on_amx_cpus():
     and wrapping the defaults twice wraps them once."""
     import llama_cpp
 
-    from draftwise.llama_target import _without_amx_repack
+    from draftwise.targets.llama_cpp import _without_amx_repack
 
     _without_amx_repack(llama_cpp)
     wrapped = llama_cpp.llama_cpp.llama_model_default_params

@@ -8,15 +8,15 @@ import torch
 from conftest import greedy_reference, run, tiny_eagle, tiny_llama
 from scipy.stats import chisquare
 
-from draftwise.drafters.base import DraftContext, Drafter, NoDraft
+from draftwise.core.drafter import DraftContext, Drafter, NoDraft
+from draftwise.core.tree import DraftTree
+from draftwise.core.verify import Sampling
 from draftwise.drafters.draft_model import DraftModel
 from draftwise.drafters.pld import PromptLookup, PromptLookupRetriever
 from draftwise.drafters.rasd import FittedGate, RasdDrafter
-from draftwise.lean import LeanTarget
-from draftwise.retrieval import Retrieved
-from draftwise.target import TargetModel
-from draftwise.tree import DraftTree
-from draftwise.verify import Sampling
+from draftwise.drafters.retrieval import Retrieved
+from draftwise.targets.hf import TargetModel
+from draftwise.targets.lean.model import LeanTarget
 
 
 class RandomDrafter(Drafter):
@@ -187,7 +187,7 @@ SAMPLING_CASES = [Sampling(1.0), Sampling(0.7, top_k=5), Sampling(1.3, top_p=0.8
 
 def exact_two_token_law(model, prompt: list[int], sampling: Sampling) -> torch.Tensor:
     """P(first two new tokens) under plain sampling, by enumeration over the (small) vocabulary."""
-    from draftwise.verify import target_probs
+    from draftwise.core.verify import target_probs
 
     vocab = model.config.vocab_size
     with torch.no_grad():

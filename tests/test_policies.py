@@ -1,4 +1,4 @@
-"""Tree policies (draftwise.policies) and the cost model (draftwise.profile): every policy stays lossless, the
+"""Tree policies (draftwise.policies) and the cost model (draftwise.policies.cost): every policy stays lossless, the
 round logger's offline acceptance equals what the truncated trees really accept, the cost fit recovers a known
 curve, RADAR and LTD training improve their objective on a synthetic log, and the CLI fails cleanly."""
 
@@ -14,14 +14,16 @@ import torch
 from conftest import greedy_reference, run, tiny_eagle, tiny_llama
 from scipy.stats import chisquare
 
-from draftwise.drafters.base import Drafter
+from draftwise.core.drafter import Drafter
+from draftwise.core.tree import DraftTree
+from draftwise.core.verify import Sampling, accept_greedy, accept_sampling, target_probs
 from draftwise.drafters.dynamic_tree import candidate_tree
 from draftwise.drafters.eagle import TreePolicy
 from draftwise.policies import TreeEagleDrafter
 from draftwise.policies.baselines import ConfidenceThreshold, HeuristicSchedule, heuristic_calls, threshold_calls
-from draftwise.policies.logger import log_generation, prefix_size
-from draftwise.policies.ltd import LtdConfig, LtdPolicy, actors, train_ltd
-from draftwise.policies.offline import (
+from draftwise.policies.cost import CostModel, PiecewiseLinear
+from draftwise.policies.learn.logger import log_generation, prefix_size
+from draftwise.policies.learn.offline import (
     RoundSet,
     best_choices,
     best_fixed,
@@ -31,11 +33,9 @@ from draftwise.policies.offline import (
     simulate,
     truncation_table,
 )
+from draftwise.policies.ltd import LtdConfig, LtdPolicy, actors, train_ltd
 from draftwise.policies.radar import RadarConfig, RadarNet, RadarPolicy, evaluate, train_radar
-from draftwise.profile import CostModel, PiecewiseLinear
-from draftwise.target import TargetModel
-from draftwise.tree import DraftTree
-from draftwise.verify import Sampling, accept_greedy, accept_sampling, target_probs
+from draftwise.targets.hf import TargetModel
 
 TOP_K, DEPTH = 3, 4
 
@@ -280,8 +280,8 @@ def test_cost_fit_recovers_a_known_curve(tmp_path):
 def test_in_place_fit_recovers_what_rounds_add(tiny_model):
     """Generations record every round's shape and wall time; the in-place fit recovers the overhead, per-call and
     per-node extras that real rounds add to an isolated cost model, and drops a term that would fit negative."""
-    from draftwise.decode import GenerationStats
-    from draftwise.profile import fit_in_place
+    from draftwise.core.decode import GenerationStats
+    from draftwise.policies.cost import fit_in_place
 
     _, stats = run(tiny_model, tiny_eagle(tiny_model, depth=2, total_tokens=6), [5, 9, 11, 3], 20)
     assert len(stats.round_s) == len(stats.round_verified) == stats.rounds
@@ -316,7 +316,7 @@ def test_in_place_fit_recovers_what_rounds_add(tiny_model):
 
 
 def test_profile_measurements_on_a_tiny_model(tiny_model):
-    from draftwise.profile import measure_head, measure_verify
+    from draftwise.policies.cost import measure_head, measure_verify
 
     verify = measure_verify(TargetModel(tiny_model), (1, 4), (8, 24), repeats=1)
     head = measure_head(tiny_eagle(tiny_model).head, (1, 3), (8,), repeats=1)
@@ -439,7 +439,7 @@ def test_policies_save_and_load(tmp_path):
 def write_logs(directory, records: list[dict], top_k: int, depth: int, sizes: tuple[int, ...]) -> None:
     import json
 
-    from draftwise.policies.logger import write_part
+    from draftwise.policies.learn.logger import write_part
 
     directory.mkdir(parents=True, exist_ok=True)
     settings = {"top_k": top_k, "depth": depth, "sizes": list(sizes)}
@@ -452,7 +452,7 @@ def test_train_policy_command_on_logged_rounds(tmp_path, capsys):
     """log_generation -> Parquet -> `draftwise train-policy --method radar` -> a policy the drafter loads."""
     from draftwise.cli import main
     from draftwise.policies import make_policy
-    from draftwise.policies.offline import load_rounds
+    from draftwise.policies.learn.offline import load_rounds
 
     model = tiny_llama(vocab_size=32)
     drafter = ModelTreeDrafter(noisy_copy(model, 0.25), TOP_K, DEPTH)
@@ -499,7 +499,7 @@ def test_cli_errors(argv, message, capsys, tmp_path):
 
 
 def test_missing_policy_files_are_a_clear_error(tmp_path):
-    from draftwise.errors import DraftwiseError
+    from draftwise.core.errors import DraftwiseError
     from draftwise.policies import make_policy
 
     for name in ("radar", "ltd"):
@@ -536,7 +536,7 @@ def test_headroom_bounds_the_fixed_tree_and_reads_the_confidence_signal():
 def test_shipped_policies_are_chosen_by_the_target_compute(monkeypatch, native_bf16):
     from draftwise.policies import policy_dir
 
-    monkeypatch.setattr("draftwise.profile.cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr("draftwise.policies.cost.cpu_has_native_bf16", lambda: native_bf16)
     default = policy_dir("smollm2-135m")
     assert (default / "cost.json").exists()
     assert policy_dir("smollm2-135m", "float32") == default  # no separate fit: the default one
@@ -548,7 +548,7 @@ def test_shipped_policies_are_chosen_by_the_target_compute(monkeypatch, native_b
 
 
 def test_radar_keeps_the_fastest_run_that_keeps_tau():
-    from draftwise.policies.train import fastest_keeping_tau
+    from draftwise.training.train_policy import fastest_keeping_tau
 
     fast_lossy = (1.20, -1.5, "fast", {"tau_ratio": 0.95})
     slower_keeps = (1.10, -2.0, "keeps", {"tau_ratio": 0.995})
@@ -614,7 +614,7 @@ def test_ltd_query_matches_its_networks():
 
 
 def test_in_place_samples_replace_isolated_ones_and_join_them_smoothly():
-    from draftwise.profile import in_place_samples
+    from draftwise.policies.cost import in_place_samples
 
     isolated = [(n, c, float(n)) for n in (1, 2, 4, 8, 16, 32) for c in (64, 320)]
     in_place = [(n, 100 + i, 2.0 * n) for n in (1, 2, 4) for i in range(25)] + [(8, 50, 99.0)] * 3  # 8: too few
@@ -645,7 +645,7 @@ def test_logged_text_can_follow_the_sampling_law():
 def test_per_mode_fits_serve_their_own_decoding_mode(tmp_path, tiny_model):
     """A policy directory with a `sampling/` fit loads as PerMode: greedy rounds ask the greedy fit, rounds at the
     fit's temperature or above the sampling fit, and a sampling fit for another tree shape is refused."""
-    from draftwise.errors import DraftwiseError
+    from draftwise.core.errors import DraftwiseError
     from draftwise.policies import PerMode, make_policy
 
     config = RadarConfig(top_k=TOP_K, depth=DEPTH, size=12)
@@ -676,8 +676,8 @@ def test_profile_times_rounds_of_random_shapes_in_place():
     from transformers import AutoTokenizer
 
     from draftwise.engine import Engine
-    from draftwise.models import resolve_model
-    from draftwise.profile import fit_in_place, random_shape_rounds
+    from draftwise.policies.cost import fit_in_place, random_shape_rounds
+    from draftwise.targets.models import resolve_model
 
     model = tiny_llama(49152, max_positions=512, peaked=False)
     engine = Engine(model, AutoTokenizer.from_pretrained(resolve_model("smollm2-135m")), model_name="tiny", method="ar")

@@ -17,14 +17,14 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from draftwise.cli import main
+from draftwise.core.errors import DraftwiseError
+from draftwise.core.tree import DraftTree
+from draftwise.core.verify import Sampling
 from draftwise.drafters.pld import PromptLookupRetriever
 from draftwise.drafters.rest import RestDrafter
-from draftwise.errors import DraftwiseError
-from draftwise.lean import LeanTarget
-from draftwise.retrieval import Datastore, Retriever, build_datastore, frequent_prefix_tree
-from draftwise.target import TargetModel
-from draftwise.tree import DraftTree
-from draftwise.verify import Sampling
+from draftwise.drafters.retrieval import Datastore, Retriever, build_datastore, frequent_prefix_tree
+from draftwise.targets.hf import TargetModel
+from draftwise.targets.lean.model import LeanTarget
 
 VOCAB = 4  # tiny alphabet: long matches and shared continuations are common
 
@@ -214,7 +214,7 @@ def error_of(capsys, argv: list[str]) -> str:
 @pytest.fixture
 def isolated_cache(tmp_path, monkeypatch):
     """Default datastores go under a temporary cache; the embedded model stays where it is."""
-    from draftwise import models
+    from draftwise.targets import models
 
     model_dir = models.resolve_model("smollm2-135m")
     monkeypatch.setenv("DRAFTWISE_CACHE", str(tmp_path / "cache"))

@@ -26,10 +26,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from draftwise.cli import build_parser, main
+from draftwise.core.errors import DraftwiseError
 from draftwise.engine import Engine
-from draftwise.errors import DraftwiseError
-from draftwise.models import resolve_model
-from draftwise.serve import APIError, Job, Metrics, Worker, create_app, finished, listen
+from draftwise.server.app import APIError, Job, Metrics, Worker, create_app, finished, listen
+from draftwise.targets.models import resolve_model
 
 MAX_QUEUE = 3
 MESSAGES = [{"role": "user", "content": "List the days of the week, then list them again."}]
@@ -428,9 +428,9 @@ def test_generating_on_another_thread_than_the_load_warns_once(engine: Engine, m
 def test_text_stream_decodes_incrementally_to_the_full_text(seed):
     """Rounds of 1-5 tokens through TextStream's incremental decoding give, piece by piece, the full decode of the
     tokens, multi-byte characters split across rounds included; a stop string cuts the text where it starts."""
-    from draftwise.decode import GenerationStats
+    from draftwise.core.decode import GenerationStats
     from draftwise.engine import TextStream
-    from draftwise.models import resolve_model
+    from draftwise.targets.models import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
     text = "Grüße, 東京! def f(x):\n    return x ** 2  # ✓ naïve café 🚀🚀 ünïcödé\n" * 3

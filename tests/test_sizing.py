@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 from conftest import greedy_reference, tiny_llama
 
-from draftwise.decode import GenerationStats, generate_tokens
+from draftwise.core.decode import GenerationStats, generate_tokens
+from draftwise.core.tree import DraftTree
+from draftwise.core.verify import Sampling
 from draftwise.drafters.pld import PromptLookup
 from draftwise.drafters.sizing import AcceptanceStats, size_for_throughput
-from draftwise.target import TargetModel
-from draftwise.tree import DraftTree
-from draftwise.verify import Sampling
+from draftwise.targets.hf import TargetModel
 
 
 def chain(n: int) -> DraftTree:

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from draftwise.tree import DraftTree
+from draftwise.core.tree import DraftTree
 
 
 @st.composite
@@ -94,7 +94,7 @@ def test_from_sequences_holds_exactly_the_prefixes(sequences):
 def test_greedy_acceptance_is_the_deepest_agreeing_path(tree: DraftTree, data):
     """accept_greedy against a brute force over every node's root path: the deepest node whose whole path the
     target agrees with, the lowest index among equals, and the target's choice after it as the bonus."""
-    from draftwise.verify import accept_greedy
+    from draftwise.core.verify import accept_greedy
 
     best = data.draw(st.lists(st.integers(0, 5), min_size=tree.size, max_size=tree.size))
     logits = torch.nn.functional.one_hot(torch.tensor(best), 6).float()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from draftwise.tree import DraftTree
-from draftwise.verify import (
+from draftwise.core.tree import DraftTree
+from draftwise.core.verify import (
     Sampling,
     accept_greedy,
     accept_sampling,

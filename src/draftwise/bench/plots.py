@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from draftwise.bench.metrics import BASELINE
-from draftwise.errors import DraftwiseError
+from draftwise.core.errors import DraftwiseError
 
 SPLIT = (("prefill_s", "prefill"), ("draft_s", "draft"), ("verify_s", "verify"), ("overhead_s", "loop overhead"))
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from draftwise.bench.datasets import Question
+from draftwise.core.errors import DraftwiseError
 from draftwise.drafters import METHODS
 from draftwise.engine import Engine, llama_parts
-from draftwise.errors import DraftwiseError
-from draftwise.models import model_gguf
+from draftwise.targets.models import model_gguf
 
 Messages = list[dict[str, str]]
 WARMUP_TOKENS = 16  # enough to touch every code path (prefill, drafting, verification) once
@@ -122,7 +122,7 @@ def run_hf_generate(engine: Engine, messages: Messages, settings: Settings, seed
 @functools.cache
 def _llama_cpp(model_name: str, prompt_lookup: bool):
     """llama-cpp-python's own `Llama` on the model's GGUF, as its users run it (all cores, same context)."""
-    from draftwise.llama_target import _import_llama_cpp, _silence
+    from draftwise.targets.llama_cpp import _import_llama_cpp, _silence
 
     llama_cpp = _import_llama_cpp()
     _silence(llama_cpp)

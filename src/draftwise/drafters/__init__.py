@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from draftwise.drafters.base import DraftContext, Drafter, NoDraft, RoundResult
+from draftwise.core.drafter import DraftContext, Drafter, NoDraft, RoundResult
+from draftwise.core.errors import DraftwiseError
 from draftwise.drafters.draft_model import DraftModel
 from draftwise.drafters.eagle import load_eagle
 from draftwise.drafters.pld import PromptLookup
 from draftwise.drafters.rasd import load_rasd
 from draftwise.drafters.rest import RestDrafter
-from draftwise.errors import DraftwiseError
 
 
 def _draft_model(engine, **options) -> Drafter:
-    from draftwise.models import load_model
+    from draftwise.targets.models import load_model
 
     name = options.pop("draft_model", None) or engine.model_name
     dtype = options.pop("draft_dtype", "auto")

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from draftwise.drafters.base import DraftContext, Drafter
+from draftwise.core.drafter import DraftContext, Drafter
+from draftwise.core.tree import DraftTree
 from draftwise.drafters.dynamic_tree import TreeSlots, grow_dynamic_tree, sample_chain
-from draftwise.target import TargetModel
-from draftwise.tree import DraftTree
+from draftwise.targets.hf import TargetModel
 
 
 class DraftModel(Drafter):

@@ -14,14 +14,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from draftwise.draft_head import DraftHead, KVCache
-from draftwise.drafters.base import DraftContext, Drafter, RoundResult
+from draftwise.core.drafter import DraftContext, Drafter, RoundResult
+from draftwise.core.errors import DraftwiseError
+from draftwise.core.kernels import avx512_kernel, use_small_batch_linear
+from draftwise.core.tree import DraftTree
+from draftwise.core.verify import Sampling
 from draftwise.drafters.dynamic_tree import KeepGoing, TreeSlots, candidate_tree, sample_chain
-from draftwise.errors import DraftwiseError
-from draftwise.kernels import avx512_kernel, use_small_batch_linear
-from draftwise.lean import quantize_draft_linears
-from draftwise.tree import DraftTree
-from draftwise.verify import Sampling
+from draftwise.heads.model import DraftHead, KVCache
+from draftwise.targets.lean.model import quantize_draft_linears
 
 HEADS_DIR = Path(__file__).resolve().parent.parent / "data" / "heads"
 

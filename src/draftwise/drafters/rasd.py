@@ -26,12 +26,12 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
-from draftwise.drafters.base import DraftContext, RoundResult
+from draftwise.core.drafter import DraftContext, RoundResult
+from draftwise.core.tree import DraftTree
 from draftwise.drafters.eagle import EagleDrafter, load_head, target_compute
 from draftwise.drafters.pld import PLD_TOTAL_TOKENS, PromptLookupRetriever
+from draftwise.drafters.retrieval import Datastore, Retrieved, Retriever, resolve_datastore
 from draftwise.drafters.sizing import CostSizer, nodes_for_throughput
-from draftwise.retrieval import Datastore, Retrieved, Retriever, resolve_datastore
-from draftwise.tree import DraftTree
 
 BUCKET_EDGES = torch.tensor([1e-3, 1e-2, 5e-2, 0.2, 0.5])  # head probability of a branch's first token
 

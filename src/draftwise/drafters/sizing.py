@@ -15,7 +15,7 @@ from collections.abc import Callable, Hashable, Sequence
 
 import torch
 
-from draftwise.tree import DraftTree
+from draftwise.core.tree import DraftTree
 
 NodeKind = Hashable
 

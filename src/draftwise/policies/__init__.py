@@ -3,7 +3,7 @@
 Every policy answers EagleDrafter's TreePolicy questions (drafters/eagle.py): a stop rule asked before each
 expansion call and a verification size. `fixed` is EAGLE-2; `threshold` and `heuristic` are hand-written
 baselines (baselines.py); `radar` (radar.py) and `ltd` (ltd.py) are learned offline from logged rounds
-(logger.py, offline.py) for this machine's cost model (draftwise.profile) by `draftwise train-policy`
+(logger.py, offline.py) for this machine's cost model (draftwise.policies.cost) by `draftwise train-policy`
 (train.py). Trained policies ship under data/policies/<model>/, with a `sampling/` fit beside the greedy one
 where one was made (`PerMode`).
 """
@@ -15,13 +15,13 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from draftwise.draft_head import DraftHead
-from draftwise.drafters.base import DraftContext
+from draftwise.core.drafter import DraftContext
+from draftwise.core.errors import DraftwiseError
+from draftwise.core.tree import DraftTree
+from draftwise.core.verify import Sampling
 from draftwise.drafters.eagle import EAGLE2_TREE, EagleDrafter, TreePolicy, default_shape, target_compute
-from draftwise.errors import DraftwiseError
-from draftwise.profile import fit_dir
-from draftwise.tree import DraftTree
-from draftwise.verify import Sampling
+from draftwise.heads.model import DraftHead
+from draftwise.policies.cost import fit_dir
 
 POLICY_NAMES = ("fixed", "threshold", "heuristic", "radar", "ltd")
 SAMPLING_FIT = "sampling"  # a policy directory's subdirectory: the same policies fitted to sampled text

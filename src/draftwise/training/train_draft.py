@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from draftwise.draft_head import DraftHead, DraftHeadConfig, init_from_target
-from draftwise.errors import DraftwiseError
+from draftwise.core.errors import DraftwiseError
+from draftwise.heads.model import DraftHead, DraftHeadConfig, init_from_target
 from draftwise.training.distill import distill_feature_layers, load_distill_data
 
 STEP_WEIGHT = 0.8
@@ -87,7 +87,7 @@ class SoftLabels:
 
 def uses_bf16(precision: str) -> bool:
     """bf16 autocast (fp32 master weights) where the CPU has bf16 units: ~4x the training steps/s there."""
-    from draftwise.models import cpu_has_native_bf16
+    from draftwise.targets.models import cpu_has_native_bf16
 
     return precision == "bf16" or (precision == "auto" and cpu_has_native_bf16())
 
@@ -125,7 +125,7 @@ def evaluate(head, samples, layer_index, target_to_draft, steps, bf16: bool = Fa
 
 def train(args, target=None) -> Path:
     """Train per `args` (the CLI's options); `target` overrides loading `args.model` (tests pass a tiny one)."""
-    from draftwise.models import load_model
+    from draftwise.targets.models import load_model
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

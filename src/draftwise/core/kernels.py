@@ -51,7 +51,7 @@ def use_small_batch_linear(model: nn.Module) -> int:
 
 # --- GGUF-grid matmuls (csrc/): built on first use, once per machine --------------------------------------------
 
-_CSRC = Path(__file__).resolve().parent / "csrc"
+_CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _built: dict[str, object] = {}
 
 
@@ -87,7 +87,7 @@ def _extension(name: str, what: str, flags: list[str], runs_here: bool, switch: 
         if os.environ.get(switch, "1") != "0" and runs_here:
             from torch.utils import cpp_extension
 
-            from draftwise.models import cache_dir
+            from draftwise.targets.models import cache_dir
 
             build = cache_dir() / "kernels" / f"torch-{torch.__version__}" / name
             build.mkdir(parents=True, exist_ok=True)

@@ -32,12 +32,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from draftwise.drafters.base import DraftContext, RoundResult
+from draftwise.core.drafter import DraftContext, RoundResult
+from draftwise.core.errors import DraftwiseError
+from draftwise.core.tree import DraftTree
+from draftwise.core.verify import Sampling, accept_greedy, accept_sampling, rows_on_demand, target_probs
 from draftwise.drafters.eagle import EagleDrafter, TreePolicy
-from draftwise.errors import DraftwiseError
-from draftwise.target import TargetModel
-from draftwise.tree import DraftTree
-from draftwise.verify import Sampling, accept_greedy, accept_sampling, rows_on_demand, target_probs
+from draftwise.targets.hf import TargetModel
 
 DEFAULT_SIZES = (1, 2, 4, 6, 8, 10, 12, 16, 24, 32)  # verification sizes V (root included) the logs can answer for
 LOG_DEPTH, LOG_TOP_K = 8, 8

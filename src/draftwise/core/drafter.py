@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from draftwise.tree import DraftTree
-from draftwise.verify import Sampling
+from draftwise.core.tree import DraftTree
+from draftwise.core.verify import Sampling
 
 
 @dataclass

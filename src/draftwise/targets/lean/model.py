@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from draftwise.kernels import avx512_kernel, grid_kernel, small_batch_linear
-from draftwise.models import cpu_has_native_bf16
-from draftwise.target import TargetOutput
-from draftwise.tree import DraftTree
+from draftwise.core.kernels import avx512_kernel, grid_kernel, small_batch_linear
+from draftwise.core.tree import DraftTree
+from draftwise.targets.hf import TargetOutput
+from draftwise.targets.models import cpu_has_native_bf16
 
 GROUP = 32  # GGUF block size along the input
 

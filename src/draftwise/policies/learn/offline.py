@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from draftwise.errors import DraftwiseError
-from draftwise.policies.logger import prefix_size
-from draftwise.profile import CostModel
+from draftwise.core.errors import DraftwiseError
+from draftwise.policies.cost import CostModel
+from draftwise.policies.learn.logger import prefix_size
 
 SCORE_FLOOR = -30.0  # cumulative log-probs are clipped here (a padding value no real candidate reaches)
 

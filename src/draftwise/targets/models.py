@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from draftwise.errors import DraftwiseError
+from draftwise.core.errors import DraftwiseError
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from draftwise.kernels import avx512_kernel
-from draftwise.tree import DraftTree
+from draftwise.core.kernels import avx512_kernel
+from draftwise.core.tree import DraftTree
 
 
 @dataclass(frozen=True)

@@ -32,11 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from draftwise.core.errors import DraftwiseError
 from draftwise.drafters.eagle import TreePolicy
-from draftwise.errors import DraftwiseError
-from draftwise.models import cpu_has_native_bf16
+from draftwise.targets.models import cpu_has_native_bf16
 
-POLICIES_DIR = Path(__file__).resolve().parent / "data" / "policies"
+POLICIES_DIR = Path(__file__).resolve().parent.parent / "data" / "policies"
 HEAD_WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16)
 VERIFY_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)
 CONTEXTS = (64, 320, 768)
@@ -218,7 +218,7 @@ def measure_head(
     """(width, context, ms) of one draft-head call over a frontier of `width` nodes; `before` runs untimed ahead of
     each call (a target forward, as in a round: on a CPU it evicts the head's weights from the caches, and a
     cache-hot call measured ~4x cheaper than a round's first one)."""
-    from draftwise.draft_head import KVCache
+    from draftwise.heads.model import KVCache
 
     c = head.config
     weight = head.lm_head.weight
@@ -241,7 +241,7 @@ def measure_head(
 
 def measure_verify(target, sizes: Sequence[int], contexts: Sequence[int], repeats: int) -> list[tuple[int, int, float]]:
     """(N, context, ms) of one target tree forward of N nodes (a chain: the mask's shape does not change the cost)."""
-    from draftwise.tree import DraftTree
+    from draftwise.core.tree import DraftTree
 
     samples, vocab = [], min(1000, int(target.config.vocab_size))
     for context in contexts:
@@ -380,9 +380,9 @@ def profile(
 ) -> CostModel:
     """Measure and fit this machine's cost model for `model` with its draft head (a random head of the default
     shape if none ships: a head call's cost does not depend on its weights)."""
-    from draftwise.draft_head import DraftHead, DraftHeadConfig
     from draftwise.drafters.eagle import load_head
     from draftwise.engine import Engine
+    from draftwise.heads.model import DraftHead, DraftHeadConfig
 
     load = os.getloadavg()[0]
     if load > 1.0:
@@ -398,7 +398,7 @@ def profile(
         head = head.to(engine.model.dtype).eval().attach_embedding(engine.model.get_input_embeddings().weight)
         head_source = "random (no trained head found)"
     log(f"head calls ({head_source}) by frontier width {HEAD_WIDTHS} at contexts {CONTEXTS}, each after a verify ...")
-    from draftwise.tree import DraftTree
+    from draftwise.core.tree import DraftTree
 
     target, probe, root = engine.target, torch.tensor([1, 2]), DraftTree.root_only(3)
 

@@ -23,12 +23,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from draftwise.core.errors import DraftwiseError
 from draftwise.drafters.eagle import EAGLE2_TREE
-from draftwise.errors import DraftwiseError
 from draftwise.policies import policy_dir
 from draftwise.policies.baselines import DEFAULT_THRESHOLD, heuristic_calls, threshold_calls
-from draftwise.policies.offline import RoundSet, best_fixed, fixed, headroom, load_rounds, logged_settings, simulate
-from draftwise.profile import CostModel, default_cost_path
+from draftwise.policies.cost import CostModel, default_cost_path
+from draftwise.policies.learn.offline import (
+    RoundSet,
+    best_fixed,
+    fixed,
+    headroom,
+    load_rounds,
+    logged_settings,
+    simulate,
+)
 
 
 def baseline_table(rounds: RoundSet, cost: CostModel, depth: int, size: int, mode: str) -> dict[str, dict]:

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from draftwise.kernels import use_small_batch_linear
-from draftwise.tree import DraftTree
+from draftwise.core.kernels import use_small_batch_linear
+from draftwise.core.tree import DraftTree
 
 
 @dataclass

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from draftwise.errors import DraftwiseError
-from draftwise.kernels import cpu_flags
-from draftwise.target import TargetOutput
-from draftwise.tree import DraftTree
+from draftwise.core.errors import DraftwiseError
+from draftwise.core.kernels import cpu_flags
+from draftwise.core.tree import DraftTree
+from draftwise.targets.hf import TargetOutput
 
 MAX_BRANCHES = 64  # sequence ids per tree; decode trims trees with more leaves
 GRAVEYARD = MAX_BRANCHES  # sequence id of parked rejected nodes (see LlamaCppTarget.commit)

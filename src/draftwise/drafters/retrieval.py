@@ -27,8 +27,8 @@ import numpy as np
 from torch import Tensor
 from tqdm import tqdm
 
-from draftwise.errors import DraftwiseError
-from draftwise.tree import DraftTree
+from draftwise.core.errors import DraftwiseError
+from draftwise.core.tree import DraftTree
 
 TOKENS_FILE, SUFFIX_ARRAY_FILE, META_FILE = "tokens.npy", "suffix_array.npy", "meta.json"
 DEFAULT_MAX_TOKENS = 5_000_000
@@ -298,7 +298,7 @@ def jsonl_texts(path: Path) -> Iterator[str]:
 
 
 def default_datastore_dir(name: str) -> Path:
-    from draftwise.models import cache_dir
+    from draftwise.targets.models import cache_dir
 
     return cache_dir() / "datastores" / name
 
@@ -326,7 +326,7 @@ def _model_vocab_size(model_dir: Path, tokenizer) -> int:
 def cmd_datastore_build(args) -> int:
     from transformers import AutoTokenizer
 
-    from draftwise.models import resolve_model
+    from draftwise.targets.models import resolve_model
 
     if args.max_tokens is not None and args.max_tokens < 1:
         raise DraftwiseError("--max-tokens must be positive")

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from draftwise.errors import DraftwiseError
-from draftwise.lean import VnniLinear
+from draftwise.core.errors import DraftwiseError
+from draftwise.targets.lean.model import VnniLinear
 
 
 @dataclass

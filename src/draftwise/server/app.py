@@ -30,11 +30,11 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 from starlette.types import Message, Receive, Scope, Send
 
-from draftwise.cli import add_model_args, load_engine
-from draftwise.decode import GenerationStats
+from draftwise.cli.entry import add_model_args, load_engine
+from draftwise.core.decode import GenerationStats
+from draftwise.core.errors import DraftwiseError
 from draftwise.drafters import METHODS
 from draftwise.engine import Engine, Generation, Prompt
-from draftwise.errors import DraftwiseError
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from draftwise.drafters.base import DraftContext, Drafter, RoundResult
-from draftwise.target import TargetModel
-from draftwise.verify import Sampling, accept_greedy, accept_sampling, rows_on_demand, top_two
+from draftwise.core.drafter import DraftContext, Drafter, RoundResult
+from draftwise.core.verify import Sampling, accept_greedy, accept_sampling, rows_on_demand, top_two
+from draftwise.targets.hf import TargetModel
 
 
 @dataclass

@@ -8,9 +8,9 @@ import json
 import os
 import sys
 
+from draftwise.core.errors import DraftwiseError
 from draftwise.drafters import METHOD_HELP
-from draftwise.errors import DraftwiseError
-from draftwise.models import DEFAULT_MODEL
+from draftwise.targets.models import DEFAULT_MODEL
 
 
 def add_model_args(parser: argparse.ArgumentParser, method_default: str = "pld") -> None:
@@ -197,14 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 # modules with register(subparsers)
 EXTRA_COMMANDS = (
-    "draftwise.bench",
-    "draftwise.serve",
+    "draftwise.cli.bench",
+    "draftwise.server.app",
     "draftwise.training.distill",
     "draftwise.training.train_draft",
-    "draftwise.retrieval",
-    "draftwise.profile",
-    "draftwise.policies.logger",
-    "draftwise.policies.train",
+    "draftwise.drafters.retrieval",
+    "draftwise.policies.cost",
+    "draftwise.policies.learn.logger",
+    "draftwise.training.train_policy",
 )
 
 
