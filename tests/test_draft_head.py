@@ -10,7 +10,7 @@ from conftest import tiny_llama
 
 from draftwise.core.kernels import avx512_kernel
 from draftwise.heads.model import DraftHead, DraftHeadConfig, KVCache
-from draftwise.targets.lean.model import quantize_draft_linears
+from draftwise.targets.lean.linears import quantize_draft_linears
 
 
 @pytest.fixture(scope="module")

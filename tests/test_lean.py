@@ -19,15 +19,8 @@ from draftwise.core.verify import NEAR_TIE_EPSILON, compare_greedy
 from draftwise.drafters.eagle import EagleDrafter
 from draftwise.engine import choose_engine
 from draftwise.targets.hf import TargetModel
-from draftwise.targets.lean.model import (
-    GridLinear,
-    Int4Groups,
-    LeanTarget,
-    VnniLinear,
-    gguf_grid,
-    lean_supported,
-    quantize_draft_linears,
-)
+from draftwise.targets.lean.linears import GridLinear, Int4Groups, VnniLinear, gguf_grid, quantize_draft_linears
+from draftwise.targets.lean.model import LeanTarget, lean_supported
 
 PROMPT = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]
 
@@ -101,7 +94,7 @@ def test_int4_groups_only_where_exact_and_same_product():
 @pytest.mark.parametrize("native", [True, False])
 def test_int4_dense_copy_follows_the_cpu(monkeypatch, native):
     """Where bf16 is emulated (AVX2) the dense copy for prefills is fp32 and the Q8_0 LM head stays int4 longer."""
-    monkeypatch.setattr("draftwise.targets.lean.model.cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr("draftwise.targets.lean.linears.cpu_has_native_bf16", lambda: native)
     layer = Int4Groups.exact(on_4bit_grid(torch.randn(64, 128), seed=2))
     assert layer.dense.dtype == (torch.bfloat16 if native else torch.float32)
     assert layer.max_rows == Int4Groups.MAX_ROWS[native][1]
@@ -125,7 +118,7 @@ def test_speculation_on_4bit_weights_equals_its_own_plain_decoding(compute, monk
         pytest.skip(f"{compute} needs a kernel this CPU cannot run")
     if compute == "float32+int4":
         # the AVX2 kernel even where VNNI is
-        monkeypatch.setattr("draftwise.targets.lean.model.avx512_kernel", lambda: None)
+        monkeypatch.setattr("draftwise.targets.lean.linears.avx512_kernel", lambda: None)
     model = quantized_llama()
 
     def lean_int4(m, layers=()):
@@ -194,8 +187,8 @@ def test_grid_kernel_is_exact_and_gives_each_row_the_same_bits(grid):
 
 
 def test_without_the_grid_kernels_fp32_weights_stay_dense(monkeypatch):
-    monkeypatch.setattr("draftwise.targets.lean.model.grid_kernel", lambda: None)
-    monkeypatch.setattr("draftwise.targets.lean.model.avx512_kernel", lambda: None)
+    monkeypatch.setattr("draftwise.targets.lean.linears.grid_kernel", lambda: None)
+    monkeypatch.setattr("draftwise.targets.lean.linears.avx512_kernel", lambda: None)
     target = LeanTarget(quantized_llama(), dtype=torch.float32, int4=True)
     assert target.dtype_name == "float32"
 
@@ -316,7 +309,7 @@ def test_huge_page_copies_hold_the_same_tensors(monkeypatch):
     hands the tensors back untouched."""
     import mmap
 
-    from draftwise.targets.lean.model import in_huge_pages
+    from draftwise.targets.lean.memory import in_huge_pages
 
     tensors = [torch.randn(3, 5), torch.randint(0, 255, (7, 64), dtype=torch.uint8), torch.randn(9).half()]
     copies, arena = in_huge_pages(tensors)

@@ -15,7 +15,7 @@ from draftwise.core.drafter import NoDraft  # noqa: E402
 from draftwise.core.tree import DraftTree  # noqa: E402
 from draftwise.core.verify import Sampling  # noqa: E402
 from draftwise.drafters.pld import PromptLookup  # noqa: E402
-from draftwise.engine import llama_parts  # noqa: E402
+from draftwise.targets.load import llama_parts  # noqa: E402
 
 pytestmark = pytest.mark.real_model
 

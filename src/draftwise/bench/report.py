@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
+import draftwise
 from draftwise.bench.metrics import BASELINE
 
 
@@ -26,10 +28,6 @@ def cpu_model() -> str:
 
 def environment(model_name: str, model, options: dict) -> dict:
     """Enough about the machine and software to know whether two runs can be compared."""
-    import transformers
-
-    import draftwise
-
     device = next(model.parameters()).device
     return {
         "draftwise": draftwise.__version__,

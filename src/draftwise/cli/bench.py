@@ -1,9 +1,5 @@
-"""`draftwise bench`: every method on the same prompts, model and settings, measured as Spec-Bench does.
-
-datasets.py loads prompt sets, runner.py runs methods (draftwise's and peers like HF generate), metrics.py
-turns per-prompt records into tokens/s, speedup, τ and the losslessness verdicts, report.py and plots.py
-write them out. Heavy imports wait until the command runs, so `draftwise --help` stays fast.
-"""
+"""`draftwise bench`: every method on the same prompts, model and settings, measured as Spec-Bench does
+(draftwise.bench holds the prompt sets, the runners, the metrics and the report)."""
 
 from __future__ import annotations
 
@@ -14,27 +10,28 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from draftwise.cli.entry import add_sampling_args
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from draftwise.bench import datasets, metrics, plots, report, runner
+from draftwise.cli.common import add_model_arg, add_sampling_args
 from draftwise.core.errors import DraftwiseError
-from draftwise.targets.models import DEFAULT_MODEL
+from draftwise.engine import check_sampling
+from draftwise.targets.load import load_target
 
 DEFAULT_METHODS = "ar,pld,hf,hf-pld"
 QUICK_LIMIT, QUICK_MAX_NEW_TOKENS = 2, 24
 FULL_MAX_NEW_TOKENS = 256
 
 
-def register(subparsers) -> None:
-    bench = subparsers.add_parser(
+def register(commands) -> None:
+    bench = commands.add_parser(
         "bench",
         help="benchmark methods on a prompt set (tokens/s, speedup, τ, losslessness)",
         description="Run several methods on the same prompts, alternating per prompt after a warm-up, and "
         "write results.json, report.md and plots to --out.",
     )
-    bench.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"embedded model name or local HF model directory (default: {DEFAULT_MODEL})",
-    )
+    add_model_arg(bench)
     bench.add_argument("--dtype", default="auto", help="auto | bf16 | fp32 | fp16")
     bench.add_argument("--device", default="cpu", help="cpu or cuda")
     bench.add_argument(
@@ -88,14 +85,12 @@ def register(subparsers) -> None:
         action="store_true",
         help=f"smoke check: {QUICK_LIMIT} questions, {QUICK_MAX_NEW_TOKENS} new tokens unless given otherwise",
     )
-    bench.set_defaults(func=cmd_bench)
+    bench.set_defaults(func=run)
 
 
 def parse_methods(spec: str) -> list[str]:
     """Method names in order, `ar` first when not given (speedups and the losslessness check need it)."""
-    from draftwise.bench.runner import known_methods
-
-    known = known_methods()
+    known = runner.known_methods()
     given = [n.strip() for n in spec.split(",") if n.strip()]
     names = known if spec.strip() == "all" else list(dict.fromkeys(given))
     unknown = [n for n in names if n.partition("~")[0] not in known]
@@ -120,10 +115,7 @@ def parse_method_options(items: list[str], draft_model: str | None) -> dict[str,
     return options
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from draftwise.bench import datasets, metrics, plots, report, runner
-    from draftwise.engine import check_sampling, load_target
-
+def run(args: argparse.Namespace) -> int:
     limit = args.limit if args.limit is not None else (QUICK_LIMIT if args.quick else None)
     max_new_tokens = args.max_new_tokens or (QUICK_MAX_NEW_TOKENS if args.quick else FULL_MAX_NEW_TOKENS)
     check_sampling(max_new_tokens, args.temperature, args.top_p, args.top_k)  # before the slow load
@@ -197,9 +189,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def progress_bar(total: int) -> Iterator[Callable[[dict], None]]:
     """A rich progress bar over (question, method) runs with a running tokens/s per method; yields the
     callback the runner calls after each record."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     totals: dict[str, tuple[int, float]] = {}
     columns = [
         TextColumn("{task.description}"),

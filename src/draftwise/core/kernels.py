@@ -8,7 +8,6 @@ One token (plain decoding) and long prefills keep the stock kernel, which is fas
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import os
 import sys
@@ -18,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from draftwise.core.machine import cache_dir, cpu_has_avx2_fma, cpu_has_avx512_vnni
 
 SMALL_BATCH = range(2, 49)
 
@@ -55,22 +56,6 @@ _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _built: dict[str, object] = {}
 
 
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    try:
-        return frozenset(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return frozenset()
-
-
-def cpu_has_avx2_fma() -> bool:
-    return {"avx2", "fma"} <= cpu_flags()
-
-
-def cpu_has_avx512_vnni() -> bool:
-    return {"avx512f", "avx512bw", "avx512_vnni"} <= cpu_flags()
-
-
 AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vnni"]
 
 
@@ -85,9 +70,7 @@ def _extension(name: str, what: str, flags: list[str], runs_here: bool, switch: 
     if name not in _built:
         _built[name] = None
         if os.environ.get(switch, "1") != "0" and runs_here:
-            from torch.utils import cpp_extension
-
-            from draftwise.targets.models import cache_dir
+            from torch.utils import cpp_extension  # pulls in setuptools: imported only when a kernel is built
 
             build = cache_dir() / "kernels" / f"torch-{torch.__version__}" / name
             build.mkdir(parents=True, exist_ok=True)

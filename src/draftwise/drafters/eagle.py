@@ -9,21 +9,16 @@ lossless.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import Tensor
 
 from draftwise.core.drafter import DraftContext, Drafter, RoundResult
 from draftwise.core.errors import DraftwiseError
-from draftwise.core.kernels import avx512_kernel, use_small_batch_linear
+from draftwise.core.kernels import use_small_batch_linear
 from draftwise.core.tree import DraftTree
-from draftwise.core.verify import Sampling
-from draftwise.drafters.dynamic_tree import KeepGoing, TreeSlots, candidate_tree, sample_chain
+from draftwise.drafters.dynamic_tree import TreeSlots, candidate_tree, sample_chain
+from draftwise.drafters.tree_policy import TreePolicy
 from draftwise.heads.model import DraftHead, KVCache
-from draftwise.targets.lean.model import quantize_draft_linears
-
-HEADS_DIR = Path(__file__).resolve().parent.parent / "data" / "heads"
 
 # (top_k, depth, total_tokens) by what the target computes in, chosen by the tree grids in benchmarks/RESULTS.md
 # (head v2, 2-core CPU). transformers fp32: a 4-node tree costs less than one token (the small-batch kernel), so
@@ -56,32 +51,6 @@ def default_shape(compute: str) -> dict[str, int]:
     """The tuned tree shape for a target computing in `compute` (fp32's where none was measured)."""
     top_k, depth, total = TREE_DEFAULTS.get(compute, TREE_DEFAULTS["float32"])
     return {"top_k": top_k, "depth": depth, "total_tokens": total}
-
-
-def shipped_head_dir(model_name: str) -> Path | None:
-    path = HEADS_DIR / model_name
-    return path if (path / "head.safetensors").exists() else None
-
-
-class TreePolicy:
-    """How much to draft and verify each round (RADAR, LTD and the baselines implement this).
-    The default is EAGLE-2's: always the full depth, always `total_tokens`."""
-
-    name = "fixed"
-
-    def use(self, sampling: Sampling) -> None:
-        """The decoding mode of the rounds that follow (a policy fitted per mode switches on it)."""
-
-    def begin_round(self, committed: int) -> KeepGoing | None:
-        """A new round starts; returns the stop rule asked before each expansion call (None: full depth)."""
-        return None
-
-    def verify_size(self, candidates: DraftTree, budget: int) -> int:
-        """How many of the reranked candidates (root included) to verify, at most `budget`."""
-        return budget
-
-    def observe(self, result: RoundResult) -> None:
-        """The round's verdict."""
 
 
 class EagleDrafter(Drafter):
@@ -191,36 +160,12 @@ class EagleDrafter(Drafter):
         return sample_chain(root, full_vocab(root_logits), next_logits, length, context.sampling, context.generator)
 
 
-def load_head(engine, draft_head: str | None = None) -> DraftHead:
-    """The head at `draft_head`, or the one shipped for the engine's model, on the target's device."""
-    directory = Path(draft_head) if draft_head else shipped_head_dir(engine.model_name)
-    if directory is None:
-        raise DraftwiseError(
-            f"no draft head ships for model '{engine.model_name}'; train one (`draftwise distill` then "
-            "`draftwise train-draft`) and pass --draft-head DIR"
-        )
-    if engine.model is None:
-        raise DraftwiseError("draft heads read the target's hidden features, which only the hf engine exposes")
-    target = engine.model
-    head = DraftHead.load(directory, dtype=next(target.parameters()).dtype, device=engine.target.device)
-    c = head.config
-    if c.target_vocab_size != target.config.vocab_size or c.hidden_size != target.config.hidden_size:
-        raise DraftwiseError(f"the draft head in {directory} was trained for another model (vocab/hidden size differ)")
-    if max(c.feature_layers) > target.config.num_hidden_layers:
-        raise DraftwiseError(f"the draft head in {directory} reads layers the model does not have")
-    head.target_compute = engine.target.dtype_name
-    if "+" in head.target_compute:  # next to a 4-bit target, a full-precision head call would cost 1/6 of a step
-        quantize_draft_linears(head)
-    if getattr(engine.target, "attention", None) is not None:  # the lean target on csrc/avx512.cpp
-        head.kernel = avx512_kernel()
-        head.pack_layer()
-    return head.attach_embedding(target.get_input_embeddings().weight)
+class TreeEagleDrafter(EagleDrafter):
+    """EagleDrafter whose every round a TreePolicy shapes, in both decoding modes: at T > 0 it drafts the same
+    deterministic EAGLE-2 tree as in greedy mode (instead of a sampled chain), verified by the one-hot-q rule
+    of accept_sampling, which keeps it lossless (as EAGLE-2/3 and RADAR do at T = 1)."""
 
-
-def load_eagle(engine, draft_head: str | None = None, policy: str | None = None, **options) -> EagleDrafter:
-    head = load_head(engine, draft_head)
-    if policy is not None:  # a named tree policy (draftwise.policies): fixed, threshold, heuristic, radar, ltd
-        from draftwise.policies import policy_drafter
-
-        return policy_drafter(head, policy, engine.model_name, **options)
-    return EagleDrafter(head, **options)
+    def _sampled_chain(
+        self, root: int, root_logits, root_hidden, committed: int, budget: int, context: DraftContext
+    ) -> DraftTree:
+        return self._tree(root, root_logits, root_hidden, committed, budget)

@@ -28,9 +28,9 @@ from torch import Tensor
 
 from draftwise.core.drafter import DraftContext, RoundResult
 from draftwise.core.tree import DraftTree
-from draftwise.drafters.eagle import EagleDrafter, load_head, target_compute
-from draftwise.drafters.pld import PLD_TOTAL_TOKENS, PromptLookupRetriever
-from draftwise.drafters.retrieval import Datastore, Retrieved, Retriever, resolve_datastore
+from draftwise.drafters.eagle import EagleDrafter
+from draftwise.drafters.pld import PLD_TOTAL_TOKENS
+from draftwise.drafters.retrieval import Retrieved, Retriever
 from draftwise.drafters.sizing import CostSizer, nodes_for_throughput
 
 BUCKET_EDGES = torch.tensor([1e-3, 1e-2, 5e-2, 0.2, 0.5])  # head probability of a branch's first token
@@ -284,39 +284,3 @@ def rasd_node_kinds(fused: DraftTree, sources: list[tuple[int, int]]) -> list[tu
         ("head", d, min(8, int(-s))) if source < 0 else ("retrieved", source, min(match, 4), d, s > -1e-6)
         for d, s, (source, match) in zip(depths, scores, sources, strict=True)
     ]
-
-
-def load_rasd(
-    engine,
-    draft_head: str | None = None,
-    datastore: str | None = None,
-    retrieval_budget: int | None = None,
-    concurrent: bool | None = None,
-    gate_threshold: float | None = None,
-    policy: str | None = None,
-    policy_dir: str | None = None,
-    **eagle_options,
-) -> RasdDrafter:
-    """The head plus prompt lookup, plus a REST datastore when one is named (`--datastore chat|code|DIR`);
-    `policy` (fixed | threshold | heuristic | radar | ltd) shapes the head's tree before fusion."""
-    retrievers: list[Retriever] = [PromptLookupRetriever()]
-    if datastore:
-        retrievers.append(Datastore.load(resolve_datastore(datastore)))
-    options = {k: v for k, v in eagle_options.items() if v is not None}
-    head = load_head(engine, draft_head)
-    if policy is not None:
-        from draftwise.policies import policy_and_shape
-
-        tree_policy, options = policy_and_shape(policy, engine.model_name, policy_dir, target_compute(head), **options)
-        options["policy"] = tree_policy
-    drafter = RasdDrafter(
-        head,
-        retrievers,
-        retrieval_budget=retrieval_budget,
-        concurrent=concurrent,
-        gate=FittedGate(threshold=gate_threshold),
-        **options,
-    )
-    if policy is not None:
-        drafter.name = f"rasd-{policy}"
-    return drafter

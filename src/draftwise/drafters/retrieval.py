@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 import numpy as np
+from safetensors import safe_open
 from torch import Tensor
 from tqdm import tqdm
 
 from draftwise.core.errors import DraftwiseError
+from draftwise.core.machine import cache_dir
 from draftwise.core.tree import DraftTree
 
 TOKENS_FILE, SUFFIX_ARRAY_FILE, META_FILE = "tokens.npy", "suffix_array.npy", "meta.json"
@@ -191,7 +193,7 @@ def build_datastore(
 ) -> dict:
     """Concatenate `sequences` (each followed by the separator id `vocab_size`), suffix-sort them and write a
     datastore directory at `out` (replacing an older datastore there). Returns the meta written."""
-    from pydivsufsort import divsufsort
+    from pydivsufsort import divsufsort  # needed only to build a datastore, never to read one
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / META_FILE).exists():
@@ -249,8 +251,6 @@ def build_datastore(
 def chat_corpus(distill_dir: Path) -> Iterator[list[int]]:
     """The target's own greedy responses (ids[response_from:]) from `draftwise distill` shards. Only the
     token ids are read, never the (large) feature tensors."""
-    from safetensors import safe_open
-
     shards = sorted(Path(distill_dir).glob("shard_*.safetensors"))
     if not shards:
         raise DraftwiseError(f"no distilled data in {distill_dir}; build it with `draftwise distill`")
@@ -294,12 +294,10 @@ def jsonl_texts(path: Path) -> Iterator[str]:
             yield text
 
 
-# --- CLI ----------------------------------------------------------------------------------------------------
+# --- where datastores live -----------------------------------------------------------------------------------
 
 
 def default_datastore_dir(name: str) -> Path:
-    from draftwise.targets.models import cache_dir
-
     return cache_dir() / "datastores" / name
 
 
@@ -316,69 +314,3 @@ def resolve_datastore(name_or_path: str | Path) -> Path:
         f"no datastore '{name_or_path}' (looked in {path} and {named}); build one with "
         f"`draftwise datastore build --corpus {corpus}`"
     )
-
-
-def _model_vocab_size(model_dir: Path, tokenizer) -> int:
-    config = json.loads((model_dir / "config.json").read_text())
-    return max(int(config.get("vocab_size", 0)), len(tokenizer))
-
-
-def cmd_datastore_build(args) -> int:
-    from transformers import AutoTokenizer
-
-    from draftwise.targets.models import resolve_model
-
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise DraftwiseError("--max-tokens must be positive")
-    corpus = args.corpus
-    if corpus not in ("chat", "code"):
-        path = Path(corpus)
-        if path.suffix != ".jsonl" or not path.is_file():
-            raise DraftwiseError(f"--corpus must be 'chat', 'code' or an existing .jsonl file, got {corpus!r}")
-    model_dir = resolve_model(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    vocab_size = _model_vocab_size(model_dir, tokenizer)
-    if corpus == "chat":
-        sequences = chat_corpus(Path(args.distill_dir))
-        name, source = "chat", str(Path(args.distill_dir).resolve())
-    elif corpus == "code":
-        files = stdlib_sources()
-        texts = (p.read_text(encoding="utf-8", errors="replace") for p in files)
-        sequences = text_corpus(texts, tokenizer, len(files), "tokenizing stdlib", "file")
-        name, source = "code", str(Path(sysconfig.get_paths()["stdlib"]))
-    else:
-        sequences = text_corpus(jsonl_texts(Path(corpus)), tokenizer, None, "tokenizing", "line")
-        name, source = Path(corpus).stem, str(Path(corpus).resolve())
-    out = Path(args.out) if args.out else default_datastore_dir(name)
-    meta = build_datastore(
-        sequences,
-        out,
-        vocab_size,
-        max_tokens=args.max_tokens,
-        meta={"model": args.model, "corpus": corpus, "source": source},
-    )
-    size = sum(meta["bytes"].values())
-    print(
-        f"datastore '{name}': {meta['num_tokens']:,} tokens from {meta['num_sequences']:,} sequences, "
-        f"{size / 2**20:.1f} MiB on disk, built in {meta['build_seconds']:.1f} s -> {out}"
-    )
-    return 0
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("datastore", help="REST retrieval datastores (suffix arrays over a corpus)")
-    commands = parser.add_subparsers(dest="datastore_command", required=True)
-    build = commands.add_parser(
-        "build",
-        help="build a datastore from a corpus",
-        description="chat: the target's own responses to ShareGPT prompts (from `draftwise distill`); code: "
-        'this Python\'s standard library source; or a JSONL file with one {"text": ...} per line.',
-    )
-    build.add_argument("--corpus", required=True, help="chat | code | FILE.jsonl")
-    build.add_argument("--out", default=None, help="output directory (default: <cache>/datastores/<corpus name>)")
-    build.add_argument("--model", default="smollm2-135m", help="model whose tokenizer the datastore uses")
-    build.add_argument("--distill-dir", default="runs/distill", help="distilled data for --corpus chat")
-    build.add_argument(
-        "--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help=f"token cap (default: {DEFAULT_MAX_TOKENS:,})"
-    )
-    build.set_defaults(func=cmd_datastore_build)

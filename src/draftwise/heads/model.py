@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from draftwise.core.errors import DraftwiseError
-from draftwise.targets.lean.model import VnniLinear
+from draftwise.targets.lean.linears import VnniLinear
 
 
 @dataclass

@@ -7,20 +7,13 @@ accepted path into place and drops the rest, so the cache equals what plain deco
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 from transformers import DynamicCache
 
 from draftwise.core.kernels import use_small_batch_linear
+from draftwise.core.target import TargetOutput
 from draftwise.core.tree import DraftTree
-
-
-@dataclass
-class TargetOutput:
-    logits: Tensor  # (N, V) float32: next-token scores after each node
-    features: Tensor | None  # (N, F, H) hidden states at the requested layers, or None
 
 
 class TargetModel:

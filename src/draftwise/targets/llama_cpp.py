@@ -21,24 +21,18 @@ import numpy as np
 import torch
 
 from draftwise.core.errors import DraftwiseError
-from draftwise.core.kernels import cpu_flags
+from draftwise.core.machine import cpu_flags
+from draftwise.core.target import TargetOutput
 from draftwise.core.tree import DraftTree
-from draftwise.targets.hf import TargetOutput
 
 MAX_BRANCHES = 64  # sequence ids per tree; decode trims trees with more leaves
 GRAVEYARD = MAX_BRANCHES  # sequence id of parked rejected nodes (see LlamaCppTarget.commit)
 MAX_PARKED = 1024  # parked cells before the cache is rebuilt
 
 
-def llama_cpp_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("llama_cpp") is not None
-
-
-def _import_llama_cpp():
+def import_llama_cpp():
     try:
-        import llama_cpp
+        import llama_cpp  # the optional [llama] extra
     except ImportError as exc:
         raise DraftwiseError(
             "the llama engine needs llama-cpp-python: `pip install 'draftwise[llama]'` (it compiles llama.cpp "
@@ -77,10 +71,10 @@ class LlamaCppTarget:
     max_leaves = MAX_BRANCHES
 
     def __init__(self, gguf_path: str | Path, config, n_ctx: int | None = None, n_threads: int | None = None):
-        lc = self._lc = _import_llama_cpp()
+        lc = self._lc = import_llama_cpp()
         if not Path(gguf_path).is_file():
             raise DraftwiseError(f"no GGUF file at '{gguf_path}'")
-        _silence(lc)
+        silence_llama_logs(lc)
         lc.llama_backend_init()
         self.config = config
         self.device = torch.device("cpu")
@@ -242,7 +236,7 @@ class LlamaCppTarget:
 _log_callback = None  # kept referenced: llama.cpp calls it from C
 
 
-def _silence(lc) -> None:
+def silence_llama_logs(lc) -> None:
     """llama.cpp logs every load at INFO level on stderr; keep stderr for draftwise's own messages."""
     global _log_callback
     if _log_callback is None:

@@ -7,7 +7,6 @@ under a second.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import shutil
@@ -19,8 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+from transformers.utils import logging as hf_logging
 
 from draftwise.core.errors import DraftwiseError
+from draftwise.core.machine import cache_dir, cpu_has_native_bf16
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -44,11 +46,6 @@ EMBEDDED = {
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
     ),
 }
-
-
-def cache_dir() -> Path:
-    """Root of draftwise's cache: $DRAFTWISE_CACHE, else ~/.cache/draftwise."""
-    return Path(os.environ.get("DRAFTWISE_CACHE", Path.home() / ".cache" / "draftwise")).expanduser()
 
 
 def _status(message: str) -> None:
@@ -104,8 +101,7 @@ def _download_gguf(spec: EmbeddedModel, into: Path) -> Path:
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Dequantise the GGUF with transformers and save a plain safetensors model directory (atomically)."""
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # deferred: see load_model
 
     _status(f"converting {gguf_path.name} to safetensors (once, ~20 s)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -161,17 +157,6 @@ def resolve_model(name_or_path: str) -> Path:
     return path
 
 
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU multiplies bf16 natively (AVX-512 BF16 or AMX). Without it, bf16 matmuls over
-    more than one token are emulated and a 16-token tree costs ~9x a 1-token step (measured on AVX2)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def parse_dtype(name: str, device: str = "cpu") -> torch.dtype:
     """'auto' picks bf16 on GPUs and on CPUs with native bf16, else fp32 (tree verification stays cheap)."""
     if name == "auto":
@@ -183,7 +168,7 @@ def parse_dtype(name: str, device: str = "cpu") -> torch.dtype:
 
 def load_tokenizer_and_config(name_or_path: str):
     """The HF tokenizer and config of a model, without its weights."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer  # deferred: see load_model
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = resolve_model(name_or_path)
@@ -193,13 +178,20 @@ def load_tokenizer_and_config(name_or_path: str):
         raise DraftwiseError(f"could not load a tokenizer and config from '{path}': {exc}") from exc
 
 
+def load_tokenizer(name_or_path: str):
+    """The HF tokenizer of a model."""
+    from transformers import AutoTokenizer  # deferred: see load_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(name_or_path))
+
+
 def load_model(name_or_path: str, dtype: str = "auto", device: str = "cpu"):
     """Load (model, tokenizer) in inference mode. Returns the HF model and tokenizer."""
+    # transformers' auto classes import the tokenizer backends on first use: deferred to the first load, so that
+    # `draftwise --help` and the argument checks before a load stay fast
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()
     torch_dtype = parse_dtype(dtype, device)
     path = resolve_model(name_or_path)

@@ -24,10 +24,11 @@ import numpy as np
 import torch
 
 from draftwise.core.errors import DraftwiseError
-from draftwise.drafters.eagle import EAGLE2_TREE
-from draftwise.policies import policy_dir
-from draftwise.policies.baselines import DEFAULT_THRESHOLD, heuristic_calls, threshold_calls
+from draftwise.policies.baselines import DEFAULT_THRESHOLD
 from draftwise.policies.cost import CostModel, default_cost_path
+from draftwise.policies.learn import ltd as ltd_learn
+from draftwise.policies.learn import radar as radar_learn
+from draftwise.policies.learn.baselines import heuristic_calls, threshold_calls
 from draftwise.policies.learn.offline import (
     RoundSet,
     best_fixed,
@@ -37,6 +38,9 @@ from draftwise.policies.learn.offline import (
     logged_settings,
     simulate,
 )
+from draftwise.policies.load import policy_dir
+from draftwise.policies.ltd import LtdConfig, LtdPolicy, actors
+from draftwise.policies.radar import RadarConfig, RadarNet, RadarPolicy
 
 
 def baseline_table(rounds: RoundSet, cost: CostModel, depth: int, size: int, mode: str) -> dict[str, dict]:
@@ -80,11 +84,10 @@ def fastest_keeping_tau(runs: list[tuple], max_tau_loss: float) -> tuple:
 
 
 def train_radar_command(args, train: RoundSet, validation: RoundSet, cost: CostModel, out: Path) -> dict:
-    from draftwise.policies.radar import RadarConfig, RadarNet, RadarPolicy, evaluate, measure_query_ms, train_radar
-
     torch.manual_seed(args.seed)
     # timed inside real rounds by `draftwise profile`, else here with the caches flushed (an upper bound)
-    query_ms = cost.policy_query_ms.get("radar") or measure_query_ms(RadarNet(train.top_k), train.top_k, args.depth)
+    query_ms = cost.policy_query_ms.get("radar")
+    query_ms = query_ms or radar_learn.measure_query_ms(RadarNet(train.top_k), train.top_k, args.depth)
     head_ms = cost.head(train.top_k, float(np.median(train.context)))
     beta = 10 * (head_ms + query_ms) / 1000  # radar.md §2.5: 10 x the marginal latency of one continue
     print(f"RADAR: T_d {head_ms:.2f} ms, T_p {query_ms:.3f} ms (measured), β {beta:.4f}, γ 0.99, mode {args.mode}")
@@ -94,10 +97,10 @@ def train_radar_command(args, train: RoundSet, validation: RoundSet, cost: CostM
             top_k=train.top_k, depth=args.depth, size=args.size, alpha=alpha, beta=beta, mode=args.mode
         )
         config.query_ms = query_ms
-        net, history = train_radar(train, validation, cost, config, epochs=args.epochs, seed=args.seed)
+        net, history = radar_learn.train_radar(train, validation, cost, config, epochs=args.epochs, seed=args.seed)
         for sample in (True, False):
             config_s = RadarConfig(**{**asdict(config), "sample": sample})
-            report = evaluate(net, validation, cost, config_s, seed=args.seed)
+            report = radar_learn.evaluate(net, validation, cost, config_s, seed=args.seed)
             runs.append((report["speed_ratio"], -report["draft_calls"], alpha, sample, net, config_s, report))
             print(
                 f"  α {alpha:<6g} {'sampled' if sample else 'argmax '}: calls {report['draft_calls']:.2f} "
@@ -112,8 +115,6 @@ def train_radar_command(args, train: RoundSet, validation: RoundSet, cost: CostM
 
 
 def train_ltd_command(args, train: RoundSet, validation: RoundSet, cost: CostModel, out: Path) -> dict:
-    from draftwise.policies.ltd import DEFAULT_STEPS, LtdConfig, LtdPolicy, actors, measure_query_ms, train_ltd
-
     sizes = tuple(int(s) for s in args.sizes.split(",")) if args.sizes else train.sizes
     config = LtdConfig(
         top_k=train.top_k,
@@ -127,10 +128,10 @@ def train_ltd_command(args, train: RoundSet, validation: RoundSet, cost: CostMod
     if {"ltd_depth", "ltd_size"} <= cost.policy_query_ms.keys():  # timed inside real rounds by `draftwise profile`
         config.query_ms, config.size_query_ms = cost.policy_query_ms["ltd_depth"], cost.policy_query_ms["ltd_size"]
     else:  # timed here with the caches flushed: an upper bound
-        config.query_ms, config.size_query_ms = measure_query_ms(LtdPolicy(*actors(config), config))
+        config.query_ms, config.size_query_ms = ltd_learn.measure_query_ms(LtdPolicy(*actors(config), config))
     print(f"LTD: depth query {config.query_ms:.3f} ms, size query {config.size_query_ms:.3f} ms (measured)")
-    steps = {k: int(v * args.steps_scale) for k, v in DEFAULT_STEPS.items()}
-    policy, log = train_ltd(train, validation, cost, config, steps, seed=args.seed)
+    steps = {k: int(v * args.steps_scale) for k, v in ltd_learn.DEFAULT_STEPS.items()}
+    policy, log = ltd_learn.train_ltd(train, validation, cost, config, steps, seed=args.seed)
     for entry in log:
         kept = "" if "kept" not in entry else (" (kept)" if entry["kept"] else " (discarded)")
         print(
@@ -139,9 +140,8 @@ def train_ltd_command(args, train: RoundSet, validation: RoundSet, cost: CostMod
         )
     policy.save(out)
     print(f"saved {out / 'ltd.safetensors'}")
-    from draftwise.policies.ltd import argmax_actor, evaluate
-
-    report = evaluate(validation, cost, config, argmax_actor(policy.depth_actor), argmax_actor(policy.size_actor))
+    depth_actor, size_actor = ltd_learn.argmax_actor(policy.depth_actor), ltd_learn.argmax_actor(policy.size_actor)
+    report = ltd_learn.evaluate(validation, cost, config, depth_actor, size_actor)
     stages = [{k: v for k, v in e.items() if k != "curve"} for e in log]
     return {"method": "ltd", "config": asdict(config), "steps": steps, "validation": report, "stages": stages}
 
@@ -203,15 +203,9 @@ def write_card(out: Path, model: str) -> None:
     (out / "README.md").write_text("\n".join(lines))
 
 
-def cmd_train_policy(args: argparse.Namespace) -> int:
-    if args.method not in ("radar", "ltd"):
-        raise DraftwiseError(f"unknown policy method '{args.method}'; choose radar or ltd")
-    if args.mode not in ("greedy", "sampling"):
-        raise DraftwiseError("--mode must be greedy or sampling")
-    if not 0 <= args.max_tau_loss < 1:
-        raise DraftwiseError("--max-tau-loss must be in [0, 1)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def train_policy(args: argparse.Namespace) -> int:
+    """Train the `--method` policy on the logged rounds for the cost model, save it with its validation record and a
+    card, and print the offline figures; the options are `draftwise train-policy`'s."""
     rounds_dir = Path(args.rounds)
     if not rounds_dir.is_dir():
         raise DraftwiseError(f"no logged rounds at {rounds_dir}; run `draftwise log-rounds --out {rounds_dir}` first")
@@ -259,42 +253,3 @@ def cmd_train_policy(args: argparse.Namespace) -> int:
     print_table(table, reference)
     print(f"trained in {elapsed / 60:.1f} min")
     return 0
-
-
-def register(commands) -> None:
-    parser = commands.add_parser("train-policy", help="train a RADAR or LTD tree policy on logged rounds")
-    parser.add_argument("--method", required=True, help="radar | ltd")
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--rounds", default="runs/policy-rounds", help="directory written by `draftwise log-rounds`")
-    parser.add_argument("--cost", default=None, help="cost model JSON (default: data/policies/<model>/cost.json)")
-    parser.add_argument(
-        "--out",
-        default=None,
-        help="output directory (default: the --cost file's directory, else data/policies/<model>/)",
-    )
-    parser.add_argument("--mode", default="greedy", help="acceptance law to train for: greedy | sampling")
-    parser.add_argument(
-        "--depth", type=int, default=EAGLE2_TREE["depth"], help="the fixed tree's expansion calls (RADAR's maximum)"
-    )
-    parser.add_argument("--size", type=int, default=EAGLE2_TREE["total_tokens"], help="the fixed tree's verified nodes")
-    parser.add_argument(
-        "--alphas", default="0.001,0.002,0.005,0.01,0.02,0.04", help="RADAR: per-continue penalties tried"
-    )
-    parser.add_argument("--epochs", type=int, default=100, help="RADAR: epochs per α")
-    parser.add_argument(
-        "--max-tau-loss",
-        type=float,
-        default=0.01,
-        help="RADAR: keep the fastest α whose validation τ is within this fraction of the fixed tree's",
-    )
-    parser.add_argument("--max-depth", type=int, default=8, help="LTD: most expansion calls")
-    parser.add_argument("--sizes", default=None, help="LTD: verification sizes to choose from (default: logged)")
-    parser.add_argument("--steps-scale", type=float, default=1.0, help="LTD: scale every stage's PPO steps")
-    parser.add_argument(
-        "--baselines-only",
-        action="store_true",
-        help="print the baselines and the headroom (hindsight oracle, confidence bins) and train nothing",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
-    parser.set_defaults(func=cmd_train_policy)

@@ -11,21 +11,15 @@ V <= max size is verified in one target forward, and per union node we store the
 A node's logits depend only on its own path (tree attention), so these verdicts hold in any tree containing
 the node, and the accepted length of every truncation is exact offline (offline.py): greedy from `correct`,
 and for sampling the whole acceptance-length law (RADAR's P_L: a node is reached with the product of `p` on
-its path; see ../shared/papers/radar.md §4.3). The trajectory continues greedily on the union's verdict, so
-the logged text is plain greedy decoding's, or (`--trajectory sampled`) by rejection sampling under the logged
-law, so the logged contexts are the text a sampling policy will see (at T = 1 the target is less sure of its own
-sampled text than of its greedy text: on greedy contexts the offline τ of the fixed d3 V6 tree was 1.64, in the
-T = 1 bench 1.44).
-
-Training prompts only: ShareGPT first turns past the 3000 the draft head trained on, plus GSM-style problems
-from reasoning-gym (a different seed from the benchmark's, its questions excluded). Never MT-bench,
-HumanEval, Spec-Bench or AlpacaEval. One Parquet part per prompt, so an interrupted run resumes.
+its path; RADAR, arXiv 2512.14069, §4.3). The trajectory continues greedily on the union's verdict, so the
+logged text is plain greedy decoding's, or (`--trajectory sampled`) by rejection sampling under the logged law,
+so the logged contexts are the text a sampling policy will see (at T = 1 the target is less sure of its own
+sampled text than of its greedy text: docs/results.md). `draftwise log-rounds` (draftwise.training.log_rounds)
+runs it over the training prompts.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -33,16 +27,15 @@ import torch
 from torch import Tensor
 
 from draftwise.core.drafter import DraftContext, RoundResult
-from draftwise.core.errors import DraftwiseError
 from draftwise.core.tree import DraftTree
 from draftwise.core.verify import Sampling, accept_greedy, accept_sampling, rows_on_demand, target_probs
-from draftwise.drafters.eagle import EagleDrafter, TreePolicy
+from draftwise.drafters.eagle import EagleDrafter
+from draftwise.drafters.tree_policy import TreePolicy
 from draftwise.targets.hf import TargetModel
 
 DEFAULT_SIZES = (1, 2, 4, 6, 8, 10, 12, 16, 24, 32)  # verification sizes V (root included) the logs can answer for
 LOG_DEPTH, LOG_TOP_K = 8, 8
 T1 = Sampling(1.0)  # the law whose acceptance probabilities are logged by default (RADAR's)
-SHAREGPT_SKIP = 3000  # the draft head's training prompts
 
 
 def prefix_size(calls: int, top_k: int) -> int:
@@ -166,147 +159,10 @@ def log_generation(
             break
 
 
-def training_prompts(sharegpt: int, gsm: int, seed: int = 0) -> list[tuple[str, str]]:
-    """(source, prompt) pairs for logging: ShareGPT past the head's training slice, then GSM-style problems."""
-    from draftwise.training.distill import untrained_sharegpt_prompts
-
-    prompts = [("sharegpt", p) for p in untrained_sharegpt_prompts(SHAREGPT_SKIP, sharegpt)]
-    if gsm > 0:
-        try:
-            import reasoning_gym
-        except ModuleNotFoundError:
-            return prompts
-        from draftwise.bench.datasets import gsm as benchmark_gsm
-
-        held_out = {q.turns[0] for q in benchmark_gsm(1000)}  # the benchmark's problems (seed 0)
-        dataset = reasoning_gym.create_dataset("gsm_symbolic", size=gsm * 2, seed=1234 + seed)
-        fresh = [item["question"] for item in dataset if item["question"] not in held_out]
-        prompts += [("gsm", q) for q in fresh[:gsm]]
-    return prompts
-
-
 def write_part(path: Path, records: list[dict]) -> None:
-    import pyarrow as pa
+    import pyarrow as pa  # the optional [train] extra
     import pyarrow.parquet as pq
 
     tmp = path.with_suffix(".tmp")
     pq.write_table(pa.Table.from_pylist(records), tmp, compression="zstd")
     tmp.replace(path)
-
-
-def log_rounds(
-    out: Path,
-    model: str,
-    dtype: str,
-    draft_head: str | None,
-    sharegpt: int,
-    gsm: int,
-    max_new_tokens: int,
-    sizes: tuple[int, ...],
-    depth: int,
-    top_k: int,
-    temperature: float,
-    trajectory: str = "greedy",
-) -> int:
-    """Log rounds for every training prompt into `out` (one part per prompt; existing parts are kept)."""
-    from tqdm import tqdm
-
-    from draftwise.drafters.eagle import load_head
-    from draftwise.engine import Engine
-
-    settings = {
-        "model": model,
-        "dtype": dtype,
-        "draft_head": draft_head or "shipped",
-        "max_new_tokens": max_new_tokens,
-        "sizes": list(sizes),
-        "depth": depth,
-        "top_k": top_k,
-        "temperature": temperature,
-    }
-    if trajectory != "greedy":  # a key only where it differs, so directories logged before it still resume
-        settings["trajectory"] = trajectory
-    out.mkdir(parents=True, exist_ok=True)
-    meta_path = out / "meta.json"
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        if old["settings"] != settings:
-            raise DraftwiseError(f"{out} holds rounds logged with other settings: {old['settings']}; use another --out")
-    prompts = training_prompts(sharegpt, gsm)
-    meta_path.write_text(json.dumps({"settings": settings, "prompts": len(prompts)}, indent=2) + "\n")
-    engine = Engine.load(model, method="ar", dtype=dtype)  # the engine generation runs on: lean where it applies
-    drafter = EagleDrafter(load_head(engine, draft_head), top_k=top_k, depth=depth, total_tokens=max(sizes))
-    target = engine.target
-    target.feature_layers = drafter.feature_layers
-    law = Sampling(temperature)
-    total = 0
-    bar = tqdm(list(enumerate(prompts)), desc="prompts", unit="prompt")
-    for prompt_id, (source, text) in bar:
-        part = out / f"part-{prompt_id:05d}.parquet"
-        if part.exists():
-            continue
-        ids = engine.encode(text)
-        records = []
-        draws = torch.Generator().manual_seed(prompt_id) if trajectory == "sampled" else None  # resumable: per prompt
-        for i, record in enumerate(
-            log_generation(target, drafter, ids, max_new_tokens, sizes, law, engine.stop_token_ids, sampled=draws)
-        ):
-            records.append({"prompt_id": prompt_id, "source": source, "round": i, **record})
-        if records:
-            write_part(part, records)
-        total += len(records)
-        tau = sum(r["accepted"] + 1 for r in records) / max(len(records), 1)
-        bar.set_postfix(rounds=total, tau=f"{tau:.2f}")
-    return total
-
-
-def cmd_log_rounds(args: argparse.Namespace) -> int:
-    sizes = tuple(sorted({int(s) for s in args.sizes.split(",")}))
-    if not sizes or sizes[0] < 1:
-        raise DraftwiseError("--sizes must be positive integers")
-    if args.depth < 1 or args.top_k < 1 or args.max_new_tokens < 1:
-        raise DraftwiseError("--depth, --top-k and --max-new-tokens must be >= 1")
-    if args.temperature <= 0:
-        raise DraftwiseError("--temperature (the sampling law whose acceptance is logged) must be > 0")
-    if args.trajectory not in ("greedy", "sampled"):
-        raise DraftwiseError("--trajectory must be greedy or sampled")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    total = log_rounds(
-        Path(args.out),
-        args.model,
-        args.dtype,
-        args.draft_head,
-        args.sharegpt,
-        args.gsm,
-        args.max_new_tokens,
-        sizes,
-        args.depth,
-        args.top_k,
-        args.temperature,
-        args.trajectory,
-    )
-    print(f"logged {total} new rounds into {args.out}")
-    return 0
-
-
-def register(commands) -> None:
-    parser = commands.add_parser("log-rounds", help="log full-depth eagle rounds for training tree policies")
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--dtype", default="fp32")
-    parser.add_argument("--draft-head", default=None, help="draft head directory (default: shipped)")
-    parser.add_argument("--out", default="runs/policy-rounds")
-    parser.add_argument("--sharegpt", type=int, default=48, help="ShareGPT training prompts (past the head's)")
-    parser.add_argument("--gsm", type=int, default=16, help="GSM-style prompts (reasoning-gym, if installed)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="verification sizes V")
-    parser.add_argument("--depth", type=int, default=LOG_DEPTH, help="expansion calls per logged round")
-    parser.add_argument("--top-k", type=int, default=LOG_TOP_K, help="frontier width")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling law of the logged acceptance")
-    parser.add_argument(
-        "--trajectory",
-        default="greedy",
-        help="the logged text: greedy, or sampled from the --temperature law (for policies that serve sampling)",
-    )
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
-    parser.set_defaults(func=cmd_log_rounds)

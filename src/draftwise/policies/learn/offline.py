@@ -139,7 +139,7 @@ def logged_settings(directory: Path) -> dict:
 
 def load_rounds(directory: Path) -> RoundSet:
     """Every Parquet part under `directory` (written by `draftwise log-rounds`) as one RoundSet."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # the optional [train] extra
 
     directory = Path(directory)
     parts = sorted(directory.glob("part-*.parquet"))
