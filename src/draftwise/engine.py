@@ -13,9 +13,10 @@ import torch
 from draftwise.core.decode import GenerationStats, generate_tokens
 from draftwise.core.drafter import Drafter
 from draftwise.core.errors import DraftwiseError
+from draftwise.core.target import Target
 from draftwise.core.verify import Sampling
 from draftwise.methods import FEATURE_METHODS, make_drafter
-from draftwise.targets.hf import TargetModel
+from draftwise.targets.hf import HFTarget
 from draftwise.targets.load import backend_for, load_target
 from draftwise.targets.models import DEFAULT_MODEL
 
@@ -110,8 +111,8 @@ class Engine:
         self, model, tokenizer, model_name: str = "custom", method: str = "pld", target=None, **method_options
     ):
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
-        self.target = target if target is not None else TargetModel(model)
-        self.engine_name = self.target.engine_name
+        self.target: Target = target if target is not None else HFTarget(model)
+        self.engine_name = self.target.backend  # who runs the target: hf, lean or llama
         self.default_method = method
         self._drafters: dict[str, Drafter] = {}
         self._options = {method: method_options}
@@ -135,7 +136,7 @@ class Engine:
     @property
     def dtype_name(self) -> str:
         """What the target computes in: a torch dtype, or the GGUF's own quantization under llama.cpp."""
-        return self.target.dtype_name
+        return self.target.compute.name
 
     def drafter(self, method: str) -> Drafter:
         if method not in self._drafters:
@@ -184,11 +185,15 @@ class Engine:
         seed: int | None = None,
         chat_template: bool = True,
         stop: list[str] | None = None,
+        drafter: Drafter | None = None,
     ) -> TextStream:
-        """Start a generation; iterate the result for text pieces."""
+        """Start a generation; iterate the result for text pieces. `drafter` runs a drafter of your own (any
+        draftwise.drafters.Drafter) instead of a method's."""
         sampling = check_sampling(max_new_tokens, temperature, top_p, top_k)
+        if drafter is not None and method is not None:
+            raise DraftwiseError("pass a method or a drafter, not both")
         self._check_thread()
-        drafter = self.drafter(method or self.default_method)
+        drafter = drafter or self.drafter(method or self.default_method)
         prompt_ids = self.encode(prompt, chat_template)
         generator = torch.Generator()  # per generation, so the global RNG is never touched
         if seed is None:
@@ -211,9 +216,8 @@ class Engine:
 
     def _check_thread(self) -> None:
         """Warn once when torch work moves to a second thread on CPU. torch then starts a second OpenMP team,
-        and with more OpenMP threads than cores libgomp stops spin-waiting in every team: tree forwards ran
-        ~1.7x slower for the rest of the process (measured: eagle verify 43 -> 74 ms per round). Load and generate
-        on one thread (as `serve` does)."""
+        and with more OpenMP threads than cores libgomp stops spin-waiting in every team: tree forwards run much
+        slower for the rest of the process (docs/results.md). Load and generate on one thread (as `serve` does)."""
         here = threading.get_ident()
         if here == self._thread or self.model is None or self.target.device.type != "cpu":
             return

@@ -7,8 +7,9 @@ from collections.abc import Callable
 
 from draftwise.core.drafter import Drafter, NoDraft
 from draftwise.core.errors import DraftwiseError
+from draftwise.core.target import ComputeMode
 from draftwise.drafters.draft_model import DraftModel
-from draftwise.drafters.eagle import EagleDrafter, TreeEagleDrafter, target_compute
+from draftwise.drafters.eagle import EagleDrafter, TreeEagleDrafter
 from draftwise.drafters.pld import PromptLookup, PromptLookupRetriever
 from draftwise.drafters.rasd import FittedGate, RasdDrafter
 from draftwise.drafters.rest import RestDrafter
@@ -33,20 +34,26 @@ FEATURE_METHODS = frozenset({"eagle", "rasd", "radar", "ltd"})  # draft heads re
 
 
 def policy_drafter(
-    head: DraftHead, policy: str | TreePolicy, model_name: str, policy_dir: str | None = None, **options
+    head: DraftHead,
+    policy: str | TreePolicy,
+    model_name: str,
+    compute: ComputeMode,
+    policy_dir: str | None = None,
+    **options,
 ) -> TreeEagleDrafter:
-    """An eagle drafter driven by `policy` (a name or a TreePolicy)."""
-    policy, shape = policy_and_shape(policy, model_name, policy_dir, target_compute(head), **options)
-    drafter = TreeEagleDrafter(head, policy=policy, **shape)
+    """An eagle drafter driven by `policy` (a name or a TreePolicy), for a target computing in `compute`."""
+    policy, shape = policy_and_shape(policy, model_name, policy_dir, compute, **options)
+    drafter = TreeEagleDrafter(head, policy=policy, compute=compute, **shape)
     drafter.name = policy.name if policy.name in ("radar", "ltd") else f"eagle-{policy.name}"
     return drafter
 
 
 def load_eagle(engine, draft_head: str | None = None, policy: str | None = None, **options) -> EagleDrafter:
-    head = load_head(engine, draft_head)
+    head = load_head(engine.target, engine.model, engine.model_name, draft_head)
+    compute = engine.target.compute
     if policy is not None:  # a named tree policy (draftwise.policies): fixed, threshold, heuristic, radar, ltd
-        return policy_drafter(head, policy, engine.model_name, **options)
-    return EagleDrafter(head, **options)
+        return policy_drafter(head, policy, engine.model_name, compute, **options)
+    return EagleDrafter(head, compute=compute, **options)
 
 
 def load_rasd(
@@ -66,9 +73,10 @@ def load_rasd(
     if datastore:
         retrievers.append(Datastore.load(resolve_datastore(datastore)))
     options = {k: v for k, v in eagle_options.items() if v is not None}
-    head = load_head(engine, draft_head)
+    head = load_head(engine.target, engine.model, engine.model_name, draft_head)
+    compute = engine.target.compute
     if policy is not None:
-        tree_policy, options = policy_and_shape(policy, engine.model_name, policy_dir, target_compute(head), **options)
+        tree_policy, options = policy_and_shape(policy, engine.model_name, policy_dir, compute, **options)
         options["policy"] = tree_policy
     drafter = RasdDrafter(
         head,
@@ -76,6 +84,7 @@ def load_rasd(
         retrieval_budget=retrieval_budget,
         concurrent=concurrent,
         gate=FittedGate(threshold=gate_threshold),
+        compute=compute,
         **options,
     )
     if policy is not None:

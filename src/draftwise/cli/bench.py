@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         metrics.assign_verdicts(records, epsilon)
     summary = metrics.aggregate(records, available)
     given = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
-    env = report.environment(args.model, model, given) | {"engine": target.engine_name, "compute": target.dtype_name}
+    env = report.environment(args.model, model, given) | {"engine": target.backend, "compute": target.compute.name}
     run_settings = {
         "prompts": args.prompts,
         "categories": categories,

@@ -9,6 +9,7 @@ import torch
 
 from draftwise.cli.common import add_model_arg
 from draftwise.core.errors import DraftwiseError
+from draftwise.core.target import ComputeMode
 from draftwise.policies.cost import default_cost_path
 from draftwise.training.profiling import profile
 
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     options = (args.draft_head, args.repeats, args.prompts, args.max_new_tokens)
     cost = profile(args.model, args.dtype, *options, engine_name=args.engine)
-    out = Path(args.out) if args.out else default_cost_path(args.model, cost.meta["compute"])
+    out = Path(args.out) if args.out else default_cost_path(args.model, ComputeMode.parse(cost.meta["compute"]))
     cost.save(out)
     print(
         f"in real rounds: overhead {cost.round_overhead_ms:.2f} ms, +{cost.call_extra_ms:.3f} ms a draft call, "

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from draftwise.core.drafter import DraftContext, Drafter, RoundResult
+from draftwise.core.target import Target
 from draftwise.core.verify import Sampling, accept_greedy, accept_sampling, rows_on_demand, top_two
-from draftwise.targets.hf import TargetModel
 
 
 @dataclass
@@ -64,7 +64,7 @@ class GenerationStats:
 
 
 def generate_tokens(
-    target: TargetModel,
+    target: Target,
     drafter: Drafter,
     prompt_ids: list[int],
     *,
@@ -85,8 +85,7 @@ def generate_tokens(
     features = target.prefill(tokens[:-1])
     drafter.begin(tokens[:-1], features)
     stats.prefill_s = time.perf_counter() - start
-    policy = getattr(drafter, "policy", None)
-    queries_before, query_s_before = getattr(policy, "queries", 0), getattr(policy, "query_s", 0.0)
+    queries_before, query_s_before = drafter.policy_queries()
     round_start = start
     while stats.new_tokens < max_new_tokens:
         room = target.max_length - tokens.numel()
@@ -143,8 +142,8 @@ def generate_tokens(
         stats.new_tokens += len(new)
         stats.draft_s += (t1 - t0) + (t4 - t3)
         stats.verify_s += t2 - t1
-        stats.policy_queries = getattr(policy, "queries", 0) - queries_before
-        stats.policy_s = getattr(policy, "query_s", 0.0) - query_s_before
+        queries, query_s = drafter.policy_queries()
+        stats.policy_queries, stats.policy_s = queries - queries_before, query_s - query_s_before
         stats.total_s = time.perf_counter() - start
         if stats.rounds == 1:
             stats.first_token_s = stats.total_s

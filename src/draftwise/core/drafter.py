@@ -38,7 +38,7 @@ class RoundResult:
 class Drafter(ABC):
     """Proposes a tree continuing the context; learns from each verification.
 
-    `feature_layers` names the target hidden states this drafter reads (see TargetModel). `draft_calls`
+    `feature_layers` names the target hidden states this drafter reads (see draftwise.core.target.Target). `draft_calls`
     counts forwards of a draft network, so the decode loop can report them.
     """
 
@@ -57,6 +57,10 @@ class Drafter(ABC):
 
     def observe(self, result: RoundResult) -> None:
         """Called after every verification."""
+
+    def policy_queries(self) -> tuple[int, float]:
+        """A tree policy's own queries so far and their seconds (part of drafting, reported apart); none here."""
+        return 0, 0.0
 
 
 class NoDraft(Drafter):

@@ -15,41 +15,32 @@ from torch import Tensor
 from draftwise.core.drafter import DraftContext, Drafter, RoundResult
 from draftwise.core.errors import DraftwiseError
 from draftwise.core.kernels import use_small_batch_linear
+from draftwise.core.target import ComputeMode
 from draftwise.core.tree import DraftTree
 from draftwise.drafters.dynamic_tree import TreeSlots, candidate_tree, sample_chain
 from draftwise.drafters.tree_policy import TreePolicy
 from draftwise.heads.model import DraftHead, KVCache
 
-# (top_k, depth, total_tokens) by what the target computes in, chosen by the tree grids in benchmarks/RESULTS.md
-# (head v2, 2-core CPU). transformers fp32: a 4-node tree costs less than one token (the small-batch kernel), so
-# V4 wins; transformers bf16: a tree of up to 16 nodes costs about one step, so V8 does. The lean engine's int4
-# weights halve a step but not a tree (4 nodes cost 1.3 steps, 8 nodes 1.9), so only the root's best child pays
-# there, and barely (benchmarks/runs/tree-grid-lean-bf16.json: 1.03x plain decoding); the same on AVX2 in
-# float32+int4 (tree-grid-lean-fp32-int4-avx2.json: d0 V2 1.10x, every other shape slower). On float32+w4a8 (the
-# VNNI kernels) 8 nodes cost 1.6 steps, and d0 V2 (1.10x) and d2 V6 (1.09x, τ 2.17) lead
-# (tree-grid-lean-fp32-w4a8.json). Depth 0-1 everywhere:
-# deeper trees add little τ at this head's accuracy.
+# (top_k, depth, total_tokens) by what the target computes in, chosen by tree-shape grids (docs/results.md): where
+# a tree costs little more than one token (transformers fp32 and bf16) bigger trees pay; on 4-bit weights a step
+# gets cheaper but a tree does not, so only the root's best child pays. Depth 0-1 everywhere: deeper trees add
+# little τ at the shipped head's accuracy.
+FLOAT32 = ComputeMode("float32")
 TREE_DEFAULTS = {
-    "float32": (8, 1, 4),
-    "bfloat16": (8, 1, 8),
-    "bfloat16+int4": (8, 0, 2),
-    "float32+int4": (8, 0, 2),
-    "float32+w4a8": (8, 0, 2),
+    FLOAT32: (8, 1, 4),
+    ComputeMode("bfloat16"): (8, 1, 8),
+    ComputeMode("bfloat16", "int4"): (8, 0, 2),
+    ComputeMode("float32", "int4"): (8, 0, 2),
+    ComputeMode("float32", "w4a8"): (8, 0, 2),
 }
 # EAGLE-2's fixed tree, deep enough for a stop rule to stop in: what the stop-rule baselines draft and what the
 # learned policies are trained and measured against.
 EAGLE2_TREE = {"top_k": 8, "depth": 3, "total_tokens": 6}
 
 
-def target_compute(head: DraftHead) -> str:
-    """What the target this head drafts for computes in ("float32", "bfloat16", "bfloat16+int4"): set by
-    `load_head`, else the head's own dtype."""
-    return getattr(head, "target_compute", None) or str(head.lm_head.weight.dtype).removeprefix("torch.")
-
-
-def default_shape(compute: str) -> dict[str, int]:
+def default_shape(compute: ComputeMode) -> dict[str, int]:
     """The tuned tree shape for a target computing in `compute` (fp32's where none was measured)."""
-    top_k, depth, total = TREE_DEFAULTS.get(compute, TREE_DEFAULTS["float32"])
+    top_k, depth, total = TREE_DEFAULTS.get(compute, TREE_DEFAULTS[FLOAT32])
     return {"top_k": top_k, "depth": depth, "total_tokens": total}
 
 
@@ -63,9 +54,11 @@ class EagleDrafter(Drafter):
         depth: int | None = None,
         total_tokens: int | None = None,
         policy: TreePolicy | None = None,
+        compute: ComputeMode | None = None,
     ):
+        """`compute`: what the target computes in, for the tuned tree shape (default: the head's own dtype)."""
         super().__init__()
-        shape = default_shape(target_compute(head))
+        shape = default_shape(compute or ComputeMode.dense(head.lm_head.weight.dtype))
         top_k = shape["top_k"] if top_k is None else top_k
         depth = shape["depth"] if depth is None else depth
         total_tokens = shape["total_tokens"] if total_tokens is None else total_tokens
@@ -88,6 +81,9 @@ class EagleDrafter(Drafter):
     def observe(self, result: RoundResult) -> None:
         self.pending.append(result.features)
         self.policy.observe(result)
+
+    def policy_queries(self) -> tuple[int, float]:
+        return self.policy.queries, self.policy.query_s
 
     def _call(self, hidden: Tensor, tokens: Tensor, positions: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         self.draft_calls += 1

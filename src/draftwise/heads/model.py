@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import json
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +25,9 @@ from torch import Tensor, nn
 
 from draftwise.core.errors import DraftwiseError
 from draftwise.targets.lean.linears import VnniLinear
+
+# (frontier width, pairs in the head's cache before, seconds) of one draft-head call
+StepHook = Callable[[int, int, float], None]
 
 
 @dataclass
@@ -134,6 +139,7 @@ class DraftHead(nn.Module):
         self.embed: Tensor | None = None  # the target's token embedding (V, H), attached, never trained
         self.kernel = None  # csrc/avx512.cpp (its attention and rms_norm) where the lean target runs on it
         self.packed: tuple[list[Tensor], list[bool]] | None = None  # see pack_layer
+        self.on_step: StepHook | None = None  # called after every `step` when set (`draftwise profile` times them)
 
     def attach_embedding(self, weight: Tensor) -> DraftHead:
         self.embed = weight.detach()
@@ -206,6 +212,16 @@ class DraftHead(nn.Module):
         self, hidden: Tensor, token_ids: Tensor, positions: Tensor, cache: KVCache, mask: Tensor
     ) -> tuple[Tensor, Tensor]:
         """Inference: N pairs appended to `cache`; `mask` (N, cache.length + N) bool, True = attend."""
+        if self.on_step is not None:  # a timing hook: the same call, timed
+            width, context, start = hidden.shape[0], cache.length, time.perf_counter()
+            out = self._step(hidden, token_ids, positions, cache, mask)
+            self.on_step(width, context, time.perf_counter() - start)
+            return out
+        return self._step(hidden, token_ids, positions, cache, mask)
+
+    def _step(
+        self, hidden: Tensor, token_ids: Tensor, positions: Tensor, cache: KVCache, mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
         if self.packed is not None and self._on_kernel(hidden):
             return self._kernel_step(hidden, token_ids, positions, cache, mask)
         q, k, v = self.project(hidden, token_ids)

@@ -25,6 +25,7 @@ import numpy as np
 
 from draftwise.core.errors import DraftwiseError
 from draftwise.core.machine import cpu_has_native_bf16
+from draftwise.core.target import ComputeMode
 
 POLICIES_DIR = Path(__file__).resolve().parent.parent / "data" / "policies"
 
@@ -140,18 +141,18 @@ class CostModel:
         return cls.from_json(json.loads(path.read_text()))
 
 
-def fit_dir(model_name: str, compute: str | None = None) -> Path:
+def fit_dir(model_name: str, compute: ComputeMode | None = None) -> Path:
     """Where a model's cost model and policies for a target computing in `compute` live: the model's directory
     for fp32 (the original fit), a subdirectory per compute otherwise (e.g. `bfloat16-int4/`, the lean engine's).
     bf16 int4 on a CPU without native bf16 (where the grid kernel could not be built) gets its own
-    (`bfloat16-int4-avx2/`): the same weights cost very differently there (a verified node ~25% of a step against
-    ~13%, a head call ~15% against ~6%). fp32 on the GGUF grid (`float32-int4/`) runs only on such CPUs."""
+    (`bfloat16-int4-avx2/`): the same weights cost very differently there (docs/results.md). fp32 on the GGUF grid
+    (`float32-int4/`) runs only on such CPUs."""
     directory = POLICIES_DIR / Path(model_name).name
-    if compute in (None, "float32"):
+    if compute is None or compute == ComputeMode("float32"):
         return directory
-    name = compute.replace("+", "-")
-    return directory / (f"{name}-avx2" if compute == "bfloat16+int4" and not cpu_has_native_bf16() else name)
+    emulated_bf16 = compute == ComputeMode("bfloat16", "int4") and not cpu_has_native_bf16()
+    return directory / (f"{compute.dir_name}-avx2" if emulated_bf16 else compute.dir_name)
 
 
-def default_cost_path(model_name: str, compute: str | None = None) -> Path:
+def default_cost_path(model_name: str, compute: ComputeMode | None = None) -> Path:
     return fit_dir(model_name, compute) / "cost.json"

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from draftwise.core.errors import DraftwiseError
-from draftwise.drafters.eagle import EAGLE2_TREE, default_shape
+from draftwise.core.target import ComputeMode
+from draftwise.drafters.eagle import EAGLE2_TREE, FLOAT32, default_shape
 from draftwise.drafters.tree_policy import TreePolicy
 from draftwise.policies.baselines import ConfidenceThreshold, HeuristicSchedule
 from draftwise.policies.cost import fit_dir
@@ -28,7 +29,7 @@ POLICY_NAMES = ("fixed", "threshold", "heuristic", "radar", "ltd")
 SAMPLING_FIT = "sampling"  # a policy directory's subdirectory: the same policies fitted to sampled text
 
 
-def policy_dir(model_name: str, compute: str | None = None) -> Path:
+def policy_dir(model_name: str, compute: ComputeMode | None = None) -> Path:
     """The shipped policies for a model: those fitted to the cost model of the target's `compute` on this kind of
     CPU where they exist (`cost.fit_dir`), else those for the compute, else the model's default (fp32) fit."""
     fitted = fit_dir(model_name, compute)
@@ -53,7 +54,12 @@ def load_fits(load: Callable[[Path], TreePolicy], directory: Path) -> TreePolicy
 
 
 def make_policy(
-    name: str, model_name: str, depth: int, directory: Path | None = None, seed: int = 0, compute: str | None = None
+    name: str,
+    model_name: str,
+    depth: int,
+    directory: Path | None = None,
+    seed: int = 0,
+    compute: ComputeMode | None = None,
 ) -> TreePolicy:
     """A policy by name; radar and ltd load their trained weights from `directory` (default: shipped, for the
     target's `compute`), with its sampling fit where there is one."""
@@ -74,7 +80,7 @@ def policy_and_shape(
     policy: str | TreePolicy,
     model_name: str,
     policy_dir: str | None = None,
-    compute: str = "float32",
+    compute: ComputeMode = FLOAT32,
     **options,
 ) -> tuple[TreePolicy, dict]:
     """A policy (by name or object) and the tree shape it drafts: learned policies bring the shape they were

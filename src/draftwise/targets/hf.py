@@ -1,9 +1,5 @@
-"""The target model wrapper: prefill, one tree-verify forward per round, and KV compaction on commit.
-
-Invariant between rounds: the KV cache holds every committed token except the newest one, which is the
-root of the next draft tree. After a verify forward the cache also holds the whole tree; `commit` moves the
-accepted path into place and drops the rest, so the cache equals what plain decoding would have built.
-"""
+"""Any Hugging Face causal LM as a target (draftwise.core.target.Target), run by transformers: prefill, one
+tree-verify forward per round, and KV compaction on commit."""
 
 from __future__ import annotations
 
@@ -12,20 +8,22 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from draftwise.core.kernels import use_small_batch_linear
-from draftwise.core.target import TargetOutput
+from draftwise.core.target import ComputeMode, ForwardHook, TargetOutput, timed_forward
 from draftwise.core.tree import DraftTree
 
 
-class TargetModel:
+class HFTarget:
     """Any Hugging Face causal LM, driven one draft tree at a time.
 
     `feature_layers` index the model's `hidden_states` tuple: i < num_layers is the input of decoder layer i,
     and num_layers is the final (normed) feature that feeds the LM head. Draft heads read these.
     """
 
-    engine_name = "hf"
+    backend = "hf"
     max_leaves: int | None = None  # no limit on tree shape
-    verify_cost = None  # not measured: on this path a tree of 6-16 nodes costs ~1.7x one token, drafters go big
+    verify_cost = None  # not measured: on this path a tree costs little more than one token, drafters go big
+    native_kernels = None
+    on_forward: ForwardHook | None = None
 
     def __init__(self, model, feature_layers: tuple[int, ...] = (), small_batch_linear: bool = True):
         if small_batch_linear:
@@ -42,8 +40,8 @@ class TargetModel:
         return int(self.config.num_hidden_layers)
 
     @property
-    def dtype_name(self) -> str:
-        return str(self.model.dtype).removeprefix("torch.")
+    def compute(self) -> ComputeMode:
+        return ComputeMode.dense(self.model.dtype)
 
     @property
     def length(self) -> int:
@@ -89,6 +87,11 @@ class TargetModel:
 
     def forward_tree(self, tree: DraftTree) -> TargetOutput:
         """One forward over every node of `tree`, each attending to the cache plus its own ancestors."""
+        if self.on_forward is not None:  # a timing hook: the same forward, timed
+            return timed_forward(self, self._forward_tree, tree)
+        return self._forward_tree(tree)
+
+    def _forward_tree(self, tree: DraftTree) -> TargetOutput:
         past = self.length
         return self.forward(tree.tokens, tree.position_ids(past), tree.attention_mask(past))
 

@@ -7,7 +7,7 @@ A tree is one `llama_decode` batch using llama.cpp's multi-sequence KV cache: ev
 a sequence id, a node belongs to the sequences of all the leaves below it, and the committed context (seq 0)
 is shared with every branch by `seq_cp`. llama.cpp then masks attention exactly like the tree mask: a node
 sees the context and its own ancestors. Commit keeps the accepted branch in seq 0 and drops the others.
-Same interface as `TargetModel`, minus features (draft heads need the hf engine).
+A `Target` (draftwise.core.target), minus features (draft heads need the lean or hf engine).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 
 from draftwise.core.errors import DraftwiseError
 from draftwise.core.machine import cpu_flags
-from draftwise.core.target import TargetOutput
+from draftwise.core.target import ComputeMode, ForwardHook, TargetOutput, timed_forward
 from draftwise.core.tree import DraftTree
 
 MAX_BRANCHES = 64  # sequence ids per tree; decode trims trees with more leaves
@@ -65,8 +65,10 @@ def _without_amx_repack(llama_cpp) -> None:
 class LlamaCppTarget:
     """A GGUF model in llama.cpp, driven one draft tree at a time (see the module docstring)."""
 
-    engine_name = "llama"
-    dtype_name = "gguf"
+    backend = "llama"
+    compute = ComputeMode("gguf")
+    native_kernels = None
+    on_forward: ForwardHook | None = None
     feature_layers: tuple[int, ...] = ()
     max_leaves = MAX_BRANCHES
 
@@ -172,6 +174,11 @@ class LlamaCppTarget:
 
     def forward_tree(self, tree: DraftTree) -> TargetOutput:
         """One batch over every node of `tree`; returns the next-token logits after each node."""
+        if self.on_forward is not None:  # a timing hook: the same forward, timed
+            return timed_forward(self, self._forward_tree, tree)
+        return self._forward_tree(tree)
+
+    def _forward_tree(self, tree: DraftTree) -> TargetOutput:
         past, n = self._length, tree.size
         if n == 1 or bool((tree.parents[1:] == torch.arange(n - 1)).all()):  # a chain: one sequence, no masks
             leaves, seqs, depths = [n - 1], [[0]] * n, list(range(n))

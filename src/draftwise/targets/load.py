@@ -8,7 +8,7 @@ import torch
 from draftwise.core.errors import DraftwiseError
 from draftwise.core.kernels import avx512_kernel, grid_kernel
 from draftwise.core.machine import cpu_has_native_bf16
-from draftwise.targets.hf import TargetModel
+from draftwise.targets.hf import HFTarget
 from draftwise.targets.lean.model import LeanTarget, lean_supported
 from draftwise.targets.llama_cpp import LlamaCppTarget
 from draftwise.targets.models import load_model, load_tokenizer_and_config, model_gguf, parse_dtype
@@ -47,7 +47,7 @@ def load_target(model: str, engine: str = "auto", dtype: str = "auto", device: s
         choice = "hf"
     lean = LeanTarget(hf_model, dtype=compute, int4=on_grid) if choice == "lean" else None
     hf_model.to(compute)  # drafters and peers share it in the compute dtype
-    return hf_model, tokenizer, lean if lean is not None else TargetModel(hf_model)
+    return hf_model, tokenizer, lean if lean is not None else HFTarget(hf_model)
 
 
 def llama_parts(model: str):

@@ -77,7 +77,8 @@ def log_rounds(
     prompts = training_prompts(sharegpt, gsm)
     meta_path.write_text(json.dumps({"settings": settings, "prompts": len(prompts)}, indent=2) + "\n")
     engine = Engine.load(model, method="ar", dtype=dtype)  # the engine generation runs on: lean where it applies
-    drafter = EagleDrafter(load_head(engine, draft_head), top_k=top_k, depth=depth, total_tokens=max(sizes))
+    head = load_head(engine.target, engine.model, model, draft_head)
+    drafter = EagleDrafter(head, top_k=top_k, depth=depth, total_tokens=max(sizes))
     target = engine.target
     target.feature_layers = drafter.feature_layers
     law = Sampling(temperature)

@@ -46,7 +46,7 @@ def profile(
         log(f"warning: load average {load:.1f}: other work on this machine will inflate the timings")
     engine = Engine.load(model, method="ar", dtype=dtype, engine=engine_name)
     try:
-        head = load_head(engine, draft_head)
+        head = load_head(engine.target, engine.model, engine.model_name, draft_head)
         head_source = draft_head or "shipped"
     except DraftwiseError:
         config = engine.model.config
@@ -69,7 +69,7 @@ def profile(
         "model": model,
         "dtype": str(engine.model.dtype).removeprefix("torch."),
         "engine": engine.engine_name,
-        "compute": engine.target.dtype_name,
+        "compute": engine.target.compute.name,
         "device": str(engine.target.device),
         "threads": torch.get_num_threads(),
         "head": head_source,

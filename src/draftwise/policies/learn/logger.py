@@ -27,11 +27,11 @@ import torch
 from torch import Tensor
 
 from draftwise.core.drafter import DraftContext, RoundResult
+from draftwise.core.target import Target
 from draftwise.core.tree import DraftTree
 from draftwise.core.verify import Sampling, accept_greedy, accept_sampling, rows_on_demand, target_probs
 from draftwise.drafters.eagle import EagleDrafter
 from draftwise.drafters.tree_policy import TreePolicy
-from draftwise.targets.hf import TargetModel
 
 DEFAULT_SIZES = (1, 2, 4, 6, 8, 10, 12, 16, 24, 32)  # verification sizes V (root included) the logs can answer for
 LOG_DEPTH, LOG_TOP_K = 8, 8
@@ -106,7 +106,7 @@ def round_record(
 
 
 def log_generation(
-    target: TargetModel,
+    target: Target,
     drafter: EagleDrafter,
     prompt_ids: list[int],
     max_new_tokens: int,

@@ -42,18 +42,6 @@ def evict_caches() -> None:
     _eviction_buffer().sum()
 
 
-def timed(fn: Callable, key: Callable[..., tuple], samples: list[tuple]) -> Callable:
-    """`fn`, appending `(*key(*args), ms)` to `samples` at each call; `key` runs before the call."""
-
-    def call(*args):
-        k, start = key(*args), time.perf_counter()
-        out = fn(*args)
-        samples.append((*k, 1000 * (time.perf_counter() - start)))
-        return out
-
-    return call
-
-
 def best_ms(fn: Callable[[], object], repeats: int, before: Callable[[], object] | None = None) -> float:
     """The fastest of `repeats` timed calls after a warm-up: other work on the machine only ever adds time, so
     the minimum is the estimate least disturbed by it. `before` runs untimed ahead of every call."""
@@ -138,19 +126,18 @@ class InPlaceRounds:
 
 
 def random_shape_rounds(engine, head, prompts: Sequence[str], max_new_tokens: int) -> InPlaceRounds:
-    """Generations whose every round has a random tree shape (`RandomShapes`), timing each forward and head call."""
+    """Generations whose every round has a random tree shape (`RandomShapes`), timing each forward and head call
+    through the target's and the head's timing hooks."""
     target, verify_ms, head_ms = engine.target, [], []
-    timed_forward = timed(target.forward_tree, lambda tree: (tree.size, target.length), verify_ms)
-    timed_step = timed(head.step, lambda hidden, tokens, positions, cache, mask: (len(hidden), cache.length), head_ms)
     policy = RandomShapes(3, (1, 2, 3, 4, 6, 8, 12, 16))
-    engine._drafters["profile"] = TreeEagleDrafter(head, policy=policy, top_k=8, depth=3, total_tokens=16)
-    engine.generate("Say hi.", method="profile", max_new_tokens=8)  # warm-up
-    target.forward_tree, head.step = timed_forward, timed_step
+    drafter = TreeEagleDrafter(head, policy=policy, top_k=8, depth=3, total_tokens=16)
+    engine.generate("Say hi.", drafter=drafter, max_new_tokens=8)  # warm-up
+    target.on_forward = lambda nodes, context, seconds: verify_ms.append((nodes, context, 1000 * seconds))
+    head.on_step = lambda width, context, seconds: head_ms.append((width, context, 1000 * seconds))
     try:
-        out = [engine.generate(p, method="profile", max_new_tokens=max_new_tokens).stats for p in prompts]
+        out = [engine.generate(p, drafter=drafter, max_new_tokens=max_new_tokens).stats for p in prompts]
     finally:
-        del target.forward_tree, head.step  # the instance attributes; the methods show through again
-        del engine._drafters["profile"]
+        target.on_forward = head.on_step = None
     return InPlaceRounds(out, verify_ms, head_ms)
 
 
@@ -196,22 +183,58 @@ def fit_in_place(generations: Sequence, partial: CostModel) -> tuple[float, floa
     return float(fitted.get(0, 0.0)), float(fitted.get(1, 0.0)), float(fitted.get(2, 0.0))
 
 
+class TimedPolicy(TreePolicy):
+    """`policy` unchanged, with the seconds of each of its queries recorded: its stop rule's in `keep_going_s`,
+    its verification sizes' in `verify_size_s`."""
+
+    def __init__(self, policy: TreePolicy):
+        self.policy, self.name = policy, policy.name
+        self.keep_going_s: list[float] = []
+        self.verify_size_s: list[float] = []
+
+    @property
+    def queries(self) -> int:
+        return self.policy.queries
+
+    @property
+    def query_s(self) -> float:
+        return self.policy.query_s
+
+    def use(self, sampling) -> None:
+        self.policy.use(sampling)
+
+    def begin_round(self, committed: int):
+        keep_going = self.policy.begin_round(committed)
+        if keep_going is None:
+            return None
+
+        def timed_keep_going(calls, frontier_scores, candidate_scores) -> bool:
+            start = time.perf_counter()
+            go = keep_going(calls, frontier_scores, candidate_scores)
+            self.keep_going_s.append(time.perf_counter() - start)
+            return go
+
+        return timed_keep_going
+
+    def verify_size(self, candidates: DraftTree, budget: int) -> int:
+        start = time.perf_counter()
+        size = self.policy.verify_size(candidates, budget)
+        self.verify_size_s.append(time.perf_counter() - start)
+        return size
+
+    def observe(self, result) -> None:
+        self.policy.observe(result)
+
+
 def measure_policy_queries(engine, head, prompts: Sequence[str], max_new_tokens: int) -> dict[str, float]:
     """Ms per query of RADAR's and LTD's policies, timed inside real generations: a query runs after a target
-    forward and a head call, where its NumPy work runs ~5-10x slower than in a loop (the caches are cold).
+    forward and a head call, where its NumPy work runs several times slower than in a loop (the caches are cold).
     Untrained networks of the shipped shapes: what a query costs does not depend on the weights."""
-    times: dict[str, list[tuple]] = {"radar": [], "ltd_depth": [], "ltd_size": []}
-    radar = RadarPolicy(RadarNet(8), RadarConfig(top_k=8, depth=3, sample=False))
-    ltd = LtdPolicy(*actors(LtdConfig()), LtdConfig())
-    no_key = lambda *args: ()  # noqa: E731
-    radar.keep_going = timed(radar.keep_going, no_key, times["radar"])
-    ltd.keep_going = timed(ltd.keep_going, no_key, times["ltd_depth"])
-    ltd.verify_size = timed(ltd.verify_size, no_key, times["ltd_size"])
+    radar = TimedPolicy(RadarPolicy(RadarNet(8), RadarConfig(top_k=8, depth=3, sample=False)))
+    ltd = TimedPolicy(LtdPolicy(*actors(LtdConfig()), LtdConfig()))
     for policy in (radar, ltd):
-        engine._drafters["profile"] = TreeEagleDrafter(head, policy=policy, top_k=8, depth=3, total_tokens=6)
+        drafter = TreeEagleDrafter(head, policy=policy, top_k=8, depth=3, total_tokens=6)
         for prompt in prompts:
-            engine.generate(prompt, method="profile", max_new_tokens=max_new_tokens)
-    del engine._drafters["profile"]
-    return {name: statistics.fmean(ms for (ms,) in t) for name, t in times.items() if t}
-
-
+            engine.generate(prompt, drafter=drafter, max_new_tokens=max_new_tokens)
+    times = {"radar": radar.keep_going_s, "ltd_depth": ltd.keep_going_s, "ltd_size": ltd.verify_size_s}
+    return {name: 1000 * statistics.fmean(seconds) for name, seconds in times.items() if seconds}

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from draftwise.core.kernels import avx512_kernel
-from draftwise.core.target import TargetOutput
+from draftwise.core.target import ComputeMode, ForwardHook, TargetOutput, timed_forward
 from draftwise.core.tree import DraftTree
 from draftwise.targets.lean.linears import GridLinear, Int4Groups, VnniLinear, projection
 from draftwise.targets.lean.memory import in_huge_pages
@@ -73,10 +73,11 @@ def context_verify_cost(fits: list[tuple[int, float, float]], length: Callable[[
 
 
 class LeanTarget:
-    """A llama target with a static KV cache; same contract as `TargetModel` (see target.py)."""
+    """A llama target with a static KV cache (draftwise.core.target.Target)."""
 
-    engine_name = "lean"
+    backend = "lean"
     max_leaves: int | None = None
+    on_forward: ForwardHook | None = None
     ATTENTION_ROWS = 64  # forwards up to this many tokens (decode steps, trees) use the attention kernel if any
 
     def __init__(
@@ -112,7 +113,8 @@ class LeanTarget:
         vnni = isinstance(self.layers[0].qkv, VnniLinear) and self.head_dim % 16 == 0 and self.head_dim <= 128
         # the fused layer's row loops run 16 hidden values, and 64 of the MLP's, at a time
         whole_layers = config.hidden_size % 16 == 0 and config.intermediate_size % 64 == 0
-        self.attention = avx512_kernel().attention if vnni else None
+        self.native_kernels = avx512_kernel() if vnni else None  # a draft head beside this target runs on them too
+        self.attention = self.native_kernels.attention if vnni else None
         self.kernel = avx512_kernel() if vnni and whole_layers and all(layer.packed for layer in self.layers) else None
         self.arena = self._move_to_huge_pages() if self.kernel is not None else None
         if self.device.type == "cpu":
@@ -180,11 +182,11 @@ class LeanTarget:
         return len(self.layers)
 
     @property
-    def dtype_name(self) -> str:
-        name, qkv = str(self.dtype).removeprefix("torch."), self.layers[0].qkv
+    def compute(self) -> ComputeMode:
+        dense, qkv = ComputeMode.dense(self.dtype), self.layers[0].qkv
         if isinstance(qkv, VnniLinear):
-            return f"{name}+w4a8"  # 4-bit weights, 8-bit activations in the products
-        return f"{name}+int4" if isinstance(qkv, Int4Groups | GridLinear) else name
+            return ComputeMode(dense.activations, "w4a8")  # 4-bit weights, 8-bit activations in the products
+        return ComputeMode(dense.activations, "int4") if isinstance(qkv, Int4Groups | GridLinear) else dense
 
     @property
     def length(self) -> int:
@@ -266,13 +268,18 @@ class LeanTarget:
 
     @torch.inference_mode()
     def forward(self, token_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None) -> TargetOutput:
-        """Same arguments as `TargetModel.forward`: positions (1, N), bool mask (1, 1, N, cache + N); a mask of
+        """Same arguments as `HFTarget.forward`: positions (1, N), bool mask (1, 1, N, cache + N); a mask of
         None is causal over the new tokens."""
         mask = attention_mask[0, 0].to(self.device) if attention_mask is not None else None
         logits, features = self._run(token_ids.to(self.device), position_ids[0].to(self.device), mask, slice(None))
         return TargetOutput(logits.float(), features)
 
     def forward_tree(self, tree: DraftTree) -> TargetOutput:
+        if self.on_forward is not None:  # a timing hook: the same forward, timed
+            return timed_forward(self, self._forward_tree, tree)
+        return self._forward_tree(tree)
+
+    def _forward_tree(self, tree: DraftTree) -> TargetOutput:
         past = self.length
         mask = tree.attention_mask(past) if tree.size > 1 else None  # a lone root attends to the whole cache
         return self.forward(tree.tokens, tree.position_ids(past), mask)
