@@ -1,83 +1,30 @@
-"""Losslessness on tiny random llamas: greedy output equals plain decoding for every drafter, adversarial ones
-included; sampled output has the target's distribution; the KV cache after a commit equals plain decoding's."""
+"""The decode loop (draftwise.core.decode) is lossless on tiny random llamas: greedy output equals plain decoding
+for every drafter, adversarial ones included; sampled output has the target's distribution; the KV cache after
+a commit equals plain decoding's."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import greedy_reference, run, tiny_eagle, tiny_llama
+from conftest import (
+    OracleDrafter,
+    RandomDrafter,
+    greedy_reference,
+    run,
+    tiny_eagle,
+    tiny_llama,
+)
 from scipy.stats import chisquare
 
-from draftwise.core.drafter import DraftContext, Drafter, NoDraft
+from draftwise.core.drafter import Drafter, NoDraft
 from draftwise.core.tree import DraftTree
 from draftwise.core.verify import Sampling
 from draftwise.drafters.draft_model import DraftModel
 from draftwise.drafters.pld import PromptLookup, PromptLookupRetriever
 from draftwise.drafters.rasd import FittedGate, RasdDrafter
 from draftwise.drafters.retrieval import Retrieved
-from draftwise.targets.hf import TargetModel
+from draftwise.targets.hf import HFTarget
 from draftwise.targets.lean.model import LeanTarget
-
-
-class RandomDrafter(Drafter):
-    """Random tokens in a random tree: nearly everything is rejected."""
-
-    name = "random"
-
-    def __init__(self, vocab: int, nodes: int = 12, seed: int = 0):
-        super().__init__()
-        self.vocab, self.nodes, self.gen = vocab, nodes, torch.Generator().manual_seed(seed)
-
-    def propose(self, context: DraftContext) -> DraftTree:
-        n = min(self.nodes, context.budget)
-        parents = [-1] + [int(torch.randint(0, i, (1,), generator=self.gen)) for i in range(1, n)]
-        tokens = torch.randint(0, self.vocab, (n,), generator=self.gen)
-        tokens[0] = context.tokens[-1]
-        return DraftTree(tokens, torch.tensor(parents), torch.zeros(n))
-
-
-class OracleDrafter(Drafter):
-    """Knows the true continuation; `error_rate` corrupts tokens, `width` adds wrong siblings at every level
-    (the true one at a random rank), `depth` sets the chain length: deep-narrow and wide-shallow adversaries."""
-
-    name = "oracle"
-
-    def __init__(
-        self,
-        prompt: list[int],
-        truth: list[int],
-        vocab: int,
-        depth: int = 8,
-        width: int = 1,
-        error_rate: float = 0.0,
-        seed: int = 0,
-    ):
-        super().__init__()
-        self.full = prompt + truth
-        self.vocab, self.depth, self.width, self.error_rate = vocab, depth, width, error_rate
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def propose(self, context: DraftContext) -> DraftTree:
-        pos = context.tokens.numel()
-        tokens, parents, parent = [int(context.tokens[-1])], [-1], 0
-        for step in range(self.depth):
-            true_next = self.full[pos + step] if pos + step < len(self.full) else 0
-            if torch.rand((), generator=self.gen) < self.error_rate:
-                true_next = (true_next + 1) % self.vocab
-            wrong = [(true_next + k) % self.vocab for k in range(1, self.width)]
-            order = wrong[:]
-            order.insert(int(torch.randint(0, self.width, (1,), generator=self.gen)), true_next)
-            for tok in order:
-                if len(tokens) >= context.budget:
-                    break
-                tokens.append(tok)
-                parents.append(parent)
-                if tok == true_next:
-                    chosen = len(tokens) - 1
-            if len(tokens) >= context.budget:
-                break
-            parent = chosen
-        return DraftTree(torch.tensor(tokens), torch.tensor(parents), torch.zeros(len(tokens)))
 
 
 class OracleRetriever:
@@ -125,7 +72,7 @@ def drafters_for(model, prompt: list[int], truth: list[int]) -> list[Drafter]:
     ]
 
 
-@pytest.mark.parametrize("target_class", [TargetModel, LeanTarget], ids=["hf", "lean"])
+@pytest.mark.parametrize("target_class", [HFTarget, LeanTarget], ids=["hf", "lean"])
 @pytest.mark.parametrize("prompt", PROMPTS)
 @pytest.mark.parametrize("max_new_tokens", [1, 7, 40])
 def test_greedy_output_equals_plain_decoding_for_every_drafter(tiny_model, prompt, max_new_tokens, target_class):
@@ -159,14 +106,14 @@ def test_plain_loop_matches_transformers_generate(tiny_model):
 
 def test_cache_after_commit_equals_plain_decoding(tiny_model):
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
-    target = TargetModel(tiny_model)
+    target = HFTarget(tiny_model)
     target.prefill(torch.tensor(prompt[:-1]))
     past = target.length
     # root, then two branches; accept the second branch (non-contiguous node indices 0, 2, 4)
     tree = DraftTree(torch.tensor([prompt[-1], 11, 12, 13, 14]), torch.tensor([-1, 0, 0, 1, 2]), torch.zeros(5))
     out = target.forward_tree(tree)
     target.commit(past, [0, 2, 4])
-    plain = TargetModel(tiny_model)
+    plain = HFTarget(tiny_model)
     plain.prefill(torch.tensor(prompt + [12, 14]))
     assert target.length == plain.length
     for ours, ref in zip(target.cache.layers, plain.cache.layers, strict=True):
@@ -174,7 +121,7 @@ def test_cache_after_commit_equals_plain_decoding(tiny_model):
         torch.testing.assert_close(ours.values, ref.values, atol=1e-5, rtol=1e-5)
     # the tree forward's logits at node 4 equal plain decoding's next-token logits there
     nxt = plain.forward_tree(DraftTree.root_only(7))
-    ref_logits = TargetModel(tiny_model)
+    ref_logits = HFTarget(tiny_model)
     ref_logits.prefill(torch.tensor(prompt + [12]))
     torch.testing.assert_close(
         out.logits[4], ref_logits.forward_tree(DraftTree.root_only(14)).logits[0], atol=1e-4, rtol=1e-4
@@ -208,6 +155,8 @@ SAMPLING_MAKERS = {
         tiny_eagle(tiny_llama(vocab, seed=3)).head, [PromptLookupRetriever()], gate=FittedGate(threshold=0.0), depth=1
     ),
 }
+
+
 CASES = [(SAMPLING_CASES[0], name) for name in SAMPLING_MAKERS] + [
     (sampling, name) for sampling in SAMPLING_CASES[1:] for name in ("wide", "draft-model", "eagle")
 ]
@@ -229,7 +178,7 @@ def test_sampling_preserves_the_target_distribution(sampling, name, engine):
     law = exact_two_token_law(model, prompt, sampling)
     drafter = SAMPLING_MAKERS[name](prompt, vocab)
     lean = LeanTarget(model, drafter.feature_layers) if engine == "lean" else None  # one, reset by each prefill
-    target_class = TargetModel if lean is None else (lambda *_: lean)
+    target_class = HFTarget if lean is None else (lambda *_: lean)
     counts = torch.zeros(vocab * vocab)
     for seed in range(trials):
         out, _ = run(model, drafter, prompt, max_new_tokens=2, sampling=sampling, seed=seed, target_class=target_class)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import tiny_llama
+from conftest import (
+    tiny_llama,
+)
 from transformers import AutoTokenizer
 
 from draftwise.cli import main
@@ -71,12 +73,12 @@ def test_offset_skips_prompts_an_earlier_build_answered(tmp_path, monkeypatch):
 
 
 def test_forced_mode_offset_reads_the_exchanges_an_earlier_build_did_not(tmp_path, monkeypatch):
-    from draftwise.training import distill
 
     exchanges = [(f"question {i}", f"answer {i}") for i in range(10)]
     read = []
-    monkeypatch.setattr(distill, "sharegpt_exchanges", lambda limit, seed=0: exchanges[:limit])
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: (None, None))
-    monkeypatch.setattr(distill, "build_forced_data", lambda m, t, pairs, *a, **k: read.extend(pairs) or len(pairs))
+    command = "draftwise.cli.distill."  # what `draftwise distill` calls
+    monkeypatch.setattr(command + "sharegpt_exchanges", lambda limit, seed=0: exchanges[:limit])
+    monkeypatch.setattr(command + "load_model", lambda *a, **k: (None, None))
+    monkeypatch.setattr(command + "build_forced_data", lambda m, t, pairs, *a, **k: read.extend(pairs) or len(pairs))
     assert main(["distill", "--mode", "forced", "--offset", "4", "--limit", "3", "--out", str(tmp_path)]) == 0
     assert read == exchanges[4:7]

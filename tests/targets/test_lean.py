@@ -8,8 +8,13 @@ import copy
 
 import pytest
 import torch
-from conftest import run, tiny_eagle, tiny_llama
-from test_lossless import OracleDrafter, RandomDrafter
+from conftest import (
+    OracleDrafter,
+    RandomDrafter,
+    run,
+    tiny_eagle,
+    tiny_llama,
+)
 
 from draftwise.core.drafter import NoDraft
 from draftwise.core.errors import DraftwiseError
@@ -18,7 +23,7 @@ from draftwise.core.tree import DraftTree
 from draftwise.core.verify import NEAR_TIE_EPSILON, compare_greedy
 from draftwise.drafters.eagle import EagleDrafter
 from draftwise.engine import choose_engine
-from draftwise.targets.hf import TargetModel
+from draftwise.targets.hf import HFTarget
 from draftwise.targets.lean.linears import GridLinear, Int4Groups, VnniLinear, gguf_grid, quantize_draft_linears
 from draftwise.targets.lean.model import LeanTarget, lean_supported
 
@@ -27,7 +32,7 @@ PROMPT = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]
 
 def test_lean_forward_matches_transformers_in_fp32(tiny_model):
     layers = (0, 1, 2)
-    hf, lean = TargetModel(tiny_model, layers), LeanTarget(tiny_model, layers)
+    hf, lean = HFTarget(tiny_model, layers), LeanTarget(tiny_model, layers)
     torch.testing.assert_close(lean.prefill(torch.tensor(PROMPT)), hf.prefill(torch.tensor(PROMPT)))
     tree = DraftTree(torch.tensor([7, 11, 12, 13, 14, 15]), torch.tensor([-1, 0, 0, 1, 2, 2]), torch.zeros(6))
     ours, ref = lean.forward_tree(tree), hf.forward_tree(tree)
@@ -125,7 +130,7 @@ def test_speculation_on_4bit_weights_equals_its_own_plain_decoding(compute, monk
         return LeanTarget(m, layers, dtype=dtype, int4=True)
 
     target = lean_int4(model)
-    assert target.dtype_name == compute
+    assert target.compute.name == compute
     assert (target.attention is not None) == (target.kernel is not None) == (compute == "float32+w4a8")
     reference, plain = run(model, NoDraft(), PROMPT, 40, target_class=lean_int4)
     truth = reference + [0] * 20
@@ -190,7 +195,7 @@ def test_without_the_grid_kernels_fp32_weights_stay_dense(monkeypatch):
     monkeypatch.setattr("draftwise.targets.lean.linears.grid_kernel", lambda: None)
     monkeypatch.setattr("draftwise.targets.lean.linears.avx512_kernel", lambda: None)
     target = LeanTarget(quantized_llama(), dtype=torch.float32, int4=True)
-    assert target.dtype_name == "float32"
+    assert target.compute.name == "float32"
 
 
 needs_avx512_kernel = pytest.mark.skipif(avx512_kernel() is None, reason="no AVX-512 VNNI on this machine")

@@ -21,7 +21,9 @@ import openai
 import pytest
 import torch
 import uvicorn
-from conftest import tiny_llama
+from conftest import (
+    tiny_llama,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 

@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import tiny_llama
+from conftest import (
+    tiny_llama,
+)
 from transformers import AutoTokenizer
 
 from draftwise.bench.datasets import Question, interleave_categories, load_questions
 from draftwise.bench.metrics import aggregate, assign_verdicts, first_difference, tie_epsilon
 from draftwise.bench.plots import load_profile
-from draftwise.bench.report import render_report
+from draftwise.bench.report import BenchRun, render_report
 from draftwise.bench.runner import PEERS, Settings, run_benchmark, run_engine, run_question, turn_record
 from draftwise.cli import main
 from draftwise.cli.bench import parse_method_options, parse_methods
@@ -142,7 +144,8 @@ def test_report_flags_mismatches_loudly():
         "draftwise": "d",
     }
     settings = {"prompts": "p", "questions": 1, "max_new_tokens": 2, "temperature": 0.0, "seed": 0}
-    text = render_report(env, settings, ["ar", "pld", "gone"], {"gone": "not installed"}, summary, records, 1e-3, [])
+    run = BenchRun(env, settings, ["ar", "pld", "gone"], {"gone": "not installed"}, summary, records)
+    text = render_report(run, 1e-3, [])
     assert "LOSSLESSNESS FAILURE: 1 of 1" in text
     assert "| pld | 100 | qa | MISMATCH | 1 | 1 |" in text
     assert "| gone | **unavailable:** not installed |" in text

@@ -1,5 +1,5 @@
-"""REST retrieval: suffix-array search against brute force, the frequent-prefix trie, memory-mapped datastores,
-losslessness of the `rest` drafter, and the `datastore build` command's error paths."""
+"""REST retrieval (draftwise.drafters.retrieval and .rest): suffix-array matches equal brute force, tries keep the
+most frequent prefixes, and REST drafting is lossless."""
 
 from __future__ import annotations
 
@@ -11,19 +11,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import greedy_reference, run
+from conftest import (
+    greedy_reference,
+    run,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
 
-from draftwise.cli import main
 from draftwise.core.errors import DraftwiseError
 from draftwise.core.tree import DraftTree
 from draftwise.core.verify import Sampling
 from draftwise.drafters.pld import PromptLookupRetriever
 from draftwise.drafters.rest import RestDrafter
 from draftwise.drafters.retrieval import Datastore, Retriever, build_datastore, frequent_prefix_tree
-from draftwise.targets.hf import TargetModel
+from draftwise.targets.hf import HFTarget
 from draftwise.targets.lean.model import LeanTarget
 
 VOCAB = 4  # tiny alphabet: long matches and shared continuations are common
@@ -172,7 +173,7 @@ def tiny_datastore(model, path: Path) -> tuple[list[list[int]], list[list[int]]]
     return prompts, outputs
 
 
-@pytest.mark.parametrize("target_class", [TargetModel, LeanTarget], ids=["hf", "lean (trees sized by cost)"])
+@pytest.mark.parametrize("target_class", [HFTarget, LeanTarget], ids=["hf", "lean (trees sized by cost)"])
 def test_rest_greedy_is_lossless(tiny_model, tmp_path, target_class):
     prompts, outputs = tiny_datastore(tiny_model, tmp_path / "ds")
     for total_tokens in (4, 16):
@@ -197,75 +198,3 @@ def test_rest_drafter_errors(tmp_path):
         RestDrafter(datastore=str(tmp_path / "ds"), vocab_size=96)
     with pytest.raises(DraftwiseError, match="must be positive"):
         RestDrafter(datastore=str(tmp_path / "ds"), total_tokens=0)
-
-
-# --- CLI ---------------------------------------------------------------------------------------------
-
-
-def error_of(capsys, argv: list[str]) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
-@pytest.fixture
-def isolated_cache(tmp_path, monkeypatch):
-    """Default datastores go under a temporary cache; the embedded model stays where it is."""
-    from draftwise.targets import models
-
-    model_dir = models.resolve_model("smollm2-135m")
-    monkeypatch.setenv("DRAFTWISE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(models, "resolve_model", lambda name: model_dir if name == "smollm2-135m" else Path(name))
-    return tmp_path
-
-
-def test_datastore_build_errors(capsys, isolated_cache):
-    tmp = isolated_cache
-    assert "--corpus must be" in error_of(capsys, ["datastore", "build", "--corpus", "books"])
-    assert "--corpus must be" in error_of(capsys, ["datastore", "build", "--corpus", str(tmp / "no.jsonl")])
-    assert "--max-tokens" in error_of(capsys, ["datastore", "build", "--corpus", "code", "--max-tokens", "0"])
-    empty = tmp / "empty"
-    empty.mkdir()
-    line = error_of(capsys, ["datastore", "build", "--corpus", "chat", "--distill-dir", str(empty)])
-    assert "draftwise distill" in line
-    bad = tmp / "bad.jsonl"
-    bad.write_text('{"text": "fine"}\n{"prompt": "no text"}\n')
-    assert "bad.jsonl:2" in error_of(capsys, ["datastore", "build", "--corpus", str(bad), "--out", str(tmp / "o")])
-    blank = tmp / "blank.jsonl"
-    blank.write_text('{"text": ""}\n')
-    assert "corpus is empty" in error_of(capsys, ["datastore", "build", "--corpus", str(blank)])
-
-
-def test_datastore_build_chat_and_jsonl(capsys, isolated_cache):
-    tmp = isolated_cache
-    shard = {
-        "0000.ids": torch.tensor([1, 2, 3, 40, 41, 42], dtype=torch.int32),
-        "0000.response_from": torch.tensor([3]),
-        "0000.features": torch.zeros(6, 2, 4, dtype=torch.float16),
-        "0001.ids": torch.tensor([7, 8, 50], dtype=torch.int32),
-        "0001.response_from": torch.tensor([2]),
-        "0001.features": torch.zeros(3, 2, 4, dtype=torch.float16),
-    }
-    (tmp / "distill").mkdir()
-    save_file(shard, str(tmp / "distill" / "shard_00000.safetensors"))
-    assert main(["datastore", "build", "--corpus", "chat", "--distill-dir", str(tmp / "distill")]) == 0
-    assert "MiB on disk" in capsys.readouterr().out
-    store = Datastore.load(tmp / "cache" / "datastores" / "chat")
-    assert store.tokens.tolist() == [40, 41, 42, 49152, 50, 49152]  # responses only, separated
-    assert store.meta["model"] == "smollm2-135m" and store.meta["corpus"] == "chat"
-
-    texts = tmp / "notes.jsonl"
-    texts.write_text("\n".join(json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n"}) for i in range(20)))
-    argv = ["datastore", "build", "--corpus", str(texts), "--out", str(tmp / "notes"), "--max-tokens", "50"]
-    assert main(argv) == 0
-    assert Datastore.load(tmp / "notes").meta["num_tokens"] == 50
-
-
-def test_generate_with_a_missing_datastore(capsys, isolated_cache):
-    argv = ["generate", "hi", "--method", "rest", "--dtype", "fp32"]
-    assert "draftwise datastore build --corpus chat`" in error_of(capsys, argv)  # the default datastore
-    argv = ["generate", "hi", "--method", "rest", "--datastore", "nowhere", "--dtype", "fp32"]
-    assert "datastore build" in error_of(capsys, argv)

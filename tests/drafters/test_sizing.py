@@ -4,14 +4,17 @@ prompt lookup sized this way stays lossless."""
 from __future__ import annotations
 
 import torch
-from conftest import greedy_reference, tiny_llama
+from conftest import (
+    greedy_reference,
+    tiny_llama,
+)
 
 from draftwise.core.decode import GenerationStats, generate_tokens
 from draftwise.core.tree import DraftTree
 from draftwise.core.verify import Sampling
 from draftwise.drafters.pld import PromptLookup
 from draftwise.drafters.sizing import AcceptanceStats, size_for_throughput
-from draftwise.targets.hf import TargetModel
+from draftwise.targets.hf import HFTarget
 
 
 def chain(n: int) -> DraftTree:
@@ -45,7 +48,7 @@ def test_sized_prompt_lookup_is_lossless():
     model = tiny_llama()
     prompt = [1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3]
     reference = greedy_reference(model, prompt, 40)
-    target = TargetModel(model)
+    target = HFTarget(model)
     target.verify_cost = lambda n: 1.0 + 0.3 * (n - 1)
     drafter = PromptLookup()
     stats = GenerationStats(method="pld")

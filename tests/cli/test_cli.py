@@ -3,11 +3,37 @@
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_llama
+from conftest import (
+    error_of,
+    tiny_llama,
+)
 from transformers import AutoTokenizer
 
 from draftwise.cli import main
 from draftwise.targets import models
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train-policy", "--method", "eagle"], "unknown policy method"),
+        (["train-policy", "--method", "radar", "--rounds", "/nonexistent/rounds"], "no logged rounds"),
+        (["train-policy", "--method", "radar", "--max-tau-loss", "1.5"], "--max-tau-loss must be in"),
+        (["generate", "hi", "--method", "pld", "--policy", "radar"], "--policy applies to --method eagle and rasd"),
+        (["generate", "hi", "--method", "eagle", "--policy", "bogus"], "unknown policy 'bogus'"),
+        (["log-rounds", "--sizes", "0,4"], "--sizes must be positive"),
+        (["log-rounds", "--trajectory", "beam"], "--trajectory must be greedy or sampled"),
+        (["profile", "--repeats", "0"], "--repeats must be >= 1"),
+    ],
+)
+def test_cli_errors(argv, message, capsys, tmp_path):
+    from draftwise.cli import main
+
+    if argv[0] == "train-policy" and "--rounds" not in argv:
+        argv = argv + ["--rounds", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
 
 
 @pytest.fixture(scope="module")
@@ -17,15 +43,6 @@ def tiny_model_dir(tmp_path_factory):
     tiny_llama(vocab_size=49152).save_pretrained(path)
     AutoTokenizer.from_pretrained(models.resolve_model("smollm2-135m")).save_pretrained(path)
     return path
-
-
-def error_of(capsys, argv: list[str]) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 @pytest.mark.parametrize(

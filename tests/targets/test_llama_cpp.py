@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import (
+    OracleDrafter,
+    RandomDrafter,
+)
 
 pytest.importorskip("llama_cpp", reason="the llama engine needs `pip install 'draftwise[llama]'`")
 
-from test_lossless import OracleDrafter, RandomDrafter  # noqa: E402
 
 from draftwise.core.decode import GenerationStats, generate_tokens  # noqa: E402
 from draftwise.core.drafter import NoDraft  # noqa: E402
