@@ -54,8 +54,8 @@ class TextStream:
 
     def __iter__(self) -> Iterator[str]:
         """Decodes incrementally (as vLLM does): each round decodes only the tokens since the last complete piece,
-        with the piece before them as left context, so a long generation costs linear time, not quadratic (a
-        full decode of 2,048 tokens takes ~0.7 ms, a tenth of a round). The final text is one full decode."""
+        with the piece before them as left context, so a long generation costs linear time, not quadratic (a full
+        decode of a long output costs a sizeable share of a round). The final text is one full decode."""
         tokenizer = self._engine.tokenizer
 
         def decode(ids: list[int]) -> str:
@@ -129,6 +129,8 @@ class Engine:
         engine: str = "auto",
         **method_options,
     ) -> Engine:
+        """Load a model and return an Engine (see Engine.generate / Engine.stream). `engine`: auto | lean | hf |
+        llama; `method_options` go to the method's drafter."""
         choose_engine(engine, method)  # before the slow load
         hf_model, tokenizer, target = load_target(model, engine, dtype, device)
         return cls(hf_model, tokenizer, model_name=model, method=method, target=target, **method_options)
@@ -239,13 +241,4 @@ class Engine:
         return stream.generation
 
 
-def load(
-    model: str = DEFAULT_MODEL,
-    method: str = "pld",
-    dtype: str = "auto",
-    device: str = "cpu",
-    engine: str = "auto",
-    **method_options,
-) -> Engine:
-    """Load a model and return an Engine (see Engine.generate / Engine.stream). `engine`: auto | lean | hf | llama."""
-    return Engine.load(model, method=method, dtype=dtype, device=device, engine=engine, **method_options)
+load = Engine.load  # draftwise.load(model, method=..., ...) is Engine.load

@@ -7,6 +7,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -48,24 +49,21 @@ def environment(model_name: str, model, options: dict) -> dict:
     }
 
 
-def write_results(
-    path: Path,
-    env: dict,
-    settings: dict,
-    methods: list[str],
-    unavailable: dict[str, str],
-    summary: dict,
-    records: list[dict],
-) -> None:
-    payload = {
-        "environment": env,
-        "settings": settings,
-        "methods": methods,
-        "unavailable": unavailable,
-        "summary": summary,
-        "records": records,
-    }
-    path.write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+@dataclass
+class BenchRun:
+    """One `draftwise bench` run as results.json stores it: where it ran, its settings, the methods asked for (and
+    why some could not run), and what each measured."""
+
+    environment: dict
+    settings: dict
+    methods: list[str]
+    unavailable: dict[str, str]
+    summary: dict
+    records: list[dict]
+
+
+def write_results(path: Path, run: BenchRun) -> None:
+    path.write_text(json.dumps(asdict(run), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
@@ -185,16 +183,9 @@ def losslessness_section(records: list[dict], epsilon: float) -> str:
     return head
 
 
-def render_report(
-    env: dict,
-    settings: dict,
-    methods: list[str],
-    unavailable: dict[str, str],
-    summary: dict,
-    records: list[dict],
-    epsilon: float,
-    plots: list[str],
-) -> str:
+def render_report(run: BenchRun, epsilon: float, plots: list[str]) -> str:
+    env, settings, methods, unavailable = run.environment, run.settings, run.methods, run.unavailable
+    summary, records = run.summary, run.records
     greedy = settings["temperature"] == 0
     errors = [r for r in records if r["error"]]
     gpu = f", {env['gpu']}" if env["gpu"] else ""

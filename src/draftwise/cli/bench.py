@@ -167,9 +167,10 @@ def run(args: argparse.Namespace) -> int:
         "tie_epsilon": epsilon,
         "options": options,
     }
-    report.write_results(args.out / "results.json", env, run_settings, names, unavailable, summary, records)
+    results = report.BenchRun(env, run_settings, names, unavailable, summary, records)
+    report.write_results(args.out / "results.json", results)
     plot_files = plots.write_plots(args.out, summary, records, available, profile)
-    text = report.render_report(env, run_settings, names, unavailable, summary, records, epsilon, plot_files)
+    text = report.render_report(results, epsilon, plot_files)
     (args.out / "report.md").write_text(text, encoding="utf-8")
 
     print(report.overall_table(summary, names, unavailable, settings.temperature == 0))

@@ -1,7 +1,7 @@
 """Faster CPU matmuls for the few-token forwards that tree verification and tree drafting are made of.
 
-PyTorch's CPU `linear` (addmm) for 2 to ~48 activation rows runs 1.5-2.5x slower than the same product
-computed as W @ x^T, which streams the weight matrix once (benchmarks/RESULTS.md, "small-batch linear").
+PyTorch's CPU `linear` (addmm) for 2 to ~48 activation rows runs slower than the same product computed as
+W @ x^T, which streams the weight matrix once (docs/results.md, "small-batch linear").
 One token (plain decoding) and long prefills keep the stock kernel, which is fastest there.
 """
 
@@ -65,7 +65,7 @@ def compile_flags(isa_flags: list[str]) -> list[str]:
 
 
 def _extension(name: str, what: str, flags: list[str], runs_here: bool, switch: str):
-    """The compiled extension csrc/<name>.cpp, built once per machine (~1 min, cached under the draftwise cache),
+    """The compiled extension csrc/<name>.cpp, built once per machine (cached under the draftwise cache),
     or None where it cannot be: the CPU lacks the instructions, no C++ compiler, or the env `switch` is 0."""
     if name not in _built:
         _built[name] = None

@@ -45,7 +45,7 @@ class ComputeMode:
 
     @property
     def name(self) -> str:
-        """"float32", "bfloat16+int4", "float32+w4a8", "gguf": what reports and cost models show."""
+        """ "float32", "bfloat16+int4", "float32+w4a8", "gguf": what reports and cost models show."""
         return self.activations if self.weights is None else f"{self.activations}+{self.weights}"
 
     @property
@@ -59,14 +59,6 @@ class ComputeMode:
 
 # (nodes verified, tokens in the cache before, seconds) of one verify forward
 ForwardHook = Callable[[int, int, float], None]
-
-
-def timed_forward(target: Target, forward: Callable[[DraftTree], TargetOutput], tree: DraftTree) -> TargetOutput:
-    """`forward(tree)`, reported to `target.on_forward` with the tree's size, the context before it and its seconds."""
-    context, start = target.length, time.perf_counter()
-    out = forward(tree)
-    target.on_forward(tree.size, context, time.perf_counter() - start)
-    return out
 
 
 class Target(Protocol):
@@ -111,3 +103,22 @@ class Target(Protocol):
     def truncate(self, length: int) -> None:
         """Drop cached tokens past `length`."""
         ...
+
+
+class TargetBase:
+    """What the three backends share: `forward_tree` with its timing hook around their own `_forward_tree`."""
+
+    on_forward: ForwardHook | None = None
+    length: int
+
+    def forward_tree(self, tree: DraftTree) -> TargetOutput:
+        """One forward over every node of `tree`, each attending to the cache plus its own ancestors."""
+        if self.on_forward is None:
+            return self._forward_tree(tree)
+        context, start = self.length, time.perf_counter()  # a timing hook: the same forward, timed
+        out = self._forward_tree(tree)
+        self.on_forward(tree.size, context, time.perf_counter() - start)
+        return out
+
+    def _forward_tree(self, tree: DraftTree) -> TargetOutput:
+        raise NotImplementedError

@@ -65,8 +65,8 @@ class DraftTree:
     def ancestors(self) -> Tensor:
         """(N, N) bool: row i marks the ancestors of node i, itself included (the tree attention mask)."""
         if self._ancestors is None and self.size <= 62:
-            # as bitsets in Python ints (a node's = its parent's plus itself): a few microseconds, where the
-            # level-by-level loop below costs ~8 per level, a tenth of prompt lookup's round on a deep chain
+            # as bitsets in Python ints (a node's = its parent's plus itself): far cheaper than the level-by-level
+            # loop below, which on a deep chain costs a sizeable share of prompt lookup's round
             bits = [1]
             for i, parent in enumerate(self.parents.tolist()[1:], start=1):
                 bits.append(bits[parent] | 1 << i)
@@ -118,7 +118,7 @@ class DraftTree:
 
     def subtree(self, keep: Tensor | Sequence[int]) -> DraftTree:
         """The tree restricted to `keep` (node indices, containing 0, closed under ancestors). The parents are
-        remapped in Python: as a dozen small tensor ops this cost ~70 us, several times a round."""
+        remapped in Python: a dozen small tensor ops cost more, and this runs several times a round."""
         kept = sorted(keep.tolist() if isinstance(keep, Tensor) else keep)
         new_index = {old: new for new, old in enumerate(kept)}
         parents = self.parents.tolist()
@@ -138,7 +138,7 @@ class DraftTree:
         A node is ranked by the lowest score on its root path, then by depth, then index. Its key can never
         beat its parent's, so every prefix of the ranking is a valid tree even when scores are not monotone
         (as with retrieval nodes fused into a draft tree). Plain Python: trees are small, and the tensor version
-        of this cost ~0.2 ms a round in small ops."""
+        of this spent a round's share in small ops."""
         if budget >= self.size:
             return self
         parents, scores = self.parents.tolist(), self.scores.tolist()

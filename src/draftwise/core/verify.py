@@ -48,9 +48,9 @@ def rows_on_demand(logits: Tensor, sampling: Sampling) -> Callable[[int], Tensor
 def nucleus(probs: Tensor, top_p: float, heads: tuple[int, ...] = (256, 4096)) -> Tensor:
     """`probs` renormalised over each row's nucleus (the smallest set of the most likely tokens whose probability
     reaches `top_p`), zero elsewhere: top-p sampling. Each row sorts only its most likely `heads[i]` tokens, the
-    first head that reaches `top_p`: over a 49k vocabulary a full sort takes ~4 ms on a CPU, the top 256 ~0.2 ms
-    and the top 4096 ~0.8 ms. The kept tokens' probabilities are rescaled, not recomputed by a second softmax over
-    a masked row (0.45 -> ~0.25 ms a row; they differ in the last bits)."""
+    first head that reaches `top_p`, because a full sort of a large vocabulary costs many times a partial one on a
+    CPU (docs/results.md). The kept tokens' probabilities are rescaled, not recomputed by a second softmax over a
+    masked row, which is cheaper and differs only in the last bits."""
     flat = probs.reshape(-1, probs.shape[-1])
     kept_probs = torch.zeros_like(flat)
     vocab = flat.shape[-1]
@@ -66,9 +66,9 @@ def nucleus(probs: Tensor, top_p: float, heads: tuple[int, ...] = (256, 4096)) -
 
 
 def sample_token(weights: Tensor, generator: torch.Generator | None = None) -> int:
-    """One draw from a row of non-negative weights (normalised or not) by inverse CDF in float64. On a CPU
-    `torch.multinomial` takes ~1.3 ms over a 49k vocabulary, a fifth of a decode step; this takes ~0.08 ms.
-    A token of weight zero is never drawn."""
+    """One draw from a row of non-negative weights (normalised or not) by inverse CDF in float64: on a CPU
+    `torch.multinomial` over a large vocabulary costs a sizeable share of a decode step, this a small fraction of it
+    (docs/results.md). A token of weight zero is never drawn."""
     cumulative = torch.cumsum(weights, -1, dtype=torch.float64)
     u = torch.rand((), generator=generator, dtype=torch.float64).item() * float(cumulative[-1])
     index = int(torch.searchsorted(cumulative, u, right=True))
@@ -79,7 +79,7 @@ def sample_token(weights: Tensor, generator: torch.Generator | None = None) -> i
 
 def top_two(logits: Tensor) -> tuple[Tensor, Tensor]:
     """Each row's two largest values (N, 2) and its argmax (N,), the first index on ties: one pass in
-    csrc/avx512.cpp where it runs (torch's argmax and topk each cost ~120 us on a tree's logits)."""
+    csrc/avx512.cpp where it runs (torch's argmax and topk are two passes, each slower than this one)."""
     kernel = avx512_kernel() if logits.device.type == "cpu" and logits.dtype == torch.float32 else None
     if kernel is not None and logits.dim() == 2 and logits.shape[1] >= 2:
         return kernel.top_two(logits)
@@ -89,7 +89,7 @@ def top_two(logits: Tensor) -> tuple[Tensor, Tensor]:
 def accept_greedy(tree: DraftTree, logits: Tensor, best_next: Tensor | None = None) -> tuple[list[int], int]:
     """Longest root path whose every token equals the target's argmax at its parent; ties go to the lower index.
     `best_next`: the argmax of every row of `logits`, where the caller has it. One pass in Python over the
-    (topologically ordered) nodes: as tensor ops over the ancestor matrix this cost ~150 us a round."""
+    (topologically ordered) nodes: tensor ops over the ancestor matrix cost more at tree sizes."""
     best = (logits.argmax(-1) if best_next is None else best_next).tolist()
     if tree.size == 1:
         return [0], best[0]
@@ -120,7 +120,7 @@ def accept_sampling(
     the bonus token is sampled from the residual p. The output has exactly the target's distribution.
 
     `probs` is p at every node (N, V), or a function giving a node's row: then only the rows on the walk are
-    computed (with top-p a row costs ~0.3-0.6 ms on a CPU, and a round visits τ of a tree's N nodes).
+    computed (a top-p row is costly on a CPU, and a round visits τ of a tree's N nodes).
     """
     row = probs if callable(probs) else probs.__getitem__
     children = tree.children()
@@ -170,12 +170,9 @@ def compare_greedy(reference: list[int], reference_margins: list[float], tokens:
     return "mismatch"
 
 
-# Near-tie thresholds in logit units. bf16 tree and sequential forwards of SmolLM2-135M differ by up to ~0.5 per
-# logit over the same cache (../shared/papers/README.md; 0.69 on AVX2 with int4 weights, where the top-2 margin
-# moved by up to 0.375), and a speculative run's cache is itself built by tree forwards, so the deviation compounds
-# along the output: a flip at a 0.5 margin was seen on AVX2 (the same question in fp32 was identical). A flip needs
-# the two logits to move apart, hence 2 x 0.5. fp32 differences are ~1e-4.
-# gguf: llama.cpp quantizes activations to 8 bits; the same logits computed with the KV cells in another order
-# differ by up to ~0.9 (measured, see llama_target.py), so peers built differently (llama-cpp-python's `Llama`)
-# can part from `ar@llama` where its top-2 margin is that small. draftwise's own llama methods stay exact.
+# Near-tie thresholds in logit units: twice how far a reduced-precision tree forward can move one logit against a
+# sequential one (a flip needs both top logits to move apart), as measured in docs/results.md ("losslessness");
+# fp32 forwards agree to far less. gguf: llama.cpp quantizes activations to 8 bits, and its logits depend on the
+# KV cells' order (targets/llama_cpp.py), so peers built differently (llama-cpp-python's `Llama`) can part from
+# `ar@llama` at such margins; draftwise's own llama methods stay exact.
 NEAR_TIE_EPSILON = {"bf16": 1.0, "fp16": 1.0, "fp32": 1e-3, "gguf": 1.0}

@@ -1,4 +1,4 @@
-"""EAGLE drafting with a trained draft head (draft_head.py).
+"""EAGLE drafting with a trained draft head (draftwise.heads).
 
 The head keeps its own KV cache of committed pairs (target feature at t, token t+1). Each round it first
 catches up on the pairs the last verification committed (one call), then grows an EAGLE-2 dynamic tree

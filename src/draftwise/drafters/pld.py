@@ -14,8 +14,8 @@ PLD_TOTAL_TOKENS = 24  # nodes of the merged trie at most, before cost sizing
 
 class NgramIndex:
     """Where every n-gram of the context ends, kept up to date as tokens are appended: a lookup costs O(new
-    tokens) instead of a scan of the whole context every round (~0.2 ms an n-gram length at 1k tokens, a tenth
-    of a round). `lookup` gives the continuations of earlier occurrences of the trailing n-gram, longest n first
+    tokens) instead of a scan of the whole context every round (a sizeable share of a round at long contexts).
+    `lookup` gives the continuations of earlier occurrences of the trailing n-gram, longest n first
     (stopping at the first n that matches), most recent occurrence first."""
 
     def __init__(self, max_ngram: int, min_ngram: int) -> None:

@@ -64,7 +64,7 @@ class FittedGate:
 
 class PayoffRule:
     """Whether a call pays: the head's, in a round where retrieval already offers `expected` accepted tokens
-    (the sizer's estimate; on a 2-core CPU a head call costs ~1 ms, a seventh of a round, and where prompt lookup
+    (the sizer's estimate; on a small CPU a head call is a noticeable share of a round, and where prompt lookup
     has a long match the head rarely adds a token), or a retriever's lookup (one bucket). Fitted online like the
     gate: per bucket of `expected`, the mean number of tokens the call's nodes added beyond the others'; the call
     is skipped while that is below what it costs in tokens ((1 + expected) tokens per round times the call's
@@ -111,7 +111,7 @@ class RasdDrafter(EagleDrafter):
         **eagle_options,
     ):
         super().__init__(head, **eagle_options)
-        if concurrent is None:  # a worker thread only helps with a core to spare (measured on 2: no faster)
+        if concurrent is None:  # a worker thread only helps with a core to spare (docs/results.md)
             concurrent = (os.cpu_count() or 1) > torch.get_num_threads()
         self.retrievers, self.retrieval_budget, self.concurrent = retrievers, retrieval_budget, concurrent
         self.gate = gate or FittedGate()
@@ -134,8 +134,8 @@ class RasdDrafter(EagleDrafter):
 
     def _retrieve(self, tokens: Tensor, budget: int, step_s: float | None = None) -> list[tuple[int, Retrieved]]:
         """(retriever index, what it retrieved) of every retriever asked that found something. Where a step's
-        seconds are known, a retriever whose tokens have not paid for its time is asked only now and then (a
-        code datastore costs ~0.7 ms a lookup, a tenth of a step, and on prose it rarely adds a token)."""
+        seconds are known, a retriever whose tokens have not paid for its time is asked only now and then (a code
+        datastore's lookup costs a noticeable share of a step, and on prose it rarely adds a token)."""
         found, self._queried = [], []
         for i, (retriever, rule) in enumerate(zip(self.retrievers, self.source_skip, strict=True)):
             if step_s and rule.skip(0.0, rule.share(step_s)):

@@ -89,8 +89,8 @@ def numpy_layers(net: nn.Sequential) -> list[tuple[np.ndarray, np.ndarray]]:
 
 def numpy_argmax(layers: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray) -> int:
     """argmax of an `mlp` (ReLU between the layers) on one observation. Products by einsum, on this thread: NumPy's
-    BLAS splits a 1024 x 536 product over threads of its own, which then fight torch's OpenMP team for the cores;
-    right after a target forward that product took 3.7 ms, against 0.21 ms by einsum (2-core EPYC)."""
+    BLAS splits a 1024 x 536 product over threads of its own, which then fight torch's OpenMP team for the cores:
+    right after a target forward that product took many times longer than by einsum (docs/results.md)."""
     for i, (weight, bias) in enumerate(layers):
         x = np.einsum("ij,j->i", weight, x) + bias
         if i < len(layers) - 1:

@@ -10,8 +10,8 @@ from draftwise.drafters.tree_policy import TreePolicy
 class PerMode(TreePolicy):
     """A learned policy fitted twice, on greedy decoding's rounds and on sampled text's (`log-rounds --trajectory
     sampled`): less of sampled text is accepted, so smaller trees pay there. Rounds at or above the temperature the
-    sampling fit's text was drawn at ask that fit, the others the greedy one (at T = 0.7 with top-p 0.95 the greedy
-    fit ran as fast or faster, at T = 1 the sampling fit did: benchmarks/RESULTS.md). Both share one tree shape."""
+    sampling fit's text was drawn at ask that fit, the others the greedy one (below that temperature the greedy fit
+    ran as fast or faster: docs/results.md). Both share one tree shape."""
 
     def __init__(self, greedy: TreePolicy, sampling: TreePolicy, temperature: float = 1.0):
         self.greedy, self.sampling, self.active, self.temperature = greedy, sampling, greedy, temperature

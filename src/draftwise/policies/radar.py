@@ -61,8 +61,8 @@ class RadarPolicy(TreePolicy):
         self.net, self.config = net.eval(), config
         self.generator = torch.Generator().manual_seed(seed)
         self.queries, self.query_s = 0, 0.0  # the policy's own overhead, for reports
-        # The query runs the same LSTM cell and MLP in NumPy: a dozen eager torch ops on vectors this small cost
-        # ~0.26 ms between draft calls on the lean engine, as much as the call a stop saves.
+        # The query runs the same LSTM cell and MLP in NumPy: a dozen eager torch ops on vectors this small cost as
+        # much, between draft calls, as the call a stop saves (docs/results.md)
         lstm, first, last = net.lstm, net.mlp[0], net.mlp[3]
         weights = {
             "cell": torch.cat([lstm.weight_ih_l0, lstm.weight_hh_l0], 1),

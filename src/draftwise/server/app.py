@@ -41,7 +41,6 @@ T = TypeVar("T")
 # --- streaming
 
 
-
 def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 

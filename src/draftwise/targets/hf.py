@@ -8,11 +8,11 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from draftwise.core.kernels import use_small_batch_linear
-from draftwise.core.target import ComputeMode, ForwardHook, TargetOutput, timed_forward
+from draftwise.core.target import ComputeMode, TargetBase, TargetOutput
 from draftwise.core.tree import DraftTree
 
 
-class HFTarget:
+class HFTarget(TargetBase):
     """Any Hugging Face causal LM, driven one draft tree at a time.
 
     `feature_layers` index the model's `hidden_states` tuple: i < num_layers is the input of decoder layer i,
@@ -23,7 +23,6 @@ class HFTarget:
     max_leaves: int | None = None  # no limit on tree shape
     verify_cost = None  # not measured: on this path a tree costs little more than one token, drafters go big
     native_kernels = None
-    on_forward: ForwardHook | None = None
 
     def __init__(self, model, feature_layers: tuple[int, ...] = (), small_batch_linear: bool = True):
         if small_batch_linear:
@@ -84,12 +83,6 @@ class HFTarget:
             output_hidden_states=bool(self.feature_layers),
         )
         return TargetOutput(out.logits[0].float(), self._features(out))
-
-    def forward_tree(self, tree: DraftTree) -> TargetOutput:
-        """One forward over every node of `tree`, each attending to the cache plus its own ancestors."""
-        if self.on_forward is not None:  # a timing hook: the same forward, timed
-            return timed_forward(self, self._forward_tree, tree)
-        return self._forward_tree(tree)
 
     def _forward_tree(self, tree: DraftTree) -> TargetOutput:
         past = self.length

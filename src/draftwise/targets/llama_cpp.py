@@ -1,7 +1,7 @@
 """The target model run by llama.cpp (through llama-cpp-python's C API), verifying draft trees in one batch.
 
-llama.cpp runs the GGUF's quantized weights directly (Q4_1 for the default model: ~4x fewer bytes per token
-than the fp32 weights transformers dequantizes to), which is where CPU decoding time goes.
+llama.cpp runs the GGUF's quantized weights directly (Q4_1 for the default model: far fewer bytes per token than
+the fp32 weights transformers dequantizes to), which is where CPU decoding time goes.
 
 A tree is one `llama_decode` batch using llama.cpp's multi-sequence KV cache: every root-to-leaf branch is
 a sequence id, a node belongs to the sequences of all the leaves below it, and the committed context (seq 0)
@@ -22,7 +22,7 @@ import torch
 
 from draftwise.core.errors import DraftwiseError
 from draftwise.core.machine import cpu_flags
-from draftwise.core.target import ComputeMode, ForwardHook, TargetOutput, timed_forward
+from draftwise.core.target import ComputeMode, TargetBase, TargetOutput
 from draftwise.core.tree import DraftTree
 
 MAX_BRANCHES = 64  # sequence ids per tree; decode trims trees with more leaves
@@ -62,13 +62,12 @@ def _without_amx_repack(llama_cpp) -> None:
     bindings.llama_model_default_params = llama_cpp.llama_model_default_params = model_params
 
 
-class LlamaCppTarget:
+class LlamaCppTarget(TargetBase):
     """A GGUF model in llama.cpp, driven one draft tree at a time (see the module docstring)."""
 
     backend = "llama"
     compute = ComputeMode("gguf")
     native_kernels = None
-    on_forward: ForwardHook | None = None
     feature_layers: tuple[int, ...] = ()
     max_leaves = MAX_BRANCHES
 
@@ -102,8 +101,8 @@ class LlamaCppTarget:
         self._cost = self._calibrate()
 
     def _calibrate(self) -> tuple[float, float]:
-        """(a, b) of verify seconds = a + b * nodes, timed on this machine (~0.3 s at load). Tree drafters size
-        their trees from it: here, unlike transformers' path, each extra verified token costs ~30% of a step."""
+        """(a, b) of verify seconds = a + b * nodes, timed on this machine at load. Tree drafters size their trees
+        from it: here, unlike transformers' path, each extra verified token costs a sizeable share of a step."""
 
         def seconds(n: int) -> float:
             times = []
@@ -172,13 +171,8 @@ class LlamaCppTarget:
         self._committed = ids
         return None
 
-    def forward_tree(self, tree: DraftTree) -> TargetOutput:
-        """One batch over every node of `tree`; returns the next-token logits after each node."""
-        if self.on_forward is not None:  # a timing hook: the same forward, timed
-            return timed_forward(self, self._forward_tree, tree)
-        return self._forward_tree(tree)
-
     def _forward_tree(self, tree: DraftTree) -> TargetOutput:
+        """One batch over every node of `tree`, masked by llama.cpp's sequences as the tree masks it."""
         past, n = self._length, tree.size
         if n == 1 or bool((tree.parents[1:] == torch.arange(n - 1)).all()):  # a chain: one sequence, no masks
             leaves, seqs, depths = [n - 1], [[0]] * n, list(range(n))
@@ -206,7 +200,7 @@ class LlamaCppTarget:
 
         Rejected nodes stored below an accepted one are not freed but parked in the GRAVEYARD sequence: a freed
         cell there would be refilled by the next token out of position order, and llama.cpp's logits depend on
-        cell order (measured: up to ~0.9 apart), which would break equality with plain decoding. Nodes sit in
+        cell order (docs/results.md), which would break equality with plain decoding. Nodes sit in
         tree order, so chains and paths through the first branch park nothing; `_flush` empties the graveyard."""
         lc, memory, n = self._lc, self._memory, len(path)
         accepted = set(path)

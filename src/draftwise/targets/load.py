@@ -35,8 +35,8 @@ def load_target(model: str, engine: str = "auto", dtype: str = "auto", device: s
     compute = parse_dtype(dtype, device)
     if gguf and dtype == "auto":
         # the GGUF's own grid: int8 activations through draftwise's VNNI kernel where the CPU has AVX-512 VNNI
-        # (kernels.avx512_kernel), else bf16 through torch's int4 kernel where it has bf16 units, else fp32 through
-        # draftwise's AVX2 kernel (kernels.grid_kernel), else bf16 anyway (still faster than dense fp32)
+        # (core.kernels.avx512_kernel), else bf16 through torch's int4 kernel where it has bf16 units, else fp32 through
+        # draftwise's AVX2 kernel (core.kernels.grid_kernel), else bf16 anyway (still faster than dense fp32)
         fp32_grid = avx512_kernel() is not None or (not cpu_has_native_bf16() and grid_kernel() is not None)
         compute = torch.float32 if fp32_grid else torch.bfloat16
     on_grid = gguf and (dtype == "auto" or compute == torch.bfloat16)  # an explicit fp32 stays dense: the reference

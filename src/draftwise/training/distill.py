@@ -173,7 +173,7 @@ def build_forced_data(
     max_len: int = 1024,
     shard_size: int = 64,
 ) -> int:
-    """Teacher-forced data, 7x cheaper per token than generating: run the target once over existing
+    """Teacher-forced data, far cheaper per token than generating: run the target once over existing
     (prompt, answer) text and keep its features and its own greedy prediction at every position (`labels`),
     as EAGLE-1 trained on fixed ShareGPT answers. Returns the number of sequences in the directory."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -88,7 +88,7 @@ class SoftLabels:
 
 
 def uses_bf16(precision: str) -> bool:
-    """bf16 autocast (fp32 master weights) where the CPU has bf16 units: ~4x the training steps/s there."""
+    """bf16 autocast (fp32 master weights) where the CPU has bf16 units: several times the steps/s there."""
     return precision == "bf16" or (precision == "auto" and cpu_has_native_bf16())
 
 

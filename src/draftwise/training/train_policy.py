@@ -89,7 +89,7 @@ def train_radar_command(args, train: RoundSet, validation: RoundSet, cost: CostM
     query_ms = cost.policy_query_ms.get("radar")
     query_ms = query_ms or radar_learn.measure_query_ms(RadarNet(train.top_k), train.top_k, args.depth)
     head_ms = cost.head(train.top_k, float(np.median(train.context)))
-    beta = 10 * (head_ms + query_ms) / 1000  # radar.md §2.5: 10 x the marginal latency of one continue
+    beta = 10 * (head_ms + query_ms) / 1000  # RADAR (arXiv 2512.14069) §2.5: 10 x one continue's marginal latency
     print(f"RADAR: T_d {head_ms:.2f} ms, T_p {query_ms:.3f} ms (measured), β {beta:.4f}, γ 0.99, mode {args.mode}")
     runs = []
     for alpha in [float(a) for a in args.alphas.split(",")]:

@@ -6,16 +6,16 @@ is a Stable-Baselines3 PPO agent on a Gymnasium environment replaying those roun
 first and then co-trained, one frozen (acting by argmax) while the other learns: size -> depth -> size. Every
 stage keeps its checkpoint with the best validation tokens/s.
 
-Choices where the paper and its code disagree (ltd.md §7), and ours:
- 1. size actions: neither the paper's 20..240 nor the code's 10..240 — on this CPU verification cost climbs
-    steeply past ~32 tokens, so V comes from the logged sizes (default 1, 2, 4, 8, 12, 16, 24, 32), clipped to the
-    candidates that exist, as the code clips;
+Choices where the paper and its published code disagree, and ours:
+ 1. size actions: neither the paper's 20..240 nor the code's 10..240 — on a CPU verification cost climbs
+    steeply past a few dozen tokens, so V comes from the logged sizes (default 1, 2, 4, 8, 12, 16, 24, 32),
+    clipped to the candidates that exist, as the code clips;
  2. PPO hyperparameters: the paper's (n_steps 2048, batch 256, 20 epochs, entropy 0.01, lr 1e-3 with 1% warm-up
     then linear decay);
  3. γ: the paper's (depth 0.999, size 0.9; a size episode is one step, so it does not matter there);
  4. activation: the paper's ReLU; actors: the paper's [1024] for π_D, but [256, 256] for π_V, not [1024, 256]:
-    its 536 inputs make that first layer cost 0.34 ms a query inside a round here, against 0.16 (policy queries
-    run cold, right after a target forward; `draftwise profile` times them there);
+    its 536 inputs make that first layer cost twice as much per query inside a round (policy queries run cold,
+    right after a target forward; `draftwise profile` times them there);
  5. initial size training: depth uniform over [0, max depth] (paper), not fixed at the maximum (code);
  6. depth decisions after every draft call (paper), in training and inference alike;
  7. the context-length feature is the real length / 1000 at training and inference;
@@ -288,7 +288,7 @@ def train_ltd(
 ) -> tuple[LtdPolicy, list[dict]]:
     """Stage 1: π_V with uniform depth and π_D with the default V, apart. Stage 2: size -> depth -> size, the
     partner frozen. Each stage keeps its best validation checkpoint, and a stage-2 policy replaces its
-    predecessor only if the pair gets faster on validation (ltd.md: the policies overfit)."""
+    predecessor only if the pair gets faster on validation (the policies overfit the training rounds)."""
     steps = {**DEFAULT_STEPS, **(steps or {})}
     ppo = ppo or PpoSettings()
     if config.top_k != train.top_k or config.max_depth > train.depth or not set(config.sizes) <= set(train.sizes):
@@ -330,7 +330,7 @@ DEFAULT_STEPS = {"size0": 32_768, "depth0": 65_536, "size1": 16_384, "depth2": 3
 
 def measure_query_ms(policy: LtdPolicy, repeats: int = 50) -> tuple[float, float]:
     """Mean ms of one depth query and of one size query (random scores of a full-depth round), each timed with
-    the caches flushed first, as a target forward leaves them in a round (~5x a warm query's time)."""
+    the caches flushed first, as a target forward leaves them in a round (several times a warm query's time)."""
     k, d = policy.config.top_k, policy.config.max_depth
     scores = -torch.rand(k + d * k * k).sort(descending=True).values * 10
     parents = torch.zeros(1 + scores.numel(), dtype=torch.long)

@@ -37,7 +37,7 @@ def _eviction_buffer() -> np.ndarray:
 
 def evict_caches() -> None:
     """Read 64 MiB, more than a CPU's caches hold: a target forward streams the whole model through them, so the
-    Python work of a round (a policy query, the tree bookkeeping) runs cold, up to ~20x slower than in a tight
+    Python work of a round (a policy query, the tree bookkeeping) runs cold, many times slower than in a tight
     loop. Timing with this before each call measures that cost without loading a model."""
     _eviction_buffer().sum()
 
@@ -62,7 +62,7 @@ def measure_head(
 ) -> list[tuple[int, int, float]]:
     """(width, context, ms) of one draft-head call over a frontier of `width` nodes; `before` runs untimed ahead of
     each call (a target forward, as in a round: on a CPU it evicts the head's weights from the caches, and a
-    cache-hot call measured ~4x cheaper than a round's first one)."""
+    cache-hot call measured several times cheaper than a round's first one)."""
     c = head.config
     weight = head.lm_head.weight
     samples = []

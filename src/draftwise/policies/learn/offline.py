@@ -5,8 +5,8 @@ For every logged round and every (L expansion calls, verification size V) this b
 - `accepted[L, V]`: greedy accepted draft tokens A (the bonus token not counted);
 - `reach[L, V, d]`: P(A >= d) under the logged sampling law. A node is accepted with the product of the target
   probabilities of the tokens on its path (EAGLE's deterministic-draft rule tries siblings in order and zeroes
-  the rejected one, so sibling j is accepted with exactly p(c_j); radar.md §4.3), hence P(A >= d) is the sum of
-  those products over the verified nodes at depth d, and P(A = d) = reach[d] - reach[d + 1];
+  the rejected one, so sibling j is accepted with exactly p(c_j); RADAR, arXiv 2512.14069, §4.3), hence
+  P(A >= d) is the sum of those products over the verified nodes at depth d, and P(A = d) = reach[d] - reach[d + 1];
 - `size[L, V]`: nodes actually verified (V, or fewer when the first L calls drafted fewer candidates);
 - `tree_depth[L, V]`: the verified tree's depth;
 

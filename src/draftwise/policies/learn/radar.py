@@ -32,7 +32,7 @@ from draftwise.policies.radar import RadarConfig, RadarNet, RadarPolicy
 
 def measure_query_ms(net: RadarNet, top_k: int, depth: int, repeats: int = 50) -> float:
     """Mean ms of one inference query (one LSTM step and the MLP), each timed with the caches flushed first, as
-    the target forward and the head call before it leave them in a round (~5x a warm query's time)."""
+    the target forward and the head call before it leave them in a round (several times a warm query's time)."""
     policy = RadarPolicy(net, RadarConfig(top_k=top_k, depth=depth))
     scores = -torch.rand(top_k).sort(descending=True).values * 5
     elapsed = 0.0
@@ -157,7 +157,7 @@ def radar_calls(net: RadarNet, rounds: RoundSet, config: RadarConfig, sample: bo
 
 
 def evaluate(net: RadarNet, rounds: RoundSet, cost: CostModel, config: RadarConfig, seed: int = 0) -> dict:
-    """Offline validation (radar.md §5.3): the policy's mean draft calls, τ and tokens/s against the fixed depth,
+    """Offline validation (the paper's §5.3): the policy's mean draft calls, τ and tokens/s against the fixed depth,
     averaged over 10 sampled rollouts (or one thresholded pass); tokens count the bonus token."""
     v = rounds.size_index(config.size)
     mode = config.mode

@@ -23,7 +23,7 @@ GROUP = 32  # GGUF block size along the input
 
 
 class Dense:
-    """y = x W^T in the compute dtype; in fp32 on CPU, few-row products as W x^T (see kernels.py)."""
+    """y = x W^T in the compute dtype; in fp32 on CPU, few-row products as W x^T (see core/kernels.py)."""
 
     def __init__(self, weight: Tensor, dtype: torch.dtype) -> None:
         self.weight = weight.to(dtype).contiguous()
@@ -83,12 +83,11 @@ class Int4Groups:
     - a GGUF Q8_0 tensor (W = scale * q, q in -127..127): q = 16 * high + low, two 4-bit products.
     The kernel beats a dense matmul only for a few rows (decode steps and draft trees); bigger batches,
     prefills above all, use a dense copy: bf16 where the CPU multiplies bf16 natively, else fp32 (emulated bf16
-    GEMMs on AVX2 made a 1000-token prefill take 13 s against 2.4 s in fp32)."""
+    GEMMs on AVX2 made long prefills several times slower than fp32)."""
 
     GROUP = GROUP
-    # rows up to which the int4 kernel beats the dense copy, by number of 4-bit products, measured on the default
-    # model. Native bf16 (AVX-512 BF16): Q4_1 layers 1.8x faster than bf16 at 1 row and at 16, the Q8_0 LM head
-    # 1.6x at 1 row, 1.2x at 4, slower from 8. AVX2: the LM head in int4 beats fp32 even at 64 rows (60 / 71 ms).
+    # rows up to which the int4 kernel beats the dense copy, by native bf16 and number of 4-bit products (Q4_1
+    # layers: one, the Q8_0 LM head: two), measured on the default model (docs/results.md)
     MAX_ROWS = {True: {1: 16, 2: 4}, False: {1: 16, 2: 64}}
 
     def __init__(self, weight: Tensor, parts: list[tuple[Tensor, Tensor, Tensor]]) -> None:
@@ -196,8 +195,8 @@ def _by_tile(values: Tensor, tile: int) -> Tensor:
 class VnniLinear(GridLinear):
     """y = x W^T with W on its GGUF grid and x quantized per row and group of 32 to int8, as llama.cpp computes a
     Q4_1 / Q8_0 product, run by draftwise's AVX-512 VNNI kernel (csrc/avx512.cpp) for every row count: the
-    codes feed an exact int32 dot product, so a tree of 8 rows costs ~3x one row (fp32 FMAs: ~5x, torch's int4
-    kernel in bf16: ~2 decode steps for the whole model). Rows are quantized on their own and summed in a fixed
+    codes feed an exact int32 dot product, so a tree of 8 rows costs fewer single-row steps than with fp32 FMAs or
+    torch's int4 kernel (docs/results.md). Rows are quantized on their own and summed in a fixed
     order, so a tree node's logits equal a lone step's bit for bit, and prefills compute the same model."""
 
     OUTPUT_BLOCK = 16  # one tile: a partial block of 4 tiles runs tile by tile
@@ -259,8 +258,8 @@ class Int4Linear(nn.Linear):
 def quantize_draft_linears(module: nn.Module) -> int:
     """Run every bias-free bf16 or fp32 CPU nn.Linear of a *drafter* on the nearest 4-bit grid, in place (fp32
     ones only where the grid kernel runs); returns how many. Lossy, which a drafter may be: its weights change
-    what it proposes, never what verification accepts. For the default draft head on the lean engine a call drops
-    from ~1.2 to ~0.5 ms (its 8192-token LM head dominates)."""
+    what it proposes, never what verification accepts. For the default draft head on the lean engine a call costs
+    about half as much (its 8192-token LM head dominates; docs/results.md)."""
     switched = 0
     for linear in module.modules():
         weight = linear.weight if type(linear) is nn.Linear else None

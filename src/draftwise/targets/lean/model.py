@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from draftwise.core.kernels import avx512_kernel
-from draftwise.core.target import ComputeMode, ForwardHook, TargetOutput, timed_forward
+from draftwise.core.target import ComputeMode, TargetBase, TargetOutput
 from draftwise.core.tree import DraftTree
 from draftwise.targets.lean.linears import GridLinear, Int4Groups, VnniLinear, projection
 from draftwise.targets.lean.memory import in_huge_pages
@@ -72,12 +72,11 @@ def context_verify_cost(fits: list[tuple[int, float, float]], length: Callable[[
     return verify_cost
 
 
-class LeanTarget:
+class LeanTarget(TargetBase):
     """A llama target with a static KV cache (draftwise.core.target.Target)."""
 
     backend = "lean"
     max_leaves: int | None = None
-    on_forward: ForwardHook | None = None
     ATTENTION_ROWS = 64  # forwards up to this many tokens (decode steps, trees) use the attention kernel if any
 
     def __init__(
@@ -142,9 +141,8 @@ class LeanTarget:
 
     def calibrate(self, short: int = 128, long: int = 1024) -> None:
         """Sets `verify_cost`: seconds to verify N nodes at the current context, from trees of 1 and 8 nodes timed at
-        a short and a long context (~0.5 s for the default model) at load. With int4 weights a node costs ~9% of a
-        step at 128 tokens, but its attention grows with the context (~3x that at 1,500), so tree sizes follow
-        both."""
+        a short and a long context at load. With int4 weights a node costs a small share of a step at a short
+        context, but its attention grows with the context, so tree sizes follow both."""
 
         def seconds(context: int, nodes: int) -> float:
             tokens = torch.arange(nodes, device=self.device)
@@ -273,11 +271,6 @@ class LeanTarget:
         mask = attention_mask[0, 0].to(self.device) if attention_mask is not None else None
         logits, features = self._run(token_ids.to(self.device), position_ids[0].to(self.device), mask, slice(None))
         return TargetOutput(logits.float(), features)
-
-    def forward_tree(self, tree: DraftTree) -> TargetOutput:
-        if self.on_forward is not None:  # a timing hook: the same forward, timed
-            return timed_forward(self, self._forward_tree, tree)
-        return self._forward_tree(tree)
 
     def _forward_tree(self, tree: DraftTree) -> TargetOutput:
         past = self.length
