@@ -43,6 +43,20 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float, top_k:
     return Sampling(float(temperature), float(top_p), int(top_k))
 
 
+def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    """`text` before the stop string that is complete first (the earliest end; the longest of those), and
+    whether there is one: what streaming one character at a time would give, however the text was chunked."""
+    found = [(i + len(s), i) for s in stop if (i := text.find(s)) >= 0]
+    return (text[: min(found)[1]], True) if found else (text, False)
+
+
+def held_back(text: str, stop: list[str]) -> int:
+    """How many trailing characters of `text` could begin a stop string: they are not streamed yet."""
+    return max(
+        (k for s in stop for k in range(min(len(s) - 1, len(text)), 0, -1) if s.startswith(text[-k:])), default=0
+    )
+
+
 class TextStream:
     """Iterates over text pieces as rounds are accepted; `.generation` holds the result once exhausted."""
 
@@ -62,27 +76,30 @@ class TextStream:
             return tokenizer.decode(ids, skip_special_tokens=True)
 
         token_ids: list[int] = []
-        emitted, stopped = "", False
+        emitted, decoded, stopped = "", "", False
         prefix, read = 0, 0  # tokens [prefix, read) give the context; [read, ...) are not emitted yet
         for chunk in self._chunks:
             token_ids.extend(chunk)
             tail = decode(token_ids[prefix:])
             if tail.endswith("\ufffd"):  # a multi-byte character is still incomplete
                 continue
-            text = emitted + tail[len(decode(token_ids[prefix:read])) :]
-            prefix, read = read, len(token_ids)
-            hit = min((i for i in (text.find(s) for s in self._stop) if i >= 0), default=-1)
-            if hit >= 0:
-                text, stopped = text[:hit], True
+            text = decoded + tail[len(decode(token_ids[prefix:read])) :]
+            prefix, read, decoded = read, len(token_ids), text
+            text, stopped = cut_at_stop(text, self._stop)
+            if stopped:
                 self._stats.finish_reason = "stop"
-            if len(text) > len(emitted):
-                yield text[len(emitted) :]
-                emitted = text
+            # a possible start of a stop string waits for the next round: where rounds end must not matter
+            ready = text if stopped else text[: len(text) - held_back(text, self._stop)]
+            if len(ready) > len(emitted):
+                yield ready[len(emitted) :]
+                emitted = ready
             if stopped:
                 self.close()
                 break
         if not stopped:
-            text = decode(token_ids)
+            text, stopped = cut_at_stop(decode(token_ids), self._stop)
+            if stopped:
+                self._stats.finish_reason = "stop"
             if len(text) > len(emitted) and text.startswith(emitted):
                 yield text[len(emitted) :]
             emitted = text
@@ -200,6 +217,8 @@ class Engine:
         generator = torch.Generator()  # per generation, so the global RNG is never touched
         if seed is None:
             generator.seed()
+        elif not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
+            raise DraftwiseError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
         else:
             generator.manual_seed(seed)
         self.target.feature_layers = drafter.feature_layers

@@ -61,6 +61,7 @@ def tiny_model_dir(tmp_path_factory):
         (["generate", "hi", "--top-k", "-2"], "top_k"),
         (["generate", "hi", "--model", "no-such-model"], "unknown model"),
         (["generate", "hi", "--dtype", "int3"], "unknown dtype"),
+        (["generate", "hi", "--seed", str(2**64)], "seed must be an integer"),
     ],
 )
 def test_bad_arguments(capsys, argv, message):
@@ -111,3 +112,36 @@ def test_chat_runs_two_turns_and_quits_on_empty_line(capsys, tiny_model_dir, mon
     argv = ["chat", "--model", str(tiny_model_dir), "--dtype", "fp32", "--max-new-tokens", "4"]
     assert main(argv) == 0
     assert capsys.readouterr().err.count("tok/s") == 2
+
+
+def test_chat_drops_the_oldest_turns_when_the_window_is_full(capsys, tiny_model_dir, monkeypatch):
+    """The tiny model's window is 256 tokens: the conversation goes on past it, and a message that alone is too
+    long is one error line, not the end of the chat."""
+    import io
+
+    turn = " ".join(["apple"] * 70)
+    lines = [turn] * 4 + [" ".join(["pear"] * 400), "hi", ""]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    argv = ["chat", "--model", str(tiny_model_dir), "--dtype", "fp32", "--max-new-tokens", "4"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "[dropped the oldest" in err
+    assert err.count("error: ") == 1 and "context window" in err
+    assert err.count("tok/s") == 5
+
+
+@pytest.mark.parametrize(
+    ("command", "content", "message"),
+    [
+        (["bench", "--quick"], b'{"question_id": 1, "category": "x", "turns": ["hi \xff"]}\n', "not UTF-8"),
+        (["distill", "--limit", "2"], b'{"prompt": "a"}\n\xff\n', "not UTF-8"),
+        (["distill", "--limit", "2"], b'{"prompt": "a"}\n{"turns": []}\n', ":2: expected a JSON object"),
+        (["datastore", "build"], b'{"text": "a"}\n\xfe\n', "not UTF-8"),
+    ],
+)
+def test_user_files_that_are_not_utf8_or_not_jsonl(capsys, tmp_path, command, content, message):
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(content)
+    flag = "--corpus" if command[0] == "datastore" else "--prompts"
+    assert message in error_of(capsys, [*command, flag, str(path), "--out", str(tmp_path / "out")])

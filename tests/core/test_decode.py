@@ -86,6 +86,19 @@ def test_greedy_output_equals_plain_decoding_for_every_drafter(tiny_model, promp
         assert sum(stats.accepted) >= max_new_tokens
 
 
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-6])
+def test_a_tiny_temperature_is_greedy_for_every_drafter(tiny_model, temperature):
+    """logits / 1e-300 overflows to NaN, and a NaN acceptance ratio accepted every draft token: below the floor
+    sampling is greedy decoding, whatever the drafter."""
+    prompt = PROMPTS[1]
+    truth = greedy_reference(tiny_model, prompt, 40)
+    sampling = Sampling(temperature, top_p=0.9, top_k=5)
+    assert sampling.greedy
+    for drafter in drafters_for(tiny_model, prompt, truth):
+        out, _ = run(tiny_model, drafter, prompt, 24, sampling=sampling, seed=3)
+        assert out == truth[:24], f"{drafter.name} at T={temperature:g} is not greedy decoding"
+
+
 def test_oracle_is_accepted_in_full_and_random_mostly_rejected(tiny_model):
     prompt = PROMPTS[0]
     truth = greedy_reference(tiny_model, prompt, 60)

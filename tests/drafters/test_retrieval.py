@@ -198,3 +198,25 @@ def test_rest_drafter_errors(tmp_path):
         RestDrafter(datastore=str(tmp_path / "ds"), vocab_size=96)
     with pytest.raises(DraftwiseError, match="must be positive"):
         RestDrafter(datastore=str(tmp_path / "ds"), total_tokens=0)
+
+
+def test_building_over_a_directory_that_is_not_a_datastore_deletes_nothing(tmp_path):
+    """A distill or log-rounds directory has a meta.json too: `datastore build --out` there must refuse, not
+    delete its shards; an older datastore is replaced whole, and nothing is left beside it."""
+    distill = tmp_path / "distill"
+    distill.mkdir()
+    (distill / "meta.json").write_text('{"model": "m"}')
+    (distill / "shard_00000.safetensors").write_bytes(b"precious")
+    with pytest.raises(DraftwiseError, match="not a datastore"):
+        build_datastore([[1, 2, 3]], distill, vocab_size=10)
+    assert (distill / "shard_00000.safetensors").read_bytes() == b"precious"
+
+    store = tmp_path / "store"
+    build_datastore([[1, 2, 3]], store, vocab_size=10)
+    build_datastore([[4, 5, 6, 7]], store, vocab_size=10)
+    assert Datastore.load(store).meta["num_tokens"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["distill", "store"]
+    (store / "notes.txt").write_text("mine")  # a datastore directory with a user's file in it is not replaced
+    with pytest.raises(DraftwiseError, match="not a datastore"):
+        build_datastore([[1]], store, vocab_size=10)
+    assert (store / "notes.txt").exists()

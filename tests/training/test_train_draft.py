@@ -8,6 +8,9 @@ from conftest import (
     tiny_llama,
 )
 
+from draftwise.core.errors import DraftwiseError
+from draftwise.training.train_draft import load_checkpoint
+
 
 def test_train_draft_learns_and_resumes(tmp_path):
     """A few steps on distilled data from a tiny target lower the loss; a rerun resumes from the checkpoint."""
@@ -53,6 +56,10 @@ def test_train_draft_learns_and_resumes(tmp_path):
     train(args, target=target)
     log = [json.loads(line) for line in (tmp_path / "head" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log[30:]] == list(range(31, 36))
+    args.lr = 1e-3  # ... but not with another learning rate: that would be another run under the same name
+    with pytest.raises(DraftwiseError, match="--lr 0.003 then, 0.001 now"):
+        train(args, target=target)
+    args.lr = 3e-3
     # fine-tuning starts where the trained head is, not where the target's layer starts
     args.init_head, args.out, args.epochs = str(tmp_path / "head" / "head"), str(tmp_path / "tuned"), 1
     train(args, target=target)
@@ -93,3 +100,16 @@ def test_soft_labels_are_the_targets_own_distribution(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "head" / "log.jsonl").read_text().splitlines()]
     assert sum(r["loss"] for r in log[-4:]) < 0.9 * sum(r["loss"] for r in log[:4])  # above the entropy floor
     assert "--soft-labels 1.0" in (tmp_path / "head" / "head" / "README.md").read_text()
+
+
+class Planted:
+    def __reduce__(self):
+        return (print, ("planted code ran",))
+
+
+def test_resuming_never_runs_code_from_a_checkpoint(tmp_path, capsys):
+    """checkpoint.pt is read with weights_only: a planted pickle is refused with one clear line, not run."""
+    torch.save({"head": Planted()}, tmp_path / "checkpoint.pt")
+    with pytest.raises(DraftwiseError, match="cannot resume from"):
+        load_checkpoint(tmp_path / "checkpoint.pt", None)
+    assert "planted code ran" not in capsys.readouterr().out

@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 from draftwise.core.errors import DraftwiseError
+from draftwise.core.files import read_user_text
 from draftwise.core.machine import cache_dir
 
 MT_BENCH = (
@@ -177,7 +178,7 @@ def _load_set(source: str, limit: int | None) -> list[Question]:
     elif source == "gsm":
         questions = gsm(limit or GSM_DEFAULT_SIZE)
     elif Path(source).is_file():
-        questions = parse_questions(Path(source).read_text(encoding="utf-8").splitlines(), source)
+        questions = parse_questions(read_user_text(source, "--prompts").splitlines(), source)
     else:
         raise DraftwiseError(f"--prompts '{source}' is neither one of {', '.join(PROMPT_SETS)} nor a JSONL file")
     return questions

@@ -24,9 +24,23 @@ def tie_epsilon(dtype: str) -> float:
     return NEAR_TIE_EPSILON[TORCH_DTYPES.get(dtype, dtype)]
 
 
-def reference_method(name: str) -> str:
-    """Greedy outputs are compared with plain decoding on the same numerics: `ar@llama` for llama.cpp."""
-    return "ar@llama" if name.endswith("@llama") or name.startswith("llama.cpp") else BASELINE
+# Plain decoding, one per arithmetic: lean `ar`, draftwise's loop on transformers, transformers' own generate,
+# llama.cpp. A different arithmetic is a different model, so each method is held to the one it runs on.
+REFERENCES = (BASELINE, "ar@hf", "hf", "ar@llama")
+
+
+def reference_candidates(name: str) -> tuple[str, ...]:
+    """The plain decodings a greedy method must equal token for token, the first one run being used: the one on
+    its own arithmetic. Empty for the references themselves."""
+    if name in REFERENCES:
+        return ()
+    if name.endswith("@llama") or name.startswith("llama.cpp"):
+        return ("ar@llama",)
+    if name.endswith("@hf"):
+        return ("ar@hf", "hf")
+    if name.startswith("hf"):  # transformers' own peers (hf-pld)
+        return ("hf", "ar@hf")
+    return (BASELINE,)
 
 
 def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
@@ -37,29 +51,43 @@ def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+def compare_turns(ref: dict, record: dict, epsilon: float) -> tuple[str, dict | None]:
+    """(verdict, divergence) of `record` against `ref`: the first turn that differs decides, since later turns are
+    asked after different answers."""
+    tie = NEAR_TIE_EPSILON["gguf"] if ref["method"] == "ar@llama" else epsilon
+    for turn_index, (ref_turn, turn) in enumerate(zip(ref["turns"], record["turns"], strict=True)):
+        verdict = compare_greedy(ref_turn["token_ids"], ref_turn["margins"] or [], turn["token_ids"], tie)
+        if verdict != "identical":
+            position = first_difference(ref_turn["token_ids"], turn["token_ids"])
+            margins = ref_turn["margins"]
+            margin = margins[position] if margins is not None and position < len(margins) else None
+            return verdict, {"turn": turn_index, "position": position, "ref_margin": margin}
+    return "identical", None
+
+
 def assign_verdicts(records: list[dict], epsilon: float) -> None:
-    """Set `verdict` (verify.compare_greedy against `ar`) and `divergence` (turn, token position, ar's margin
-    there) on every successful non-baseline record whose question `ar` answered. The first turn that differs
-    decides: later turns are asked after different answers."""
-    reference = {(r["method"], r["index"]): r for r in records if not r["error"]}
+    """Set `verdict` (verify.compare_greedy against the plain decoding of the method's own arithmetic) and
+    `divergence` (turn, token position, the reference's margin there) on every successful record that has a
+    reference answer. References of another arithmetic than `ar` get `cross_engine` instead: how far they agree
+    with `ar`, which is not a losslessness check."""
+    answered = {(r["method"], r["index"]): r for r in records if not r["error"]}
     for record in records:
-        ref = reference.get((reference_method(record["method"]), record["index"]))
-        if record["method"] in (BASELINE, "ar@llama") or record["error"] or ref is None:
+        if record["error"]:
             continue
-        record["verdict"] = "identical"
-        for turn_index, (ref_turn, turn) in enumerate(zip(ref["turns"], record["turns"], strict=True)):
-            tie = NEAR_TIE_EPSILON["gguf"] if ref["method"] == "ar@llama" else epsilon
-            verdict = compare_greedy(ref_turn["token_ids"], ref_turn["margins"], turn["token_ids"], tie)
-            if verdict != "identical":
-                position = first_difference(ref_turn["token_ids"], turn["token_ids"])
-                margins = ref_turn["margins"]
-                record["verdict"] = verdict
-                record["divergence"] = {
-                    "turn": turn_index,
-                    "position": position,
-                    "ref_margin": margins[position] if position < len(margins) else None,
-                }
-                break
+        if record["method"] in REFERENCES:
+            ar = answered.get((BASELINE, record["index"]))
+            if record["method"] != BASELINE and ar is not None:
+                verdict, divergence = compare_turns(ar, record, epsilon)
+                record["cross_engine"] = {"verdict": verdict, "divergence": divergence}
+            continue
+        found = (answered.get((m, record["index"])) for m in reference_candidates(record["method"]))
+        ref = next((r for r in found if r is not None), None)
+        if ref is None:
+            continue
+        record["verdict"], divergence = compare_turns(ref, record, epsilon)
+        record["reference"] = ref["method"]
+        if divergence is not None:
+            record["divergence"] = divergence
 
 
 def _ratio(num: float, den: float) -> float | None:

@@ -109,15 +109,24 @@ def run_hf_generate(engine: Engine, messages: Messages, settings: Settings, seed
         typical_p=1.0,
         eos_token_id=stop,
         pad_token_id=stop[0],
+        # the step logits are kept (not copied) so that greedy peers have top-2 margins: `hf-pld` is checked
+        # against `hf`, and a near-tie must be told from a bug
+        output_logits=not sampling,
+        return_dict_in_generate=True,
         **generate_options,
     )
     input_ids = torch.tensor([prompt_ids], device=engine.target.device)
     torch.manual_seed(seed)
     with torch.inference_mode():
         output = engine.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
-    token_ids = output[0, len(prompt_ids) :].tolist()
+    token_ids = output.sequences[0, len(prompt_ids) :].tolist()
     text = engine.tokenizer.decode(token_ids, skip_special_tokens=True)
-    return turn_record(text, token_ids, time.perf_counter() - start)
+    wall_s = time.perf_counter() - start
+    margins = None
+    if not sampling and output.logits:
+        top = torch.cat(output.logits).float().topk(2, dim=-1).values
+        margins = (top[:, 0] - top[:, 1]).tolist()
+    return turn_record(text, token_ids, wall_s, margins)
 
 
 @functools.cache

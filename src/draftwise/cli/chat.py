@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from draftwise.cli.common import add_model_args, add_sampling_args, load_engine, sampling_kwargs
+from draftwise.core.errors import DraftwiseError
 from draftwise.engine import check_sampling
 
 
@@ -14,6 +15,25 @@ def register(commands) -> None:
     add_model_args(chat)
     add_sampling_args(chat)
     chat.set_defaults(func=run)
+
+
+def fit_history(engine, messages: list[dict[str, str]], max_new_tokens: int) -> int:
+    """Drop the oldest turns (in place) until the conversation leaves room for a reply in the context window;
+    returns how many messages went. Raises DraftwiseError when the newest message alone does not fit."""
+    room = min(max_new_tokens, engine.target.max_length // 4)  # a reply of at least this many tokens
+    dropped = 0
+    while True:
+        try:
+            if len(engine.encode(messages)) + room <= engine.target.max_length:
+                return dropped
+        except DraftwiseError:
+            if len(messages) == 1:
+                raise
+        if len(messages) == 1:
+            return dropped  # the newest message fits, with less room for the reply
+        cut = 2 if len(messages) > 2 else 1  # a user turn and its answer
+        del messages[:cut]
+        dropped += cut
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,6 +53,16 @@ def run(args: argparse.Namespace) -> int:
             messages = []
             continue
         messages.append({"role": "user", "content": line})
+        try:
+            dropped = fit_history(engine, messages, args.max_new_tokens)
+        except DraftwiseError as exc:  # this message alone does not fit: say so and keep the conversation
+            print(f"error: {exc}", file=sys.stderr)
+            messages.pop()
+            continue
+        if dropped:
+            print(
+                f"[dropped the oldest {dropped} messages: the conversation outgrew the context window]", file=sys.stderr
+            )
         stream = engine.stream(messages, **sampling_kwargs(args))
         try:
             for piece in stream:

@@ -16,14 +16,21 @@ from torch import Tensor
 from draftwise.core.kernels import avx512_kernel
 from draftwise.core.tree import DraftTree
 
+# Below this temperature sampling is greedy decoding (as in vLLM): logits / T would overflow to inf and NaN.
+GREEDY_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class Sampling:
-    """Decoding parameters. temperature 0 means greedy."""
+    """Decoding parameters. A temperature below GREEDY_TEMPERATURE (0 included) means greedy."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < GREEDY_TEMPERATURE:  # one place, so no caller can reach a NaN row
+            object.__setattr__(self, "temperature", 0.0)
 
     @property
     def greedy(self) -> bool:

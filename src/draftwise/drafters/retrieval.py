@@ -13,10 +13,8 @@ standard library's source, or a JSONL file.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import sysconfig
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from draftwise.core.errors import DraftwiseError
+from draftwise.core.files import atomic_directory
 from draftwise.core.machine import cache_dir
 from draftwise.core.tree import DraftTree
 
@@ -196,8 +195,7 @@ def build_datastore(
     from pydivsufsort import divsufsort  # needed only to build a datastore, never to read one
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / META_FILE).exists():
-        raise DraftwiseError(f"'{out}' exists and is not a datastore; choose another --out")
+    check_replaceable(out)
     began = time.perf_counter()
     separator = vocab_size
     dtype = np.uint16 if separator < 2**16 else np.int32
@@ -220,29 +218,46 @@ def build_datastore(
     print(f"sorting {tokens.size:,} suffixes ...", file=sys.stderr, flush=True)
     suffix_array = divsufsort(tokens)
     suffix_array = suffix_array.astype(np.int32 if tokens.size < 2**31 else np.int64, copy=False)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    np.save(staging / TOKENS_FILE, tokens)
-    np.save(staging / SUFFIX_ARRAY_FILE, suffix_array)
-    meta = {
-        **(meta or {}),
-        "vocab_size": vocab_size,
-        "separator": separator,
-        "dtype": np.dtype(dtype).name,
-        "num_tokens": int(total),
-        "num_sequences": count,
-        "bytes": {
-            "tokens": (staging / TOKENS_FILE).stat().st_size,
-            "suffix_array": (staging / SUFFIX_ARRAY_FILE).stat().st_size,
-        },
-        "build_seconds": round(time.perf_counter() - began, 3),
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    (staging / META_FILE).write_text(json.dumps(meta, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    with atomic_directory(out) as staging:
+        np.save(staging / TOKENS_FILE, tokens)
+        np.save(staging / SUFFIX_ARRAY_FILE, suffix_array)
+        meta = {
+            **(meta or {}),
+            "vocab_size": vocab_size,
+            "separator": separator,
+            "dtype": np.dtype(dtype).name,
+            "num_tokens": int(total),
+            "num_sequences": count,
+            "bytes": {
+                "tokens": (staging / TOKENS_FILE).stat().st_size,
+                "suffix_array": (staging / SUFFIX_ARRAY_FILE).stat().st_size,
+            },
+            "build_seconds": round(time.perf_counter() - began, 3),
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (staging / META_FILE).write_text(json.dumps(meta, indent=2))
+        check_replaceable(out)  # again: the directory may have changed during the sort
     return meta
+
+
+def is_datastore(directory: Path) -> bool:
+    """A directory holding exactly a datastore's files, with a meta.json that says so."""
+    if not directory.is_dir() or {p.name for p in directory.iterdir()} != {TOKENS_FILE, SUFFIX_ARRAY_FILE, META_FILE}:
+        return False
+    try:
+        meta = json.loads((directory / META_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(meta, dict) and {"separator", "num_tokens", "vocab_size"} <= meta.keys()
+
+
+def check_replaceable(out: Path) -> None:
+    """Only an empty directory or an older datastore may be replaced: distill and log-rounds directories have a
+    meta.json too, and their data must never be deleted."""
+    if out.exists() and not out.is_dir():
+        raise DraftwiseError(f"'{out}' exists and is not a directory; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not is_datastore(out):
+        raise DraftwiseError(f"'{out}' exists and is not a datastore (its files would be lost); choose another --out")
 
 
 # --- corpora -------------------------------------------------------------------------------------------
@@ -281,17 +296,21 @@ def text_corpus(texts: Iterable[str], tokenizer, total: int | None, desc: str, u
 
 
 def jsonl_texts(path: Path) -> Iterator[str]:
-    with path.open() as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise DraftwiseError(f'{path}:{number}: expected a JSON object with a "text" field') from exc
-            if not isinstance(text, str):
-                raise DraftwiseError(f'{path}:{number}: "text" must be a string')
-            yield text
+    number = 0
+    with path.open(encoding="utf-8") as lines:
+        try:
+            for number, line in enumerate(lines, 1):  # noqa: B007 (the error names the line)
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise DraftwiseError(f'{path}:{number}: expected a JSON object with a "text" field') from exc
+                if not isinstance(text, str):
+                    raise DraftwiseError(f'{path}:{number}: "text" must be a string')
+                yield text
+        except UnicodeDecodeError as exc:
+            raise DraftwiseError(f"{path} is not UTF-8 text (near line {number + 1}: {exc.reason})") from exc
 
 
 # --- where datastores live -----------------------------------------------------------------------------------

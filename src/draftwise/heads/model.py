@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from draftwise.core.errors import DraftwiseError
+from draftwise.core.files import atomic_directory
 from draftwise.targets.lean.linears import VnniLinear
 
 # (frontier width, pairs in the head's cache before, seconds) of one draft-head call
@@ -303,13 +304,13 @@ class DraftHead(nn.Module):
         return out
 
     def save(self, directory: Path, card: str | None = None, dtype: torch.dtype = torch.bfloat16) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
+        """Write the head as a whole: a reader finds the old head or the new one, never a mix."""
         tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, str(directory / "head.safetensors"))
-        config = asdict(self.config)
-        (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if card is not None:
-            (directory / "README.md").write_text(card)
+        with atomic_directory(directory) as staging:
+            save_file(tensors, str(staging / "head.safetensors"))
+            (staging / "config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+            if card is not None:
+                (staging / "README.md").write_text(card)
 
     @classmethod
     def load(cls, directory: Path, dtype: torch.dtype = torch.float32, device="cpu") -> DraftHead:

