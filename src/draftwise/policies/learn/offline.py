@@ -24,8 +24,7 @@ import numpy as np
 from draftwise.core.errors import DraftwiseError
 from draftwise.policies.cost import CostModel
 from draftwise.policies.learn.logger import prefix_size
-
-SCORE_FLOOR = -30.0  # cumulative log-probs are clipped here (a padding value no real candidate reaches)
+from draftwise.policies.scores import SCORE_FLOOR
 
 
 def truncation_table(
