@@ -351,6 +351,14 @@ def test_lone_surrogates_are_400_not_500(server: Server, path: str, body: dict, 
     assert status == 400 and "lone UTF-16 surrogate" in assert_openai_error(answer, 400, param)
 
 
+def test_a_prompt_the_tokenizer_drops_entirely_is_400(server: Server) -> None:
+    """Found by the fuzz test: SmolLM2's byte-level vocabulary has no token for "\\x16", so this prompt has no
+    tokens, and generation indexed an empty tensor (500)."""
+    for body in ({"prompt": "\x16", "max_tokens": 2}, {"prompt": ["\x04\x16"], "max_tokens": 2, "stream": True}):
+        status, answer = call(server, "POST", TEXT, body)
+        assert status == 400 and "no tokens" in assert_openai_error(answer, 400)
+
+
 def test_error_messages_quoting_a_surrogate_still_render(server: Server) -> None:
     status, answer = call(server, "POST", CHAT, chat(method="\ud800"))
     assert status == 400 and "unknown method '\ud800'" in assert_openai_error(answer, 400, "method")

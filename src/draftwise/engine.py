@@ -221,6 +221,8 @@ class Engine:
                 prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in messages),
                 add_special_tokens=True,
             )["input_ids"]
+        if not ids:  # e.g. "\x16": byte-level vocabularies can lack a token for a control byte
+            raise DraftwiseError("the prompt has no tokens: the tokenizer drops every character of it")
         if len(ids) >= self.target.max_length:
             raise DraftwiseError(
                 f"the prompt is {len(ids)} tokens; the model's context window is {self.target.max_length}"
