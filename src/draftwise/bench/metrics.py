@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from draftwise.verify import NEAR_TIE_EPSILON, compare_greedy
+from draftwise.core.verify import NEAR_TIE_EPSILON, compare_greedy
 
 VERDICTS = ("identical", "near_tie", "mismatch")  # what compare_greedy answers
 BASELINE = "ar"
