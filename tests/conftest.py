@@ -48,8 +48,10 @@ def run(
     sampling: Sampling | None = None,
     seed: int = 0,
     target_class=TargetModel,
+    backoff=None,
 ) -> tuple[list[int], GenerationStats]:
-    """Generate with the engine's loop on `target_class` (TargetModel or LeanTarget); returns (new tokens, stats)."""
+    """Generate with the engine's loop on `target_class` (TargetModel or LeanTarget), with `backoff` (a
+    draftwise.backoff.Backoff, or None: always speculate); returns (new tokens, stats)."""
     stats = GenerationStats(method=drafter.name)
     generator = torch.Generator().manual_seed(seed)
     tokens: list[int] = []
@@ -61,6 +63,7 @@ def run(
         sampling=sampling or Sampling(),
         stats=stats,
         generator=generator,
+        backoff=backoff,
     ):
         tokens.extend(chunk)
     return tokens, stats

@@ -53,6 +53,13 @@ def add_model_args(parser: argparse.ArgumentParser, method_default: str = "pld")
         help="tree policy for --method eagle or rasd, how deep to draft and how much to verify each round: "
         "fixed | threshold | heuristic | radar | ltd",
     )
+    parser.add_argument(
+        "--backoff",
+        choices=("on", "off"),
+        default="on",
+        help="on: a round where speculation is not expected to pay (measured per generation) verifies the root "
+        "alone, as plain decoding does, and speculation is probed again later; off: always speculate (default: on)",
+    )
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -95,6 +102,7 @@ def load_engine(args: argparse.Namespace):
         dtype=args.dtype,
         device=args.device,
         engine=args.engine,
+        backoff=args.backoff,
         **method_options(args),
     )
 
@@ -134,8 +142,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         print(
             f"\n--- {stats.new_tokens} tokens in {stats.total_s:.2f} s: {stats.tokens_per_s:.1f} tok/s | "
-            f"method {stats.method} | rounds {stats.rounds} | τ {stats.mean_accepted:.2f} | "
-            f"draft calls {stats.draft_calls} | verified {stats.verified_tokens}",
+            f"method {stats.method} | rounds {stats.rounds} ({stats.plain_rounds} plain) | "
+            f"τ {stats.mean_accepted:.2f} | draft calls {stats.draft_calls} | verified {stats.verified_tokens}",
             file=sys.stderr,
         )
     return 0

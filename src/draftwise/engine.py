@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from draftwise.backoff import Backoff
 from draftwise.decode import GenerationStats, generate_tokens
 from draftwise.drafters import Drafter, make_drafter
 from draftwise.errors import DraftwiseError
@@ -116,6 +117,7 @@ class TextStream:
 
 
 ENGINES = ("auto", "lean", "hf", "llama")
+BACKOFF_CHOICES = ("on", "off")
 FEATURE_METHODS = frozenset({"eagle", "rasd", "radar", "ltd"})  # draft heads read the target's hidden states
 
 
@@ -160,11 +162,22 @@ def load_target(model: str, engine: str = "auto", dtype: str = "auto", device: s
 class Engine:
     """A target model plus drafters, by method name. Drafters are built once and reused.
 
-    `model` is the HF model (None when `target` runs elsewhere, as with llama.cpp); `config` its HF config."""
+    `model` is the HF model (None when `target` runs elsewhere, as with llama.cpp); `config` its HF config.
+    `backoff` ("on" | "off"): whether rounds where speculation does not pay verify the root alone (backoff.py)."""
 
     def __init__(
-        self, model, tokenizer, model_name: str = "custom", method: str = "pld", target=None, **method_options
+        self,
+        model,
+        tokenizer,
+        model_name: str = "custom",
+        method: str = "pld",
+        target=None,
+        backoff: str = "on",
+        **method_options,
     ):
+        if backoff not in BACKOFF_CHOICES:
+            raise DraftwiseError(f"backoff must be one of {', '.join(BACKOFF_CHOICES)}, got {backoff!r}")
+        self.backoff = backoff
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.target = target if target is not None else TargetModel(model)
         self.engine_name = self.target.engine_name
@@ -182,10 +195,13 @@ class Engine:
         dtype: str = "auto",
         device: str = "cpu",
         engine: str = "auto",
+        backoff: str = "on",
         **method_options,
     ) -> Engine:
         hf_model, tokenizer, target = load_target(model, engine, dtype, device, method)
-        return cls(hf_model, tokenizer, model_name=model, method=method, target=target, **method_options)
+        return cls(
+            hf_model, tokenizer, model_name=model, method=method, target=target, backoff=backoff, **method_options
+        )
 
     @property
     def dtype_name(self) -> str:
@@ -263,6 +279,7 @@ class Engine:
             stats=stats,
             stop_token_ids=self.stop_token_ids,
             generator=generator,
+            backoff=Backoff() if self.backoff == "on" else None,
         )
         return TextStream(self, chunks, stats, [s for s in (stop or []) if s])
 
@@ -309,7 +326,11 @@ def load(
     dtype: str = "auto",
     device: str = "cpu",
     engine: str = "auto",
+    backoff: str = "on",
     **method_options,
 ) -> Engine:
-    """Load a model and return an Engine (see Engine.generate / Engine.stream). `engine`: auto | lean | hf | llama."""
-    return Engine.load(model, method=method, dtype=dtype, device=device, engine=engine, **method_options)
+    """Load a model and return an Engine (see Engine.generate / Engine.stream). `engine`: auto | lean | hf | llama;
+    `backoff`: on | off (rounds where speculation does not pay verify the root alone, see docs/backoff.md)."""
+    return Engine.load(
+        model, method=method, dtype=dtype, device=device, engine=engine, backoff=backoff, **method_options
+    )

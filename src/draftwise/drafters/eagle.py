@@ -120,6 +120,9 @@ class EagleDrafter(Drafter):
         self.pending.append(result.features)
         self.policy.observe(result)
 
+    def observe_plain(self, result: RoundResult) -> None:
+        self.pending.append(result.features)  # the next round's catch-up reads it; the policy shaped no tree
+
     def _call(self, hidden: Tensor, tokens: Tensor, positions: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         self.draft_calls += 1
         return self.head.step(hidden, tokens.to(hidden.device), positions.to(hidden.device), self.cache, mask)

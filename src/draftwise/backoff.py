@@ -1,0 +1,94 @@
+"""Back-off: a round where speculation does not pay verifies the root alone, as plain decoding does (issue 35).
+
+Before each round the decode loop asks `Backoff.speculate()`. A speculative round commits τ tokens (bonus
+included) in s_spec seconds, a plain round 1 token in s_plain; all three are exponential moving averages of this
+generation's own rounds, timed in place (drafting, verification and whatever runs until the next round), so they
+follow the request's temperature, top-p and top-k, the drafter and its tree policy, and the machine:
+
+    speculate  ⇔  τ / s_spec ≥ 1 / s_plain
+
+Until a plain round has been timed, s_plain is a speculative round's time less its drafting (verifying a tree
+costs at least what the root alone does, so the guess favours speculating). When speculation does not pay,
+`interval` rounds run plain, then one speculative round probes again: a probe that pays resumes speculation,
+one that does not doubles `interval` (4, 8, ... 64 rounds), so a sequence that becomes predictable (a quotation,
+a code block) gets speculation back. The first rounds always speculate. How deep to draft and how much to verify
+stays the drafter's and its policy's (sizing, RADAR, LTD): this is only a floor under them.
+
+Lossless at any temperature: the decision reads only rounds already verified, never this round's draft (a
+sampled draft kept or dropped by what it drew would bias the output) nor its verdict. See docs/backoff.md.
+"""
+
+from __future__ import annotations
+
+import random
+
+
+class Backoff:
+    """One generation's decision, round by round, to speculate or to verify the root alone."""
+
+    def __init__(self, min_interval: int = 4, max_interval: int = 64, warmup: int = 3, smoothing: float = 0.25):
+        self.min_interval, self.max_interval = min_interval, max_interval
+        self.warmup, self.smoothing = warmup, smoothing
+        self.interval = min_interval  # plain rounds before the next probe
+        self.plain_left = 0  # of this back-off's plain rounds, those still to run
+        self.backed_off = self.probing = False
+        self.speculated = True  # the last decision
+        self.recorded = self.spec_timed = 0
+        self.tokens: float | None = None  # τ: tokens a speculative round commits, bonus included
+        self.spec_s: float | None = None  # seconds a speculative round takes
+        self.spec_draft_s: float | None = None  # of which drafting
+        self.plain_s: float | None = None  # seconds a plain round takes
+
+    def _mean(self, mean: float | None, value: float) -> float:
+        return value if mean is None else mean + self.smoothing * (value - mean)
+
+    def pays(self) -> bool:
+        """Whether speculative rounds commit tokens at least as fast as plain ones would, by the estimates."""
+        if self.tokens is None or self.spec_s is None or self.spec_draft_s is None:
+            return True
+        plain_s = self.plain_s if self.plain_s is not None else self.spec_s - self.spec_draft_s
+        return self.tokens * plain_s >= self.spec_s
+
+    def speculate(self) -> bool:
+        """Whether the coming round drafts; False: it verifies the root alone."""
+        if self.plain_left > 0:
+            self.plain_left -= 1
+            self.speculated = False
+        elif self.backed_off:  # the back-off's plain rounds are over: probe
+            self.backed_off, self.probing, self.speculated = False, True, True
+        elif self.spec_timed < self.warmup or self.pays():
+            self.probing, self.speculated = False, True
+        else:  # back off, this round included; after a probe that did not pay, twice as long as the last time
+            self.interval = min(2 * self.interval, self.max_interval) if self.probing else self.min_interval
+            self.plain_left = self.interval - 1
+            self.backed_off, self.probing, self.speculated = True, False, False
+        return self.speculated
+
+    def record(self, committed: int, round_s: float, draft_s: float) -> None:
+        """The last round's outcome: tokens it committed (bonus included), its wall seconds until the next round
+        began, and those spent drafting."""
+        self.recorded += 1
+        if not self.speculated:
+            self.plain_s = self._mean(self.plain_s, round_s)
+            return
+        self.tokens = self._mean(self.tokens, committed)
+        if self.recorded > 1:  # the first round also pays one-off costs (a draft head reading the prompt)
+            self.spec_s = self._mean(self.spec_s, round_s)
+            self.spec_draft_s = self._mean(self.spec_draft_s, draft_s)
+            self.spec_timed += 1
+
+
+class ForcedBackoff(Backoff):
+    """Verifies the root alone in a random `plain_share` of rounds, drawn from its own seeded generator (the
+    sampling generator is left alone): tests use it to switch between plain and speculative rounds often."""
+
+    def __init__(self, plain_share: float = 0.5, seed: int = 0):
+        super().__init__()
+        self.plain_share, self.rng = plain_share, random.Random(seed)
+
+    def speculate(self) -> bool:
+        self.speculated = self.rng.random() >= self.plain_share
+        return self.speculated
+
+
+__all__ = ["Backoff", "ForcedBackoff"]
