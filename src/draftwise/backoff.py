@@ -5,14 +5,17 @@ included) in s_spec seconds, a plain round 1 token in s_plain; all three are exp
 generation's own rounds, timed in place (drafting, verification and whatever runs until the next round), so they
 follow the request's temperature, top-p and top-k, the drafter and its tree policy, and the machine:
 
-    speculate  ⇔  τ / s_spec ≥ 1 / s_plain
+    speculate  ⇔  (τ + z·σ_τ/√n) / s_spec ≥ 1 / s_plain
 
-Until a plain round has been timed, s_plain is a speculative round's time less its drafting (verifying a tree
-costs at least what the root alone does, so the guess favours speculating). When speculation does not pay,
-`interval` rounds run plain, then one speculative round probes again: a probe that pays resumes speculation,
-one that does not doubles `interval` (4, 8, ... 64 rounds), so a sequence that becomes predictable (a quotation,
-a code block) gets speculation back. The first rounds always speculate. How deep to draft and how much to verify
-stays the drafter's and its policy's (sizing, RADAR, LTD): this is only a floor under them.
+with σ_τ the spread of τ round to round, n the rounds its mean rests on (at most what the moving average weighs)
+and z = `confidence`: a small benefit of the doubt, since τ varies a lot between rounds and a back-off that a
+few short rounds set off would cost where speculation pays. Until a plain round has been timed, s_plain is a
+speculative round's time less its drafting (verifying a tree costs at least what the root alone does, so the
+guess favours speculating). When speculation does not pay, `interval` rounds run plain, then one speculative
+round probes again: a probe that pays resumes speculation, one that does not doubles `interval` (4, 8, ... 64
+rounds), so a sequence that becomes predictable (a quotation, a code block) gets speculation back. The first
+rounds always speculate. How deep to draft and how much to verify stays the drafter's and its policy's (sizing,
+RADAR, LTD): this is only a floor under them.
 
 Lossless at any temperature: the decision reads only rounds already verified, never this round's draft (a
 sampled draft kept or dropped by what it drew would bias the output) nor its verdict. See docs/backoff.md.
@@ -20,34 +23,45 @@ sampled draft kept or dropped by what it drew would bias the output) nor its ver
 
 from __future__ import annotations
 
+import math
 import random
 
 
 class Backoff:
     """One generation's decision, round by round, to speculate or to verify the root alone."""
 
-    def __init__(self, min_interval: int = 4, max_interval: int = 64, warmup: int = 3, smoothing: float = 0.25):
+    def __init__(
+        self,
+        min_interval: int = 4,
+        max_interval: int = 64,
+        warmup: int = 8,
+        smoothing: float = 0.1,
+        confidence: float = 0.25,
+    ):
         self.min_interval, self.max_interval = min_interval, max_interval
-        self.warmup, self.smoothing = warmup, smoothing
+        self.warmup, self.smoothing, self.confidence = warmup, smoothing, confidence
+        self.weighed = (2 - smoothing) / smoothing  # rounds a moving average rests on, in the long run
         self.interval = min_interval  # plain rounds before the next probe
         self.plain_left = 0  # of this back-off's plain rounds, those still to run
         self.backed_off = self.probing = False
         self.speculated = True  # the last decision
-        self.recorded = self.spec_timed = 0
-        self.tokens: float | None = None  # τ: tokens a speculative round commits, bonus included
-        self.spec_s: float | None = None  # seconds a speculative round takes
-        self.spec_draft_s: float | None = None  # of which drafting
-        self.plain_s: float | None = None  # seconds a plain round takes
+        self.recorded = self.spec_rounds = self.spec_timed = self.plain_timed = 0
+        self.tokens = self.tokens_sq = 0.0  # τ: tokens a speculative round commits, bonus included; and τ²
+        self.spec_s = self.spec_draft_s = 0.0  # seconds a speculative round takes, and of those drafting
+        self.plain_s = 0.0  # seconds a plain round takes
 
-    def _mean(self, mean: float | None, value: float) -> float:
-        return value if mean is None else mean + self.smoothing * (value - mean)
+    def _mean(self, mean: float, value: float, count: int) -> float:
+        """The running mean after its `count`-th value: plain at first, then exponential (no weight on a start)."""
+        return mean + max(self.smoothing, 1 / count) * (value - mean)
 
     def pays(self) -> bool:
         """Whether speculative rounds commit tokens at least as fast as plain ones would, by the estimates."""
-        if self.tokens is None or self.spec_s is None or self.spec_draft_s is None:
+        if not self.spec_timed:
             return True
-        plain_s = self.plain_s if self.plain_s is not None else self.spec_s - self.spec_draft_s
-        return self.tokens * plain_s >= self.spec_s
+        plain_s = self.plain_s if self.plain_timed else self.spec_s - self.spec_draft_s
+        spread = max(self.tokens_sq - self.tokens * self.tokens, 0.0)
+        tokens = self.tokens + self.confidence * math.sqrt(spread / min(self.spec_rounds, self.weighed))
+        return tokens * plain_s >= self.spec_s
 
     def speculate(self) -> bool:
         """Whether the coming round drafts; False: it verifies the root alone."""
@@ -69,13 +83,16 @@ class Backoff:
         began, and those spent drafting."""
         self.recorded += 1
         if not self.speculated:
-            self.plain_s = self._mean(self.plain_s, round_s)
+            self.plain_timed += 1
+            self.plain_s = self._mean(self.plain_s, round_s, self.plain_timed)
             return
-        self.tokens = self._mean(self.tokens, committed)
+        self.spec_rounds += 1
+        self.tokens = self._mean(self.tokens, committed, self.spec_rounds)
+        self.tokens_sq = self._mean(self.tokens_sq, committed * committed, self.spec_rounds)
         if self.recorded > 1:  # the first round also pays one-off costs (a draft head reading the prompt)
-            self.spec_s = self._mean(self.spec_s, round_s)
-            self.spec_draft_s = self._mean(self.spec_draft_s, draft_s)
             self.spec_timed += 1
+            self.spec_s = self._mean(self.spec_s, round_s, self.spec_timed)
+            self.spec_draft_s = self._mean(self.spec_draft_s, draft_s, self.spec_timed)
 
 
 class ForcedBackoff(Backoff):
