@@ -8,7 +8,7 @@ import pytest
 
 import draftwise
 from draftwise.cli import main
-from draftwise.verify import NEAR_TIE_EPSILON, compare_greedy
+from draftwise.core.verify import NEAR_TIE_EPSILON, compare_greedy
 
 pytestmark = pytest.mark.real_model
 

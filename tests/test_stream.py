@@ -7,7 +7,7 @@ from types import SimpleNamespace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from draftwise.decode import GenerationStats
+from draftwise.core.decode import GenerationStats
 from draftwise.engine import TextStream, cut_at_stop
 
 PIECES = ["Hello", " ", "wor", "ld", "!", "w", "o", "r", "l", "d", "ab", "c", "\n", "<", "/", ">", "end"]

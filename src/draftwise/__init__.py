@@ -1,10 +1,10 @@
 """draftwise: lossless speculative decoding with draft trees."""
 
-from draftwise.decode import GenerationStats
+from draftwise.core.decode import GenerationStats
+from draftwise.core.errors import DraftwiseError
+from draftwise.core.tree import DraftTree
+from draftwise.core.verify import Sampling
 from draftwise.engine import Engine, Generation, load
-from draftwise.errors import DraftwiseError
-from draftwise.tree import DraftTree
-from draftwise.verify import Sampling
 
 __all__ = ["DraftTree", "DraftwiseError", "Engine", "Generation", "GenerationStats", "Sampling", "load"]
 __version__ = "0.1.0"

@@ -10,21 +10,16 @@ from dataclasses import dataclass
 
 import torch
 
-from draftwise.backoff import Backoff
-from draftwise.decode import GenerationStats, generate_tokens
-from draftwise.drafters import Drafter, make_drafter
-from draftwise.errors import DraftwiseError
-from draftwise.kernels import avx512_kernel, grid_kernel
-from draftwise.models import (
-    DEFAULT_MODEL,
-    cpu_has_native_bf16,
-    load_model,
-    load_tokenizer_and_config,
-    model_gguf,
-    parse_dtype,
-)
-from draftwise.target import TargetModel
-from draftwise.verify import Sampling
+from draftwise.core.backoff import Backoff
+from draftwise.core.decode import GenerationStats, generate_tokens
+from draftwise.core.drafter import Drafter
+from draftwise.core.errors import DraftwiseError
+from draftwise.core.target import Target
+from draftwise.core.verify import Sampling
+from draftwise.methods import FEATURE_METHODS, make_drafter
+from draftwise.targets.hf import HFTarget
+from draftwise.targets.load import backend_for, load_target
+from draftwise.targets.models import DEFAULT_MODEL
 
 Prompt = str | list[dict[str, str]]
 
@@ -74,8 +69,8 @@ class TextStream:
 
     def __iter__(self) -> Iterator[str]:
         """Decodes incrementally (as vLLM does): each round decodes only the tokens since the last complete piece,
-        with the piece before them as left context, so a long generation costs linear time, not quadratic (a
-        full decode of 2,048 tokens takes ~0.7 ms, a tenth of a round). The final text is one full decode."""
+        with the piece before them as left context, so a long generation costs linear time, not quadratic (a full
+        decode of a long output costs a sizeable share of a round). The final text is one full decode."""
         tokenizer = self._engine.tokenizer
 
         def decode(ids: list[int]) -> str:
@@ -116,54 +111,23 @@ class TextStream:
         self._chunks.close()
 
 
-ENGINES = ("auto", "lean", "hf", "llama")
 BACKOFF_CHOICES = ("on", "off")
-FEATURE_METHODS = frozenset({"eagle", "rasd", "radar", "ltd"})  # draft heads read the target's hidden states
 
 
 def choose_engine(engine: str, method: str) -> str:
-    """`auto` is the lean PyTorch path, which `load_target` swaps for transformers where the model is not a
-    plain llama. llama.cpp runs only when asked for."""
-    if engine not in ENGINES:
-        raise DraftwiseError(f"unknown engine '{engine}'; choose one of {', '.join(ENGINES)}")
-    if engine == "llama" and method in FEATURE_METHODS:
+    """The backend `engine` names for `method` (see targets.load.backend_for); llama.cpp exposes no hidden features,
+    so the methods that read them cannot run there."""
+    choice = backend_for(engine)
+    if choice == "llama" and method in FEATURE_METHODS:
         raise DraftwiseError(f"method '{method}' reads the target's hidden features: use --engine lean or hf")
-    return "lean" if engine == "auto" else engine
-
-
-def load_target(model: str, engine: str = "auto", dtype: str = "auto", device: str = "cpu", method: str = "ar"):
-    """(HF model or None, tokenizer, target) for `engine`. The lean engine on CPU in bf16 (its `auto`) keeps the
-    weights of an embedded GGUF model on their own 4-bit grid (loaded in fp32 to find it, then held as int4)."""
-    from draftwise.lean import LeanTarget, lean_supported
-
-    choice = choose_engine(engine, method)
-    if choice == "llama":
-        tokenizer, target = llama_parts(model)
-        return None, tokenizer, target
-    gguf = choice == "lean" and device == "cpu" and model_gguf(model) is not None
-    compute = parse_dtype(dtype, device)
-    if gguf and dtype == "auto":
-        # the GGUF's own grid: int8 activations through draftwise's VNNI kernel where the CPU has AVX-512 VNNI
-        # (kernels.avx512_kernel), else bf16 through torch's int4 kernel where it has bf16 units, else fp32 through
-        # draftwise's AVX2 kernel (kernels.grid_kernel), else bf16 anyway (still 2.8x faster than dense fp32)
-        fp32_grid = avx512_kernel() is not None or (not cpu_has_native_bf16() and grid_kernel() is not None)
-        compute = torch.float32 if fp32_grid else torch.bfloat16
-    on_grid = gguf and (dtype == "auto" or compute == torch.bfloat16)  # an explicit fp32 stays dense: the reference
-    hf_model, tokenizer = load_model(model, dtype="fp32" if on_grid else dtype, device=device)
-    if choice == "lean" and not lean_supported(hf_model):
-        if engine == "lean":
-            raise DraftwiseError(f"the lean engine runs plain llama models; '{model}' is not one (use --engine hf)")
-        choice = "hf"
-    lean = LeanTarget(hf_model, dtype=compute, int4=on_grid) if choice == "lean" else None
-    hf_model.to(compute)  # drafters and peers share it in the compute dtype
-    return hf_model, tokenizer, lean if lean is not None else TargetModel(hf_model)
+    return choice
 
 
 class Engine:
     """A target model plus drafters, by method name. Drafters are built once and reused.
 
     `model` is the HF model (None when `target` runs elsewhere, as with llama.cpp); `config` its HF config.
-    `backoff` ("on" | "off"): whether rounds where speculation does not pay verify the root alone (backoff.py)."""
+    `backoff` ("on" | "off"): whether rounds where speculation does not pay verify the root alone (core/backoff.py)."""
 
     def __init__(
         self,
@@ -179,8 +143,8 @@ class Engine:
             raise DraftwiseError(f"backoff must be one of {', '.join(BACKOFF_CHOICES)}, got {backoff!r}")
         self.backoff = backoff
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
-        self.target = target if target is not None else TargetModel(model)
-        self.engine_name = self.target.engine_name
+        self.target: Target = target if target is not None else HFTarget(model)
+        self.engine_name = self.target.backend  # who runs the target: hf, lean or llama
         self.default_method = method
         self._drafters: dict[str, Drafter] = {}
         self._options = {method: method_options}
@@ -198,7 +162,11 @@ class Engine:
         backoff: str = "on",
         **method_options,
     ) -> Engine:
-        hf_model, tokenizer, target = load_target(model, engine, dtype, device, method)
+        """Load a model and return an Engine (see Engine.generate / Engine.stream). `engine`: auto | lean | hf |
+        llama; `backoff`: on | off (rounds where speculation does not pay verify the root alone, docs/backoff.md);
+        `method_options` go to the method's drafter."""
+        choose_engine(engine, method)  # before the slow load
+        hf_model, tokenizer, target = load_target(model, engine, dtype, device)
         return cls(
             hf_model, tokenizer, model_name=model, method=method, target=target, backoff=backoff, **method_options
         )
@@ -206,7 +174,7 @@ class Engine:
     @property
     def dtype_name(self) -> str:
         """What the target computes in: a torch dtype, or the GGUF's own quantization under llama.cpp."""
-        return self.target.dtype_name
+        return self.target.compute.name
 
     def drafter(self, method: str) -> Drafter:
         if method not in self._drafters:
@@ -255,11 +223,15 @@ class Engine:
         seed: int | None = None,
         chat_template: bool = True,
         stop: list[str] | None = None,
+        drafter: Drafter | None = None,
     ) -> TextStream:
-        """Start a generation; iterate the result for text pieces."""
+        """Start a generation; iterate the result for text pieces. `drafter` runs a drafter of your own (any
+        draftwise.drafters.Drafter) instead of a method's."""
         sampling = check_sampling(max_new_tokens, temperature, top_p, top_k)
+        if drafter is not None and method is not None:
+            raise DraftwiseError("pass a method or a drafter, not both")
         self._check_thread()
-        drafter = self.drafter(method or self.default_method)
+        drafter = drafter or self.drafter(method or self.default_method)
         prompt_ids = self.encode(prompt, chat_template)
         generator = torch.Generator()  # per generation, so the global RNG is never touched
         if seed is None:
@@ -285,9 +257,8 @@ class Engine:
 
     def _check_thread(self) -> None:
         """Warn once when torch work moves to a second thread on CPU. torch then starts a second OpenMP team,
-        and with more OpenMP threads than cores libgomp stops spin-waiting in every team: tree forwards ran
-        ~1.7x slower for the rest of the process (measured: eagle verify 43 -> 74 ms per round). Load and generate
-        on one thread (as `serve` does)."""
+        and with more OpenMP threads than cores libgomp stops spin-waiting in every team: tree forwards run much
+        slower for the rest of the process (docs/results.md). Load and generate on one thread (as `serve` does)."""
         here = threading.get_ident()
         if here == self._thread or self.model is None or self.target.device.type != "cpu":
             return
@@ -309,28 +280,4 @@ class Engine:
         return stream.generation
 
 
-def llama_parts(model: str):
-    """(tokenizer, target) of a GGUF model run by llama.cpp; the HF tokenizer keeps token ids identical."""
-    from draftwise.llama_target import LlamaCppTarget
-
-    gguf = model_gguf(model)
-    if gguf is None:
-        raise DraftwiseError(f"the llama engine needs a GGUF model; '{model}' is not one (use --engine hf)")
-    tokenizer, config = load_tokenizer_and_config(model)
-    return tokenizer, LlamaCppTarget(gguf, config)
-
-
-def load(
-    model: str = DEFAULT_MODEL,
-    method: str = "pld",
-    dtype: str = "auto",
-    device: str = "cpu",
-    engine: str = "auto",
-    backoff: str = "on",
-    **method_options,
-) -> Engine:
-    """Load a model and return an Engine (see Engine.generate / Engine.stream). `engine`: auto | lean | hf | llama;
-    `backoff`: on | off (rounds where speculation does not pay verify the root alone, see docs/backoff.md)."""
-    return Engine.load(
-        model, method=method, dtype=dtype, device=device, engine=engine, backoff=backoff, **method_options
-    )
+load = Engine.load  # draftwise.load(model, method=..., ...) is Engine.load

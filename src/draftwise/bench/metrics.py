@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from draftwise.verify import NEAR_TIE_EPSILON, compare_greedy
+from draftwise.core.verify import NEAR_TIE_EPSILON, compare_greedy
 
 VERDICTS = ("identical", "near_tie", "mismatch")  # what compare_greedy answers
 BASELINE = "ar"
@@ -119,7 +119,7 @@ def summarize(records: list[dict]) -> dict:
         "tau": sum(accepted) / len(accepted) if accepted else None,  # bonus token included
         "draft_calls_per_round": _ratio(sum(s["draft_calls"] for s in stats), rounds),
         "verified_per_round": _ratio(sum(s["verified_tokens"] for s in stats), rounds),
-        # rounds the back-off ran without drafting (draftwise.backoff); None for peers and runs before it existed
+        # rounds the back-off ran without drafting (draftwise.core.backoff); None for peers and runs before it existed
         "plain_round_share": _ratio(sum(s["plain_rounds"] for s in stats), rounds)
         if stats and all("plain_rounds" in s for s in stats)
         else None,

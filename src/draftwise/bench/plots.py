@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from draftwise.bench.metrics import BASELINE
-from draftwise.errors import DraftwiseError
+from draftwise.core.errors import DraftwiseError
 
 SPLIT = (("prefill_s", "prefill"), ("draft_s", "draft"), ("verify_s", "verify"), ("overhead_s", "loop overhead"))
 
@@ -150,7 +150,7 @@ def write_plots(
     out: Path, summary: dict, records: list[dict], methods: list[str], profile: dict[int, float] | None
 ) -> list[str]:
     """Write every plot into `out`; returns their file names (for the report)."""
-    import matplotlib
+    import matplotlib  # the optional [bench] extra
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -7,10 +7,13 @@ import os
 import platform
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import transformers
 
+import draftwise
 from draftwise.bench.metrics import BASELINE, REFERENCES
 
 
@@ -26,10 +29,6 @@ def cpu_model() -> str:
 
 def environment(model_name: str, model, options: dict) -> dict:
     """Enough about the machine and software to know whether two runs can be compared."""
-    import transformers
-
-    import draftwise
-
     device = next(model.parameters()).device
     return {
         "draftwise": draftwise.__version__,
@@ -50,24 +49,21 @@ def environment(model_name: str, model, options: dict) -> dict:
     }
 
 
-def write_results(
-    path: Path,
-    env: dict,
-    settings: dict,
-    methods: list[str],
-    unavailable: dict[str, str],
-    summary: dict,
-    records: list[dict],
-) -> None:
-    payload = {
-        "environment": env,
-        "settings": settings,
-        "methods": methods,
-        "unavailable": unavailable,
-        "summary": summary,
-        "records": records,
-    }
-    path.write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+@dataclass
+class BenchRun:
+    """One `draftwise bench` run as results.json stores it: where it ran, its settings, the methods asked for (and
+    why some could not run), and what each measured."""
+
+    environment: dict
+    settings: dict
+    methods: list[str]
+    unavailable: dict[str, str]
+    summary: dict
+    records: list[dict]
+
+
+def write_results(path: Path, run: BenchRun) -> None:
+    path.write_text(json.dumps(asdict(run), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
@@ -218,16 +214,9 @@ def cross_engine_section(records: list[dict]) -> str:
     )
 
 
-def render_report(
-    env: dict,
-    settings: dict,
-    methods: list[str],
-    unavailable: dict[str, str],
-    summary: dict,
-    records: list[dict],
-    epsilon: float,
-    plots: list[str],
-) -> str:
+def render_report(run: BenchRun, epsilon: float, plots: list[str]) -> str:
+    env, settings, methods, unavailable = run.environment, run.settings, run.methods, run.unavailable
+    summary, records = run.summary, run.records
     greedy = settings["temperature"] == 0
     errors = [r for r in records if r["error"]]
     gpu = f", {env['gpu']}" if env["gpu"] else ""

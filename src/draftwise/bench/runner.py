@@ -19,12 +19,15 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from transformers import GenerationConfig
 
 from draftwise.bench.datasets import Question
-from draftwise.drafters import METHODS
-from draftwise.engine import Engine, llama_parts
-from draftwise.errors import DraftwiseError
-from draftwise.models import model_gguf
+from draftwise.core.errors import DraftwiseError
+from draftwise.engine import Engine
+from draftwise.methods import METHODS
+from draftwise.targets.llama_cpp import import_llama_cpp, silence_llama_logs
+from draftwise.targets.load import llama_parts
+from draftwise.targets.models import model_gguf
 
 Messages = list[dict[str, str]]
 WARMUP_TOKENS = 16  # enough to touch every code path (prefill, drafting, verification) once
@@ -88,8 +91,6 @@ def run_engine(engine: Engine, messages: Messages, settings: Settings, seed: int
 
 def run_hf_generate(engine: Engine, messages: Messages, settings: Settings, seed: int, **generate_options) -> dict:
     """transformers' own `model.generate` on the same weights and chat template."""
-    from transformers import GenerationConfig
-
     start = time.perf_counter()
     prompt_ids = engine.encode(messages)
     stop = sorted(engine.stop_token_ids)
@@ -131,14 +132,12 @@ def run_hf_generate(engine: Engine, messages: Messages, settings: Settings, seed
 @functools.cache
 def _llama_cpp(model_name: str, prompt_lookup: bool):
     """llama-cpp-python's own `Llama` on the model's GGUF, as its users run it (all cores, same context)."""
-    from draftwise.llama_target import _import_llama_cpp, _silence
-
-    llama_cpp = _import_llama_cpp()
-    _silence(llama_cpp)
+    llama_cpp = import_llama_cpp()
+    silence_llama_logs(llama_cpp)
     gguf = model_gguf(model_name)
     if gguf is None:
         raise DraftwiseError(f"llama.cpp needs a GGUF model; '{model_name}' is not one")
-    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding  # the optional [llama] extra
 
     draft = LlamaPromptLookupDecoding(num_pred_tokens=10) if prompt_lookup else None
     threads = os.cpu_count() or 1

@@ -106,14 +106,7 @@ inline void block_product(const int8_t* qx, const float* dx, const float* sx, co
 using BlockFn = void (*)(const int8_t*, const float*, const float*, const int32_t*, int64_t, const uint8_t*, int64_t,
                          const uint16_t*, const uint16_t*, int64_t, float*, int64_t);
 
-template <bool Nibbles>
-constexpr BlockFn kBlocks[9] = {
-    nullptr,
-    block_product<1, 4, Nibbles>, block_product<2, 4, Nibbles>, block_product<3, 2, Nibbles>,
-    block_product<4, 2, Nibbles>, block_product<5, 1, Nibbles>, block_product<6, 1, Nibbles>,
-    block_product<7, 1, Nibbles>, block_product<8, 1, Nibbles>,
-};
-constexpr int kTiles[9] = {0, 4, 4, 2, 2, 1, 1, 1, 1};
+#include "block_table.h"  // kBlocks, kTiles
 // one tile at a time, for the last tiles of a weight whose outputs are not a multiple of 64
 template <bool Nibbles>
 constexpr BlockFn kSingles[9] = {

@@ -61,15 +61,7 @@ inline void block_product(const float* x, int64_t K, const char* codes, int64_t 
 using BlockFn = void (*)(const float*, int64_t, const char*, int64_t, const float*, const float*, int64_t, float*,
                          int64_t);
 
-// kernels by row count (1..8): tiles per block chosen so rows * tiles stays within the 16 vector registers
-template <bool Nibbles>
-constexpr BlockFn kBlocks[9] = {
-    nullptr,
-    block_product<1, 4, Nibbles>, block_product<2, 4, Nibbles>, block_product<3, 2, Nibbles>,
-    block_product<4, 2, Nibbles>, block_product<5, 1, Nibbles>, block_product<6, 1, Nibbles>,
-    block_product<7, 1, Nibbles>, block_product<8, 1, Nibbles>,
-};
-constexpr int kTiles[9] = {0, 4, 4, 2, 2, 1, 1, 1, 1};
+#include "block_table.h"  // kBlocks, kTiles
 constexpr int kRows = 8;
 
 }  // namespace

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from draftwise.drafters.base import DraftContext, Drafter
+from draftwise.core.drafter import DraftContext, Drafter
+from draftwise.core.tree import DraftTree
 from draftwise.drafters.dynamic_tree import TreeSlots, grow_dynamic_tree, sample_chain
-from draftwise.target import TargetModel
-from draftwise.tree import DraftTree
+from draftwise.targets.hf import HFTarget
 
 
 class DraftModel(Drafter):
@@ -21,7 +21,7 @@ class DraftModel(Drafter):
 
     def __init__(self, model, top_k: int = 4, depth: int = 4, total_tokens: int = 16, vocab_size: int | None = None):
         super().__init__()
-        self.runner = TargetModel(model)
+        self.runner = HFTarget(model)
         self.top_k, self.depth, self.total_tokens = top_k, depth, total_tokens
         self.vocab_size = vocab_size
 

@@ -12,7 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from draftwise.tree import DraftTree
+from draftwise.core.tree import DraftTree
+from draftwise.core.verify import sample_token, target_probs
 
 # step(frontier node ids (k,), frontier tokens (k,), parent id of every node so far) -> next-token log-probs (k, V)
 ExpandStep = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -103,8 +104,6 @@ def sample_chain(
 ) -> DraftTree:
     """`length` tokens sampled one after another from the drafter's q, each q kept so verification can
     accept with min(1, p/q) and stay lossless. `next_logits(token)` feeds a sampled token to the drafter."""
-    from draftwise.verify import sample_token, target_probs
-
     vocab = root_logits.numel()
     tokens, proposals = [root], [torch.nn.functional.one_hot(torch.tensor(root), vocab).float()]
     logits = root_logits

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from draftwise.drafters.base import DraftContext, Drafter, RoundResult
+from draftwise.core.drafter import DraftContext, Drafter, RoundResult
+from draftwise.core.tree import DraftTree
+from draftwise.drafters.retrieval import Retrieved
 from draftwise.drafters.sizing import CostSizer
-from draftwise.retrieval import Retrieved
-from draftwise.tree import DraftTree
 
 PLD_TOTAL_TOKENS = 24  # nodes of the merged trie at most, before cost sizing
 
 
 class NgramIndex:
     """Where every n-gram of the context ends, kept up to date as tokens are appended: a lookup costs O(new
-    tokens) instead of a scan of the whole context every round (~0.2 ms an n-gram length at 1k tokens, a tenth
-    of a round). `lookup` gives the continuations of earlier occurrences of the trailing n-gram, longest n first
+    tokens) instead of a scan of the whole context every round (a sizeable share of a round at long contexts).
+    `lookup` gives the continuations of earlier occurrences of the trailing n-gram, longest n first
     (stopping at the first n that matches), most recent occurrence first."""
 
     def __init__(self, max_ngram: int, min_ngram: int) -> None:
@@ -48,7 +48,7 @@ class NgramIndex:
 
 
 class PromptLookupRetriever:
-    """Prompt lookup as a Retriever (see draftwise.retrieval): the datastore is the context itself."""
+    """Prompt lookup as a Retriever (see draftwise.drafters.retrieval): the datastore is the context itself."""
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, num_pred_tokens: int = 10, max_matches: int = 4):
         self.num_pred_tokens, self.max_matches = num_pred_tokens, max_matches

@@ -26,12 +26,12 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
-from draftwise.drafters.base import DraftContext, RoundResult
-from draftwise.drafters.eagle import EagleDrafter, load_head, target_compute
-from draftwise.drafters.pld import PLD_TOTAL_TOKENS, PromptLookupRetriever
+from draftwise.core.drafter import DraftContext, RoundResult
+from draftwise.core.tree import DraftTree
+from draftwise.drafters.eagle import EagleDrafter
+from draftwise.drafters.pld import PLD_TOTAL_TOKENS
+from draftwise.drafters.retrieval import Retrieved, Retriever
 from draftwise.drafters.sizing import CostSizer, nodes_for_throughput
-from draftwise.retrieval import Datastore, Retrieved, Retriever, resolve_datastore
-from draftwise.tree import DraftTree
 
 BUCKET_EDGES = torch.tensor([1e-3, 1e-2, 5e-2, 0.2, 0.5])  # head probability of a branch's first token
 
@@ -64,7 +64,7 @@ class FittedGate:
 
 class PayoffRule:
     """Whether a call pays: the head's, in a round where retrieval already offers `expected` accepted tokens
-    (the sizer's estimate; on a 2-core CPU a head call costs ~1 ms, a seventh of a round, and where prompt lookup
+    (the sizer's estimate; on a small CPU a head call is a noticeable share of a round, and where prompt lookup
     has a long match the head rarely adds a token), or a retriever's lookup (one bucket). Fitted online like the
     gate: per bucket of `expected`, the mean number of tokens the call's nodes added beyond the others'; the call
     is skipped while that is below what it costs in tokens ((1 + expected) tokens per round times the call's
@@ -111,7 +111,7 @@ class RasdDrafter(EagleDrafter):
         **eagle_options,
     ):
         super().__init__(head, **eagle_options)
-        if concurrent is None:  # a worker thread only helps with a core to spare (measured on 2: no faster)
+        if concurrent is None:  # a worker thread only helps with a core to spare (docs/results.md)
             concurrent = (os.cpu_count() or 1) > torch.get_num_threads()
         self.retrievers, self.retrieval_budget, self.concurrent = retrievers, retrieval_budget, concurrent
         self.gate = gate or FittedGate()
@@ -134,8 +134,8 @@ class RasdDrafter(EagleDrafter):
 
     def _retrieve(self, tokens: Tensor, budget: int, step_s: float | None = None) -> list[tuple[int, Retrieved]]:
         """(retriever index, what it retrieved) of every retriever asked that found something. Where a step's
-        seconds are known, a retriever whose tokens have not paid for its time is asked only now and then (a
-        code datastore costs ~0.7 ms a lookup, a tenth of a step, and on prose it rarely adds a token)."""
+        seconds are known, a retriever whose tokens have not paid for its time is asked only now and then (a code
+        datastore's lookup costs a noticeable share of a step, and on prose it rarely adds a token)."""
         found, self._queried = [], []
         for i, (retriever, rule) in enumerate(zip(self.retrievers, self.source_skip, strict=True)):
             if step_s and rule.skip(0.0, rule.share(step_s)):
@@ -284,39 +284,3 @@ def rasd_node_kinds(fused: DraftTree, sources: list[tuple[int, int]]) -> list[tu
         ("head", d, min(8, int(-s))) if source < 0 else ("retrieved", source, min(match, 4), d, s > -1e-6)
         for d, s, (source, match) in zip(depths, scores, sources, strict=True)
     ]
-
-
-def load_rasd(
-    engine,
-    draft_head: str | None = None,
-    datastore: str | None = None,
-    retrieval_budget: int | None = None,
-    concurrent: bool | None = None,
-    gate_threshold: float | None = None,
-    policy: str | None = None,
-    policy_dir: str | None = None,
-    **eagle_options,
-) -> RasdDrafter:
-    """The head plus prompt lookup, plus a REST datastore when one is named (`--datastore chat|code|DIR`);
-    `policy` (fixed | threshold | heuristic | radar | ltd) shapes the head's tree before fusion."""
-    retrievers: list[Retriever] = [PromptLookupRetriever()]
-    if datastore:
-        retrievers.append(Datastore.load(resolve_datastore(datastore)))
-    options = {k: v for k, v in eagle_options.items() if v is not None}
-    head = load_head(engine, draft_head)
-    if policy is not None:
-        from draftwise.policies import policy_and_shape
-
-        tree_policy, options = policy_and_shape(policy, engine.model_name, policy_dir, target_compute(head), **options)
-        options["policy"] = tree_policy
-    drafter = RasdDrafter(
-        head,
-        retrievers,
-        retrieval_budget=retrieval_budget,
-        concurrent=concurrent,
-        gate=FittedGate(threshold=gate_threshold),
-        **options,
-    )
-    if policy is not None:
-        drafter.name = f"rasd-{policy}"
-    return drafter

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from draftwise.drafters.base import DraftContext, Drafter, RoundResult
+from draftwise.core.drafter import DraftContext, Drafter, RoundResult
+from draftwise.core.errors import DraftwiseError
+from draftwise.core.tree import DraftTree
+from draftwise.drafters.retrieval import Datastore, resolve_datastore
 from draftwise.drafters.sizing import CostSizer
-from draftwise.errors import DraftwiseError
-from draftwise.retrieval import Datastore, resolve_datastore
-from draftwise.tree import DraftTree
 
 
 class RestDrafter(Drafter):
     """Proposes the most frequent continuations of the longest context suffix found in a datastore (see
-    draftwise.retrieval); the root alone when nothing matches."""
+    draftwise.drafters.retrieval); the root alone when nothing matches."""
 
     name = "rest"
 

@@ -1,7 +1,7 @@
 """Cost-aware tree sizing: verify only as many drafted nodes as pay for their verification time.
 
-Where every verified token costs real compute (llama.cpp on this CPU: a 4-token tree costs ~2.6x a 1-token
-step, see RESULTS.md), a long retrieved chain loses time unless most of it is accepted. Each node gets an
+Where every verified token costs real compute (llama.cpp on a CPU: a few-token tree costs several one-token steps,
+docs/results.md), a long retrieved chain loses time unless most of it is accepted. Each node gets an
 acceptance probability from running counts of how often nodes of its kind were accepted when their parent
 was; the tree keeps the most likely nodes up to the size that maximises expected tokens per second,
 (1 + sum of p) / cost(size). Size 1 (the root alone) is plain decoding, so the method never plans to be
@@ -15,7 +15,7 @@ from collections.abc import Callable, Hashable, Sequence
 
 import torch
 
-from draftwise.tree import DraftTree
+from draftwise.core.tree import DraftTree
 
 NodeKind = Hashable
 

@@ -1,20 +1,20 @@
 """Hand-written tree policies to compare the learned ones against.
 
-- fixed: EAGLE-2, every round the full depth and `total_tokens` (draftwise.drafters.eagle.TreePolicy itself);
+- fixed: EAGLE-2, every round the full depth and `total_tokens` (draftwise.drafters.tree_policy.TreePolicy itself);
 - threshold: stop drafting once the best frontier node's cumulative log-prob falls under a threshold (the
   confidence rule of DDD-style dynamic depth);
 - heuristic: transformers' "heuristic" assistant schedule, on tree depth: two levels deeper after a round
   that accepted every drafted level, one shallower otherwise.
+
+Their replays on logged rounds: draftwise.policies.learn.baselines.
 """
 
 from __future__ import annotations
 
-import numpy as np
 from torch import Tensor
 
-from draftwise.drafters.base import RoundResult
-from draftwise.drafters.eagle import TreePolicy
-from draftwise.policies.offline import RoundSet
+from draftwise.core.drafter import RoundResult
+from draftwise.drafters.tree_policy import TreePolicy
 
 FixedDepth = TreePolicy
 
@@ -36,16 +36,6 @@ class ConfidenceThreshold(TreePolicy):
 
     def keep_going(self, calls: int, frontier_scores: Tensor, candidate_scores: Tensor) -> bool:
         return float(frontier_scores.max()) >= self.threshold
-
-
-def threshold_calls(rounds: RoundSet, threshold: float, max_calls: int) -> np.ndarray:
-    """Expansion calls the threshold rule makes on each logged round."""
-    calls = np.zeros(len(rounds), dtype=np.int64)
-    active = np.ones(len(rounds), dtype=bool)
-    for c in range(max_calls):
-        active &= rounds.frontier(c).max(1) >= threshold
-        calls += active
-    return calls
 
 
 class HeuristicSchedule(TreePolicy):
@@ -71,17 +61,3 @@ class HeuristicSchedule(TreePolicy):
             self.levels = min(self.levels + 2, self.max_calls + 1)
         else:
             self.levels = max(self.levels - 1, 1)
-
-
-def heuristic_calls(rounds: RoundSet, max_calls: int, size_index: int) -> np.ndarray:
-    """Expansion calls the heuristic schedule makes on logged rounds, replayed prompt by prompt in order."""
-    calls = np.zeros(len(rounds), dtype=np.int64)
-    levels, previous = max_calls + 1, None
-    for i in range(len(rounds)):
-        if rounds.prompt_id[i] != previous:
-            levels, previous = max_calls + 1, rounds.prompt_id[i]
-        calls[i] = levels - 1
-        drafted = int(rounds.tree_depth[i, calls[i], size_index])
-        accepted = int(rounds.accepted[i, calls[i], size_index])
-        levels = min(levels + 2, max_calls + 1) if accepted >= drafted else max(levels - 1, 1)
-    return calls

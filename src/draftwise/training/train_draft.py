@@ -20,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from draftwise.draft_head import DraftHead, DraftHeadConfig, init_from_target
-from draftwise.errors import DraftwiseError
+from draftwise.core.errors import DraftwiseError
+from draftwise.core.machine import cpu_has_native_bf16
+from draftwise.heads.model import DraftHead, DraftHeadConfig, init_from_target
+from draftwise.targets.models import load_model
 from draftwise.training.distill import distill_feature_layers, load_distill_data
 
 STEP_WEIGHT = 0.8
@@ -86,9 +88,7 @@ class SoftLabels:
 
 
 def uses_bf16(precision: str) -> bool:
-    """bf16 autocast (fp32 master weights) where the CPU has bf16 units: ~4x the training steps/s there."""
-    from draftwise.models import cpu_has_native_bf16
-
+    """bf16 autocast (fp32 master weights) where the CPU has bf16 units: several times the steps/s there."""
     return precision == "bf16" or (precision == "auto" and cpu_has_native_bf16())
 
 
@@ -125,8 +125,6 @@ def evaluate(head, samples, layer_index, target_to_draft, steps, bf16: bool = Fa
 
 def train(args, target=None) -> Path:
     """Train per `args` (the CLI's options); `target` overrides loading `args.model` (tests pass a tiny one)."""
-    from draftwise.models import load_model
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data_dirs = [Path(d) for d in args.data.split(",")]
@@ -321,49 +319,3 @@ def load_checkpoint(checkpoint: Path, args) -> dict:
         said = ", ".join(f"--{k.replace('_', '-')} {then!r} then, {now!r} now" for k, (then, now) in differ.items())
         raise DraftwiseError(f"{checkpoint} was made with other arguments ({said}); use them or another --out")
     return state
-
-
-def cmd_train_draft(args) -> int:
-    positive = ("epochs", "accumulate", "holdout_every", "ttt_steps", "draft_vocab", "eval_every", "checkpoint_every")
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise DraftwiseError(f"--{name.replace('_', '-')} must be positive")
-    if not 0 <= args.soft_labels <= 1:
-        raise DraftwiseError("--soft-labels must be between 0 and 1")
-    if args.max_len < 8:
-        raise DraftwiseError("--max-len must be at least 8")
-    train(args)
-    return 0
-
-
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("train-draft", help="train an EAGLE-3-style draft head on `draftwise distill` data")
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default="runs/distill", help="distilled data directories, comma-separated")
-    parser.add_argument("--out", default="runs/draft-head")
-    parser.add_argument("--feature-layers", default="2,15,27", help="fused target layers (one layer = EAGLE-1 style)")
-    parser.add_argument("--draft-vocab", type=int, default=8192, help="reduced draft vocabulary size")
-    parser.add_argument("--ttt-steps", type=int, default=4, help="unrolled prediction steps (training-time test)")
-    parser.add_argument(
-        "--soft-labels",
-        type=float,
-        default=0.0,
-        help="share of the loss matched to the target's full distribution (needs the final layer's features)",
-    )
-    parser.add_argument("--init-head", default="", help="start from this trained head instead of the target's layer")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--accumulate", type=int, default=4, help="sequences per optimizer step")
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--max-len", type=int, default=768)
-    parser.add_argument("--holdout-every", type=int, default=20, help="every n-th sequence is held out")
-    parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--checkpoint-every", type=int, default=50)
-    parser.add_argument("--max-minutes", type=float, default=0, help="stop (resumably) after this much training")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--precision",
-        choices=("auto", "fp32", "bf16"),
-        default="auto",
-        help="auto: bf16 autocast where the CPU has bf16 units",
-    )
-    parser.set_defaults(func=cmd_train_draft)

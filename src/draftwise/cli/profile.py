@@ -1,0 +1,58 @@
+"""`draftwise profile`: this machine's round cost model, for training tree policies (draftwise.training.profiling)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from draftwise.cli.common import add_model_arg
+from draftwise.core.errors import DraftwiseError
+from draftwise.core.target import ComputeMode
+from draftwise.policies.cost import default_cost_path
+from draftwise.training.profiling import profile
+
+
+def register(commands) -> None:
+    parser = commands.add_parser("profile", help="measure this machine's round cost model (for tree policies)")
+    add_model_arg(parser)
+    parser.add_argument("--dtype", default="auto", help="auto | bf16 | fp32 (default: auto, what generation uses)")
+    parser.add_argument("--engine", default="auto", help="auto | lean | hf: the engine whose costs to measure")
+    parser.add_argument("--draft-head", default=None, help="draft head directory (default: shipped)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="JSON path (default: data/policies/<model>/[<compute>/]cost.json, where `--method radar|ltd` look for "
+        "the policies of a target computing in <compute>)",
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (the fastest counts)")
+    parser.add_argument(
+        "--prompts", type=int, default=8, help="generations of random tree shapes, to fit what real rounds add"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.repeats < 1:
+        raise DraftwiseError("--repeats must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    options = (args.draft_head, args.repeats, args.prompts, args.max_new_tokens)
+    cost = profile(args.model, args.dtype, *options, engine_name=args.engine)
+    out = Path(args.out) if args.out else default_cost_path(args.model, ComputeMode.parse(cost.meta["compute"]))
+    cost.save(out)
+    print(
+        f"in real rounds: overhead {cost.round_overhead_ms:.2f} ms, +{cost.call_extra_ms:.3f} ms a draft call, "
+        f"+{cost.node_extra_ms:.3f} ms a verified node"
+    )
+    for name, ms in cost.policy_query_ms.items():
+        print(f"policy query, {name}: {ms:.3f} ms")
+    for width in (1, 3, 8):
+        print(f"head call, width {width:>2}, context 300: {cost.head(width, 300):6.2f} ms")
+    for n in (1, 2, 4, 8, 16, 32, 64):
+        print(f"verify N={n:>2}, context 300: {cost.verify(n, 300):6.1f} ms")
+    print(f"saved {out}; fit policies to it with `draftwise train-policy --method radar|ltd --cost {out}`")
+    return 0

@@ -1,0 +1,103 @@
+"""Faster CPU matmuls for the few-token forwards that tree verification and tree drafting are made of.
+
+PyTorch's CPU `linear` (addmm) for 2 to ~48 activation rows runs slower than the same product computed as
+W @ x^T, which streams the weight matrix once (docs/results.md, "small-batch linear").
+One token (plain decoding) and long prefills keep the stock kernel, which is fastest there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from draftwise.core.machine import cache_dir, cpu_has_avx2_fma, cpu_has_avx512_vnni
+
+SMALL_BATCH = range(2, 49)
+
+
+def small_batch_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x W^T (+ bias), as W x^T for 2-48 rows."""
+    rows = x.numel() // x.shape[-1]
+    if rows not in SMALL_BATCH:
+        return F.linear(x, weight, bias)
+    out = torch.mm(weight, x.reshape(rows, -1).t()).t()
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class SmallBatchLinear(nn.Linear):
+    def forward(self, x: Tensor) -> Tensor:
+        return small_batch_linear(x, self.weight, self.bias)
+
+
+def use_small_batch_linear(model: nn.Module) -> int:
+    """Switch every plain nn.Linear of `model` on CPU in fp32 to SmallBatchLinear (same weights, in place).
+    Returns how many were switched; other devices and dtypes are left alone (not measured there)."""
+    switched = 0
+    for module in model.modules():
+        if type(module) is nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32:
+            module.__class__ = SmallBatchLinear
+            switched += 1
+    return switched
+
+
+# --- GGUF-grid matmuls (csrc/): built on first use, once per machine --------------------------------------------
+
+_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_built: dict[str, object] = {}
+
+
+AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vnni"]
+
+
+def compile_flags(isa_flags: list[str]) -> list[str]:
+    """The C++ flags every kernel builds with: no contracted FMAs, which would change the bits a row gets."""
+    return ["-O3", "-ffp-contract=off", *isa_flags, "-fopenmp"]
+
+
+def _extension(name: str, what: str, flags: list[str], runs_here: bool, switch: str):
+    """The compiled extension csrc/<name>.cpp, built once per machine (cached under the draftwise cache),
+    or None where it cannot be: the CPU lacks the instructions, no C++ compiler, or the env `switch` is 0."""
+    if name not in _built:
+        _built[name] = None
+        if os.environ.get(switch, "1") != "0" and runs_here:
+            from torch.utils import cpp_extension  # pulls in setuptools: imported only when a kernel is built
+
+            build = cache_dir() / "kernels" / f"torch-{torch.__version__}" / name
+            build.mkdir(parents=True, exist_ok=True)
+            if not any(build.glob("*.so")):
+                print(f"[draftwise] building the {what} (once per machine, ~1 min)", file=sys.stderr)
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    _built[name] = cpp_extension.load(
+                        f"draftwise_{name}",
+                        [str(_CSRC / f"{name}.cpp")],
+                        extra_cflags=compile_flags(flags),
+                        build_directory=str(build),
+                    )
+            except Exception as error:  # no compiler, no headers: the stock kernels stay
+                warnings.warn(f"draftwise: {what} not built ({type(error).__name__}); using torch's", stacklevel=3)
+    return _built[name]
+
+
+def grid_kernel():
+    """fp32 activations x the GGUF's exact Q4_1 / Q8_0 values, for AVX2 CPUs (csrc/grid_matmul.cpp);
+    DRAFTWISE_GRID_KERNEL=0 disables it."""
+    flags = ["-mavx2", "-mfma"]
+    return _extension("grid_matmul", "AVX2 grid kernel", flags, cpu_has_avx2_fma(), "DRAFTWISE_GRID_KERNEL")
+
+
+def avx512_kernel():
+    """For AVX-512 VNNI CPUs (csrc/avx512.cpp): `vnni_matmul`, int8 activations x the GGUF's Q4_1 / Q8_0 codes in
+    int32, as llama.cpp computes them, and `attention`, which gives each query row the same bits whatever rows come
+    with it; DRAFTWISE_AVX512_KERNEL=0 disables them."""
+    return _extension("avx512", "AVX-512 kernels", AVX512_FLAGS, cpu_has_avx512_vnni(), "DRAFTWISE_AVX512_KERNEL")

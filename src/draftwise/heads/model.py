@@ -1,0 +1,352 @@
+"""An EAGLE-3-style draft head: target features + next-token embedding -> one decoder layer -> next token.
+
+The head reads the target's hidden states at a few layers (fused by `fc`; one layer = EAGLE-1 style, no fc),
+pairs the feature at position t with the embedding of token t+1, and predicts token t+2 over a reduced draft
+vocabulary (`draft_to_target` maps draft ids back to target ids). Its own output hidden state stands in for
+the target's feature when it drafts further ahead. The token embedding is the target's, shared and frozen,
+so it is not stored with the head.
+
+Pair index t sits at rotary position t in training and inference alike.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from draftwise.core.errors import DraftwiseError
+from draftwise.core.files import atomic_directory
+from draftwise.targets.lean.linears import VnniLinear
+
+# (frontier width, pairs in the head's cache before, seconds) of one draft-head call
+StepHook = Callable[[int, int, float], None]
+
+
+@dataclass
+class DraftHeadConfig:
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    draft_vocab_size: int
+    target_vocab_size: int
+    feature_layers: tuple[int, ...]
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+
+    @classmethod
+    def from_target(cls, config, feature_layers: tuple[int, ...], draft_vocab_size: int) -> DraftHeadConfig:
+        heads = config.num_attention_heads
+        return cls(
+            hidden_size=config.hidden_size,
+            num_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", heads),
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            intermediate_size=config.intermediate_size,
+            draft_vocab_size=draft_vocab_size,
+            target_vocab_size=config.vocab_size,
+            feature_layers=tuple(feature_layers),
+            rope_theta=float(getattr(config, "rope_theta", None) or (config.rope_parameters or {}).get("rope_theta")),
+            rms_norm_eps=config.rms_norm_eps,
+        )
+
+
+@functools.cache
+def _rotary_table(theta: float, dim: int, length: int, dtype: torch.dtype, device: str) -> tuple[Tensor, Tensor]:
+    """cos and signed sin (length, dim) of every position: computed once, not on every draft call (where the
+    angles' cos and sin took a quarter of a call)."""
+    half = dim // 2
+    inv_freq = 1.0 / theta ** (torch.arange(0, half, device=device, dtype=torch.float32) / half)
+    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq[None]
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    # rotate_half(x) * sin == roll(x, half) * [-sin_low, sin_high]
+    return cos.to(dtype), torch.cat([-sin[:, :half], sin[:, half:]], -1).to(dtype)
+
+
+def rotary_rows(positions: Tensor, dim: int, theta: float, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
+    """cos and signed sin (N, dim) at integer `positions` (N,), from a cached table."""
+    top = int(positions.max()) + 1 if positions.numel() else 1
+    cos, signed_sin = _rotary_table(theta, dim, 1 << (top - 1).bit_length(), dtype, str(device))
+    return cos[positions], signed_sin[positions]
+
+
+def rotate(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+    """Llama rotary embedding of x (..., N, D) at integer `positions` (N,)."""
+    cos, signed_sin = rotary_rows(positions, x.shape[-1], theta, x.dtype, x.device)
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
+
+
+class KVCache:
+    """Preallocated keys and values, as one (2, kv_heads, capacity, head_dim) tensor (the layout csrc/avx512.cpp's
+    decoder_layer writes into); rolling back is setting `length`."""
+
+    def __init__(self, num_kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype, device):
+        self.data = torch.zeros(2, num_kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def keys(self) -> Tensor:
+        return self.data[0]
+
+    @property
+    def values(self) -> Tensor:
+        return self.data[1]
+
+    def reserve(self, n: int) -> None:
+        """Room for `n` more pairs."""
+        if self.length + n > self.data.shape[2]:
+            _, heads, capacity, dim = self.data.shape
+            extra = self.data.new_zeros(2, heads, max(self.length + n - capacity, capacity), dim)
+            self.data = torch.cat([self.data, extra], 2)
+
+    def append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        n = keys.shape[1]
+        self.reserve(n)
+        self.data[0, :, self.length : self.length + n] = keys
+        self.data[1, :, self.length : self.length + n] = values
+        self.length += n
+        return self.keys[:, : self.length], self.values[:, : self.length]
+
+
+class DraftHead(nn.Module):
+    def __init__(self, config: DraftHeadConfig):
+        super().__init__()
+        self.config = c = config
+        h = c.hidden_size
+        self.fc = nn.Linear(len(c.feature_layers) * h, h, bias=False) if len(c.feature_layers) > 1 else None
+        self.embed_norm = nn.RMSNorm(h, eps=c.rms_norm_eps)
+        self.hidden_norm = nn.RMSNorm(h, eps=c.rms_norm_eps)
+        self.q_proj = nn.Linear(2 * h, c.num_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(2 * h, c.num_kv_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(2 * h, c.num_kv_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, h, bias=False)
+        self.post_attention_norm = nn.RMSNorm(h, eps=c.rms_norm_eps)
+        self.gate_proj = nn.Linear(h, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(h, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, h, bias=False)
+        self.final_norm = nn.RMSNorm(h, eps=c.rms_norm_eps)
+        self.lm_head = nn.Linear(h, c.draft_vocab_size, bias=False)
+        self.register_buffer("draft_to_target", torch.arange(c.draft_vocab_size), persistent=True)
+        self.embed: Tensor | None = None  # the target's token embedding (V, H), attached, never trained
+        self.kernel = None  # csrc/avx512.cpp (its attention and rms_norm) where the lean target runs on it
+        self.packed: tuple[list[Tensor], list[bool]] | None = None  # see pack_layer
+        self.on_step: StepHook | None = None  # called after every `step` when set (`draftwise profile` times them)
+
+    def attach_embedding(self, weight: Tensor) -> DraftHead:
+        self.embed = weight.detach()
+        return self
+
+    def fuse(self, features: Tensor) -> Tensor:
+        """Target features (..., F, H) -> the head's hidden input (..., H)."""
+        flat = features.flatten(-2)
+        return self.fc(flat.to(self.fc.weight.dtype)) if self.fc is not None else flat.to(self.lm_head.weight.dtype)
+
+    def _on_kernel(self, x: Tensor) -> bool:
+        return self.kernel is not None and x.dtype == torch.float32 and not torch.is_grad_enabled()
+
+    def _norm(self, norm: nn.RMSNorm, x: Tensor) -> Tensor:
+        """The kernel's norm where there is one (a torch rms_norm is a noticeable share of a draft call)."""
+        if self._on_kernel(x) and x.dim() == 2 and x.shape[-1] % 16 == 0:
+            return self.kernel.rms_norm(x, norm.weight, norm.eps)
+        return norm(x)
+
+    def attention_input(self, hidden: Tensor, token_ids: Tensor) -> Tensor:
+        """[norm(embedding of token t+1), norm(feature at t)] (N, 2H): what q, k and v read."""
+        emb = self.embed[token_ids].to(hidden.dtype)
+        return torch.cat([self._norm(self.embed_norm, emb), self._norm(self.hidden_norm, hidden)], dim=-1)
+
+    def project(self, hidden: Tensor, token_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries (heads, N, D), keys and values (kv_heads, N, D) before rotary, for N pairs."""
+        c = self.config
+        x = self.attention_input(hidden, token_ids)
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, c.num_heads, c.head_dim).transpose(0, 1)
+        k = self.k_proj(x).view(n, c.num_kv_heads, c.head_dim).transpose(0, 1)
+        v = self.v_proj(x).view(n, c.num_kv_heads, c.head_dim).transpose(0, 1)
+        return q, k, v
+
+    def finish(self, hidden: Tensor, attended: Tensor) -> tuple[Tensor, Tensor]:
+        """Residual and MLP. attended (heads, N, D) -> (normed output for the LM head (N, H), output hidden)."""
+        n = attended.shape[1]
+        h = hidden + self.o_proj(attended.transpose(0, 1).reshape(n, -1))
+        x = self._norm(self.post_attention_norm, h)
+        h = h + self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self._norm(self.final_norm, h), h
+
+    def _expand_kv(self, t: Tensor) -> Tensor:
+        return t.repeat_interleave(self.config.num_heads // self.config.num_kv_heads, dim=0)
+
+    def pack_layer(self) -> None:
+        """Where every linear runs on the VNNI kernel (`quantize_draft_linears` next to a w4a8 target), the decoder
+        layer's weights as csrc/avx512.cpp's decoder_layer takes them: a call is then one C++ layer instead of ~30
+        PyTorch ops, whose glue was a large share of the call."""
+        products = [
+            [self.q_proj, self.k_proj, self.v_proj],
+            [self.o_proj],
+            [self.gate_proj, self.up_proj],
+            [self.down_proj],
+        ]
+        grids = [[getattr(linear, "int4", None) for linear in group] for group in products]
+        if self.kernel is None or not all(
+            isinstance(g, VnniLinear) and g.nibbles == group[0].nibbles for group in grids for g in group
+        ):
+            return
+        packed = []
+        for group in grids:  # concatenated along the outputs: one product, each row's grid unchanged
+            packed += [torch.cat([getattr(g, part) for g in group]).contiguous() for part in ("codes", "scale", "low")]
+        # norm1 is unused: the call gets the attention input ready-made
+        unused, norm2 = (m.weight.detach().float().contiguous() for m in (self.hidden_norm, self.post_attention_norm))
+        weights = [unused, *packed[:6], norm2, *packed[6:]]
+        self.packed = (weights, [group[0].nibbles for group in grids])
+
+    def step(
+        self, hidden: Tensor, token_ids: Tensor, positions: Tensor, cache: KVCache, mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Inference: N pairs appended to `cache`; `mask` (N, cache.length + N) bool, True = attend."""
+        if self.on_step is not None:  # a timing hook: the same call, timed
+            width, context, start = hidden.shape[0], cache.length, time.perf_counter()
+            out = self._step(hidden, token_ids, positions, cache, mask)
+            self.on_step(width, context, time.perf_counter() - start)
+            return out
+        return self._step(hidden, token_ids, positions, cache, mask)
+
+    def _step(
+        self, hidden: Tensor, token_ids: Tensor, positions: Tensor, cache: KVCache, mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        if self.packed is not None and self._on_kernel(hidden):
+            return self._kernel_step(hidden, token_ids, positions, cache, mask)
+        q, k, v = self.project(hidden, token_ids)
+        theta = self.config.rope_theta
+        keys, values = cache.append(rotate(k, positions, theta), v)
+        heads, n, dim = q.shape
+        kv_heads = keys.shape[0]
+        group = heads // kv_heads
+        q = rotate(q, positions, theta)
+        if self._on_kernel(q):
+            attended = self.kernel.attention(q.transpose(0, 1), keys, values, keys.shape[1], mask)
+            attended = attended.view(n, heads, dim).transpose(0, 1)
+        else:
+            # grouped query heads folded into the query length (row g * N + i is head (kv, g) at pair i), so the
+            # cache is attended where it lies instead of being copied once per query head every call
+            folded = q.reshape(1, kv_heads, group * n, dim)
+            attended = F.scaled_dot_product_attention(folded, keys[None], values[None], attn_mask=mask.repeat(group, 1))
+        normed, hidden = self.finish(hidden, attended.reshape(heads, n, dim))
+        return self.lm_head(normed), hidden
+
+    def _kernel_step(
+        self, hidden: Tensor, token_ids: Tensor, positions: Tensor, cache: KVCache, mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """`step` as one decoder_layer call: the same layer on the same quantized weights."""
+        c, n = self.config, hidden.shape[0]
+        cos, signed_sin = rotary_rows(positions, c.head_dim, c.rope_theta, hidden.dtype, hidden.device)
+        cache.reserve(n)
+        out = self.kernel.decoder_layer(
+            hidden.contiguous(),
+            *self.packed,
+            cos.contiguous(),
+            signed_sin.contiguous(),
+            cache.data,
+            cache.length,
+            mask,
+            c.num_heads,
+            c.rms_norm_eps,
+            self.attention_input(hidden, token_ids),
+        )
+        cache.length += n
+        return self.lm_head(self._norm(self.final_norm, out)), out
+
+    def unroll(self, features: Tensor, token_ids: Tensor, steps: int) -> list[Tensor]:
+        """Training-time test (EAGLE-3): draft logits of `steps` unrolled predictions for one sequence.
+
+        features (T, F, H) and token_ids (T,). Step k's query at pair t reads token t+k+1 and predicts token
+        t+k+2; it attends causally to the step-0 keys (the real context) and to its own keys of steps 1..k at
+        the same pair (its drafted ancestors), exactly what tree drafting sees. Returns, per step, the normed
+        outputs (T-2-k, H) that `lm_head` turns into logits (training applies it only where a label counts)."""
+        c = self.config
+        n = token_ids.numel() - 2
+        scale = c.head_dim**-0.5
+        hidden = self.fuse(features[:n])
+        q, k, v = self.project(hidden, token_ids[1 : n + 1])
+        positions = torch.arange(n, device=token_ids.device)
+        k0 = self._expand_kv(rotate(k, positions, c.rope_theta))
+        v0 = self._expand_kv(v)
+        causal = torch.ones(n, n, dtype=torch.bool, device=token_ids.device).tril()
+        attended = F.scaled_dot_product_attention(rotate(q, positions, c.rope_theta), k0, v0, attn_mask=causal)
+        normed, hidden = self.finish(hidden, attended)
+        out, diag_keys, diag_values = [normed], [], []
+        for step in range(1, steps):
+            m = n - step
+            if m <= 0:
+                break
+            hidden = hidden[:m]
+            q, k, v = self.project(hidden, token_ids[step + 1 : step + 1 + m])
+            positions = torch.arange(step, step + m, device=token_ids.device)
+            q = rotate(q, positions, c.rope_theta)
+            diag_keys = [d[:, :m] for d in diag_keys] + [self._expand_kv(rotate(k, positions, c.rope_theta))]
+            diag_values = [d[:, :m] for d in diag_values] + [self._expand_kv(v)]
+            context_scores = (q @ k0[:, :m].transpose(1, 2)) * scale  # (heads, m, m): pairs j <= t
+            context_scores = context_scores.masked_fill(~causal[:m, :m], float("-inf"))
+            own_scores = torch.stack([(q * d).sum(-1) for d in diag_keys], dim=-1) * scale  # (heads, m, step)
+            weights = torch.cat([context_scores, own_scores], dim=-1).softmax(-1)
+            attended = weights[..., :m] @ v0[:, :m] + (weights[..., m:, None] * torch.stack(diag_values, dim=2)).sum(2)
+            normed, hidden = self.finish(hidden, attended)
+            out.append(normed)
+        return out
+
+    def save(self, directory: Path, card: str | None = None, dtype: torch.dtype = torch.bfloat16) -> None:
+        """Write the head as a whole: a reader finds the old head or the new one, never a mix."""
+        tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in self.state_dict().items()}
+        with atomic_directory(directory) as staging:
+            save_file(tensors, str(staging / "head.safetensors"))
+            (staging / "config.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+            if card is not None:
+                (staging / "README.md").write_text(card)
+
+    @classmethod
+    def load(cls, directory: Path, dtype: torch.dtype = torch.float32, device="cpu") -> DraftHead:
+        directory = Path(directory)
+        if not (directory / "head.safetensors").exists() or not (directory / "config.json").exists():
+            raise DraftwiseError(f"no draft head in {directory} (needs head.safetensors and config.json)")
+        raw = json.loads((directory / "config.json").read_text())
+        raw["feature_layers"] = tuple(raw["feature_layers"])
+        # built in the target's dtype, not loaded into fp32: bf16 halves a head call on CPUs with bf16 units
+        head = cls(DraftHeadConfig(**raw)).to(dtype)
+        state = load_file(str(directory / "head.safetensors"))
+        head.load_state_dict(state)
+        return head.to(device).eval()
+
+
+def init_from_target(head: DraftHead, target_model, layer: int | None = None) -> DraftHead:
+    """Start from the target's last decoder layer and its (tied) LM head rows for the draft vocabulary:
+    a far better starting point than random for a small training budget."""
+    layers = target_model.model.layers
+    if layer is None:  # the layer the highest fused feature enters
+        layer = min(head.config.feature_layers[-1], len(layers) - 1)
+    source = layers[layer]
+    h = head.config.hidden_size
+    with torch.no_grad():
+        for name in ("q_proj", "k_proj", "v_proj"):
+            weight = getattr(source.self_attn, name).weight
+            getattr(head, name).weight.zero_()
+            getattr(head, name).weight[:, h:] = weight  # the hidden half; the token half learns from zero
+        head.o_proj.weight.copy_(source.self_attn.o_proj.weight)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(head, name).weight.copy_(getattr(source.mlp, name).weight)
+        head.hidden_norm.weight.copy_(source.input_layernorm.weight)
+        head.post_attention_norm.weight.copy_(source.post_attention_layernorm.weight)
+        head.final_norm.weight.copy_(target_model.model.norm.weight)
+        head.lm_head.weight.copy_(target_model.lm_head.weight[head.draft_to_target])
+        if head.fc is not None:  # start by passing the highest fused layer through
+            head.fc.weight.zero_()
+            head.fc.weight[:, -h:] = torch.eye(h)
+    return head

