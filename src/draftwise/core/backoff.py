@@ -9,13 +9,16 @@ follow the request's temperature, top-p and top-k, the drafter and its tree poli
 
 with σ_τ the spread of τ round to round, n the rounds its mean rests on (at most what the moving average weighs)
 and z = `confidence`: a small benefit of the doubt, since τ varies a lot between rounds and a back-off that a
-few short rounds set off would cost where speculation pays. Until a plain round has been timed, s_plain is a
-speculative round's time less its drafting (verifying a tree costs at least what the root alone does, so the
-guess favours speculating). When speculation does not pay, `interval` rounds run plain, then one speculative
-round probes again: a probe that pays resumes speculation, one that does not doubles `interval` (4, 8, ... 64
-rounds), so a sequence that becomes predictable (a quotation, a code block) gets speculation back. The first
-rounds always speculate. How deep to draft and how much to verify stays the drafter's and its policy's (sizing,
-RADAR, LTD): this is only a floor under them.
+few short rounds set off would cost where speculation pays.
+
+s_plain is always measured, never estimated from a speculative round: a tree of several nodes costs more to
+verify than the root alone, so a speculative round less its drafting overstates s_plain and keeps speculation
+going where it does not pay. So the first round speculates (untimed: a draft head reads the prompt then), the
+second, the first timed one, runs plain, and the next `warmup` rounds always speculate. After that, when
+speculation does not pay, `interval` rounds run plain, then one speculative round probes again: a probe that
+pays resumes speculation, one that does not doubles `interval` (4, 8, ... 64 rounds), so a sequence that becomes
+predictable (a quotation, a code block) gets speculation back. How deep to draft and how much to verify stays
+the drafter's and its policy's (sizing, RADAR, LTD): this is only a floor under them.
 
 Lossless at any temperature: the decision reads only rounds already verified, never this round's draft (a
 sampled draft kept or dropped by what it drew would bias the output) nor its verdict. See docs/backoff.md.
@@ -34,7 +37,7 @@ class Backoff:
         self,
         min_interval: int = 4,
         max_interval: int = 64,
-        warmup: int = 8,
+        warmup: int = 4,
         smoothing: float = 0.1,
         confidence: float = 0.25,
     ):
@@ -47,7 +50,7 @@ class Backoff:
         self.speculated = True  # the last decision
         self.recorded = self.spec_rounds = self.spec_timed = self.plain_timed = 0
         self.tokens = self.tokens_sq = 0.0  # τ: tokens a speculative round commits, bonus included; and τ²
-        self.spec_s = self.spec_draft_s = 0.0  # seconds a speculative round takes, and of those drafting
+        self.spec_s = 0.0  # seconds a speculative round takes
         self.plain_s = 0.0  # seconds a plain round takes
 
     def _mean(self, mean: float, value: float, count: int) -> float:
@@ -56,18 +59,19 @@ class Backoff:
 
     def pays(self) -> bool:
         """Whether speculative rounds commit tokens at least as fast as plain ones would, by the estimates."""
-        if not self.spec_timed:
+        if not (self.spec_timed and self.plain_timed):  # nothing to compare: keep speculating
             return True
-        plain_s = self.plain_s if self.plain_timed else self.spec_s - self.spec_draft_s
         spread = max(self.tokens_sq - self.tokens * self.tokens, 0.0)
         tokens = self.tokens + self.confidence * math.sqrt(spread / min(self.spec_rounds, self.weighed))
-        return tokens * plain_s >= self.spec_s
+        return tokens * self.plain_s >= self.spec_s
 
     def speculate(self) -> bool:
         """Whether the coming round drafts; False: it verifies the root alone."""
         if self.plain_left > 0:
             self.plain_left -= 1
             self.speculated = False
+        elif self.recorded == 1 and not self.plain_timed:  # the first timed round times plain decoding
+            self.probing, self.speculated = False, False
         elif self.backed_off:  # the back-off's plain rounds are over: probe
             self.backed_off, self.probing, self.speculated = False, True, True
         elif self.spec_timed < self.warmup or self.pays():
@@ -78,9 +82,9 @@ class Backoff:
             self.backed_off, self.probing, self.speculated = True, False, False
         return self.speculated
 
-    def record(self, committed: int, round_s: float, draft_s: float) -> None:
-        """The last round's outcome: tokens it committed (bonus included), its wall seconds until the next round
-        began, and those spent drafting."""
+    def record(self, committed: int, round_s: float) -> None:
+        """The last round's outcome: tokens it committed (bonus included) and its wall seconds until the next
+        round began."""
         self.recorded += 1
         if not self.speculated:
             self.plain_timed += 1
@@ -92,7 +96,6 @@ class Backoff:
         if self.recorded > 1:  # the first round also pays one-off costs (a draft head reading the prompt)
             self.spec_timed += 1
             self.spec_s = self._mean(self.spec_s, round_s, self.spec_timed)
-            self.spec_draft_s = self._mean(self.spec_draft_s, draft_s, self.spec_timed)
 
 
 class ForcedBackoff(Backoff):

@@ -97,7 +97,7 @@ def generate_tokens(
     drafter.begin(tokens[:-1], features)
     stats.prefill_s = time.perf_counter() - start
     queries_before, query_s_before = drafter.policy_queries()
-    round_start, round_draft_s = start, 0.0
+    round_start = start
     while stats.new_tokens < max_new_tokens:
         room = target.max_length - tokens.numel()
         if room <= 0:
@@ -107,7 +107,7 @@ def generate_tokens(
         if stats.rounds:  # the last round, with whatever its consumer did with the tokens
             stats.round_s.append(t0 - round_start)
             if backoff is not None:
-                backoff.record(stats.accepted[-1], stats.round_s[-1], round_draft_s)
+                backoff.record(stats.accepted[-1], stats.round_s[-1])
         round_start = t0
         speculate = backoff is None or backoff.speculate()
         calls_before = drafter.draft_calls
@@ -159,8 +159,7 @@ def generate_tokens(
         stats.accepted.append(len(path))
         stats.margins.extend(margins[: len(new)])
         stats.new_tokens += len(new)
-        round_draft_s = (t1 - t0) + (t4 - t3)
-        stats.draft_s += round_draft_s
+        stats.draft_s += (t1 - t0) + (t4 - t3)
         stats.verify_s += t2 - t1
         queries, query_s = drafter.policy_queries()
         stats.policy_queries, stats.policy_s = queries - queries_before, query_s - query_s_before
