@@ -25,7 +25,6 @@ from draftwise.core.tree import DraftTree
 from draftwise.targets.lean.linears import GridLinear, Int4Groups, VnniLinear, projection
 from draftwise.targets.lean.memory import in_huge_pages
 
-
 LEAN_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # model_type values whose tensors _Layer maps
 
 
