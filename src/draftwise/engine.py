@@ -136,7 +136,7 @@ class Engine:
         model_name: str = "custom",
         method: str = "pld",
         target=None,
-        backoff: str = "on",
+        backoff: str = "off",
         **method_options,
     ):
         if backoff not in BACKOFF_CHOICES:
@@ -159,7 +159,7 @@ class Engine:
         dtype: str = "auto",
         device: str = "cpu",
         engine: str = "auto",
-        backoff: str = "on",
+        backoff: str = "off",
         **method_options,
     ) -> Engine:
         """Load a model and return an Engine (see Engine.generate / Engine.stream). `engine`: auto | lean | hf |

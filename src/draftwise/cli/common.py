@@ -64,9 +64,10 @@ def add_model_args(parser: argparse.ArgumentParser, method_default: str = "pld")
     parser.add_argument(
         "--backoff",
         choices=("on", "off"),
-        default="on",
+        default="off",
         help="on: a round where speculation is not expected to pay (measured per generation) verifies the root "
-        "alone, as plain decoding does, and speculation is probed again later; off: always speculate (default: on)",
+        "alone, as plain decoding does, and speculation is probed again later; off: always speculate (default: off, "
+        "until it is measured not to cost where speculation pays: docs/backoff.md)",
     )
 
 
