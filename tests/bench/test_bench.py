@@ -405,3 +405,14 @@ def test_speedup_interval_brackets_the_speedup_and_narrows_with_agreement():
     low, high = speedup_interval(mixed, "x")
     assert low < speedup < high and high - low > 0.2
     assert speedup_interval(mixed[:2] + mixed[8:10], "x") is None
+
+
+def test_without_matplotlib_the_numbers_are_kept(monkeypatch, tmp_path, capsys):
+    """A plain install has no [bench] extra: the bench still writes its results, and says why there are no plots."""
+    import sys
+
+    from draftwise.bench.plots import write_plots
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert write_plots(tmp_path, {}, [], ["ar"], None) == []
+    assert "draftwise[bench]" in capsys.readouterr().err

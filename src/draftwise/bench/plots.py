@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from draftwise.bench.metrics import BASELINE
@@ -149,8 +150,13 @@ def plot_verify_cost(plt, profile: dict[int, float], records: list[dict], method
 def write_plots(
     out: Path, summary: dict, records: list[dict], methods: list[str], profile: dict[int, float] | None
 ) -> list[str]:
-    """Write every plot into `out`; returns their file names (for the report)."""
-    import matplotlib  # the optional [bench] extra
+    """Write every plot into `out`; returns their file names (for the report). Without matplotlib (the optional
+    [bench] extra) there are no plots, and the numbers are kept: results.json and report.md do not need them."""
+    try:
+        import matplotlib  # the optional [bench] extra
+    except ImportError:
+        print("[draftwise] no plots: matplotlib is missing (pip install 'draftwise[bench]')", file=sys.stderr)
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
