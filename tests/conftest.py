@@ -25,6 +25,13 @@ from draftwise.policies.learn.offline import RoundSet
 from draftwise.targets.hf import HFTarget
 
 
+def pytest_configure(config):
+    # registered here rather than in pyproject.toml; benchmarks/gpu_check.sh runs `-m cuda`
+    config.addinivalue_line(
+        "markers", "cuda: needs a CUDA device (skipped without one; run by benchmarks/gpu_check.sh)"
+    )
+
+
 def tiny_llama(
     vocab_size: int = 96,
     seed: int = 0,

@@ -17,7 +17,9 @@ def add_model_arg(parser: argparse.ArgumentParser, help: str | None = None) -> N
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=help or f"embedded model name or local HF model directory (default: {DEFAULT_MODEL})",
+        help=help
+        or f"embedded model name ({DEFAULT_MODEL}, the default), local HF model directory, local .gguf file, or "
+        "Hugging Face hub id such as Qwen/Qwen2.5-0.5B-Instruct (downloaded once into the HF cache, safetensors only)",
     )
 
 
@@ -39,10 +41,11 @@ def add_model_args(parser: argparse.ArgumentParser, method_default: str = "pld")
     parser.add_argument(
         "--engine",
         default="auto",
-        help="auto | lean | hf | llama: who runs the target. lean = draftwise's compact PyTorch path for llama "
-        "models (static KV cache; on CPU the embedded GGUF's 4-bit weights stay 4-bit); hf = transformers, "
-        "for any model; llama = llama.cpp on the GGUF (needs `pip install 'draftwise[llama]'`, no hidden features). "
-        "auto = lean where it applies, else hf",
+        help="auto | lean | hf | llama: who runs the target. lean = draftwise's compact PyTorch path for "
+        "Llama, Mistral, Qwen2/2.5 and Qwen3 models (static KV cache; on CPU the embedded GGUF's 4-bit weights stay "
+        "4-bit); hf = transformers, for any model; llama = llama.cpp on a GGUF (needs `pip install "
+        "'draftwise[llama]'`, no hidden features). "
+        "auto = lean where it applies, else hf (with a notice)",
     )
     parser.add_argument("--draft-model", default=None, help="draft model for --method draft-model")
     parser.add_argument("--draft-head", default=None, help="draft head directory for --method eagle (default: shipped)")

