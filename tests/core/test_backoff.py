@@ -126,9 +126,12 @@ def test_the_loop_backs_off_a_drafter_that_never_pays_and_keeps_one_that_does(ti
     truth = greedy_reference(tiny_model, prompt, 160)
     out, slow = run(tiny_model, SlowRandom(96), prompt, 60, backoff=Backoff())
     assert out == truth[:60]
-    assert slow.plain_rounds > 30 and slow.summary()["plain_round_share"] == slow.plain_rounds / slow.rounds
+    assert slow.plain_rounds > slow.rounds / 2
+    assert slow.summary()["plain_round_share"] == slow.plain_rounds / slow.rounds
+    # lossless whatever it decides; how often it speculates here rests on wall-clock timings, which a loaded
+    # machine skews (docs/backoff.md), so the rule itself is checked on synthetic rounds above
     out, oracle = run(tiny_model, OracleDrafter(prompt, truth, 96, depth=9), prompt, 150, backoff=Backoff())
-    assert out == truth[:150] and oracle.plain_rounds == 1  # the second round, timing plain decoding
+    assert out == truth[:150] and oracle.plain_rounds >= 1  # the second round times plain decoding
     _, plain = run(tiny_model, NoDraft(), prompt, 20, backoff=ForcedBackoff(1.0))
     assert plain.plain_rounds == 0  # ar is plain decoding already: the back-off leaves it alone
 
