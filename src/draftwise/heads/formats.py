@@ -174,7 +174,9 @@ def head_config(config: dict, tensors: dict[str, Tensor], fmt: str, target_confi
         flags = {"fuse_embedding": True, "final_norm": False, "fc_bias": "fc.bias" in tensors}
         flags["qkv_bias"] = "layers.0.self_attn.q_proj.bias" in tensors
     else:
-        flags = {name: bool(layer.get(name, False)) for name in ("norm_before_fc", "fc_norm", "norm_output")}
+        eagle_config = layer.get("eagle_config") or {}  # vLLM reads norm_before_fc here first
+        flags = {name: bool(eagle_config.get(name, layer.get(name, False))) for name in ("norm_before_fc", "fc_norm")}
+        flags["norm_output"] = bool(layer.get("norm_output", False))
         flags["norm_before_residual"] = bool(layer.get("norm_before_residual", False))
         flags["qkv_bias"] = bool(layer.get("attention_bias", False)) or any(k.endswith("q_proj.bias") for k in tensors)
     return DraftHeadConfig(
@@ -264,7 +266,11 @@ def load_published(directory: Path, target_config, dtype: torch.dtype = torch.fl
     state["draft_to_target"] = draft_to_target(tensors, c)
     for name, value in expected.items():
         if name not in state:
-            original = next((k for k, v in {**_LAYER_KEYS, **_TOP_KEYS}.items() if v == name), name)
+            prefix = next(
+                (p for p in ("midlayer.", "midlayers.0.") if any(k.startswith(p) for k in tensors)), "layers.0."
+            )
+            original = next((k for k, v in _TOP_KEYS.items() if v == name), None)
+            original = original or prefix + next((k for k, v in _LAYER_KEYS.items() if v == name), name)
             raise DraftwiseError(f"draft head key '{original}' ({fmt}) is missing from {directory}")
         if state[name].shape != value.shape:
             raise DraftwiseError(
