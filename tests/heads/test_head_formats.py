@@ -16,7 +16,7 @@ from draftwise.core.errors import DraftwiseError
 from draftwise.drafters.eagle import EagleDrafter
 from draftwise.heads.formats import export_head
 from draftwise.heads.load import read_head, resolve_head_dir
-from draftwise.heads.model import DraftHead, DraftHeadConfig, KVCache
+from draftwise.heads.model import DraftHead, DraftHeadConfig, KVCache, rotary_rows
 
 H, HEADS, KV, D, FFN, V, DRAFT_V = 64, 4, 2, 16, 128, 96, 48
 
@@ -288,6 +288,34 @@ def test_exported_config_is_what_vllm_reads(target, tmp_path):
     assert "midlayer.hidden_norm.weight" in tensors and "norm.weight" in tensors
 
 
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+
+def test_llama3_rope_scaling_matches_transformers_and_round_trips(target, tmp_path):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = _llama_config(draft_vocab_size=DRAFT_V, rope_theta=500000.0, rope_scaling=dict(LLAMA3_ROPE))
+    head = read_head(write(tmp_path / "in", eagle3_checkpoint(), config), target, torch.float32)
+    assert head.config.rope_llama3 == (8.0, 1.0, 4.0, 64)
+    positions = torch.arange(0, 3000, 7)
+    cos, signed_sin = rotary_rows(positions, D, head.config.rope, torch.float32, "cpu")
+    hf = {k: v for k, v in config.items() if k != "architectures"} | {"rope_scaling": dict(LLAMA3_ROPE)}
+    hf = LlamaConfig(**hf, max_position_embeddings=4096)  # (transformers moves rope_theta into the dict)
+    hf_cos, hf_sin = LlamaRotaryEmbedding(hf)(torch.zeros(1), positions[None])
+    assert torch.allclose(cos, hf_cos[0], atol=1e-5)
+    assert torch.allclose(signed_sin.abs(), hf_sin[0].abs(), atol=1e-5)
+    export_head(head, tmp_path / "out", "eagle3", target.config)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["rope_scaling"] == LLAMA3_ROPE
+    assert read_head(tmp_path / "out", target, torch.float32).config == head.config
+
+
 def _malformed(kind: str):
     tensors, config = eagle3_checkpoint(), _llama_config(draft_vocab_size=DRAFT_V)
     if kind == "missing key":
@@ -303,7 +331,7 @@ def _malformed(kind: str):
     elif kind == "two layers":
         config["num_hidden_layers"] = 2
     elif kind == "rope scaling":
-        config["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
+        config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
     elif kind == "missing d2t":
         del tensors["d2t"]
     return tensors, config

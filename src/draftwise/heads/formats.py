@@ -2,8 +2,9 @@
 speculators checkpoints into a DraftHead, and writing a DraftHead as an EAGLE-3 or speculators checkpoint that
 vLLM's `eagle3` method loads unchanged. docs/draft-heads.md ("Formats") lists each format's keys and fields.
 
-Every head here is one decoder layer; whatever cannot be mapped exactly (more layers, rope scaling, a draft
-hidden size other than the target's, a key with no counterpart) is refused with one line naming it.
+Every head here is one decoder layer; whatever cannot be mapped exactly (more layers, a rope scaling other than
+Llama 3's, a draft hidden size other than the target's, a key with no counterpart) is refused with one line naming
+it.
 """
 
 from __future__ import annotations
@@ -127,14 +128,30 @@ def _refuse_unsupported(layer: dict) -> None:
         )
     if layer.get("hidden_act", "silu") != "silu":
         raise DraftwiseError(f"draft head hidden_act '{layer['hidden_act']}': only silu is mapped")
-    scaling = layer.get("rope_scaling") or (layer.get("rope_parameters") or {})
-    rope_type = scaling.get("rope_type", scaling.get("type", "default")) if isinstance(scaling, dict) else "default"
-    if rope_type not in (None, "default"):
-        raise DraftwiseError(f"draft head rope_scaling type '{rope_type}': only plain rotary is mapped")
+    _rope_llama3(layer)  # refuses scalings other than Llama 3's
     if layer.get("mlp_bias"):
         raise DraftwiseError("draft head mlp_bias: true is not mapped")
     if layer.get("norm_before_fc") and layer.get("fc_norm"):
         raise DraftwiseError("draft head config sets both norm_before_fc and fc_norm (they exclude each other)")
+
+
+def _rope_llama3(layer: dict) -> tuple[float, float, float, int] | None:
+    """Llama 3's rotary scaling from `rope_scaling` (or transformers 5's `rope_parameters`), None for plain rotary."""
+    scaling = layer.get("rope_scaling") or layer.get("rope_parameters") or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type in (None, "default"):
+        return None
+    if rope_type != "llama3":
+        raise DraftwiseError(f"draft head rope_scaling type '{rope_type}': only plain and llama3 rotary are mapped")
+    try:
+        return (
+            float(scaling["factor"]),
+            float(scaling["low_freq_factor"]),
+            float(scaling["high_freq_factor"]),
+            int(scaling["original_max_position_embeddings"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DraftwiseError(f"draft head rope_scaling (llama3) lacks or mangles {exc}") from exc
 
 
 def _feature_layers(layer: dict, fmt: str, target_layers: int) -> tuple[int, ...]:
@@ -190,6 +207,7 @@ def head_config(config: dict, tensors: dict[str, Tensor], fmt: str, target_confi
         feature_layers=_feature_layers(layer, fmt, target_config.num_hidden_layers),
         rope_theta=float(rope),
         rms_norm_eps=float(layer.get("rms_norm_eps", 1e-6)),
+        rope_llama3=_rope_llama3(layer),
         **flags,
     )
 
@@ -309,6 +327,15 @@ def _layer_config_out(head: DraftHead, target_config, fmt: str) -> dict:
         "tie_word_embeddings": False,
         "attention_bias": c.qkv_bias,
     }
+    if c.rope_llama3 is not None:
+        factor, low, high, original = c.rope_llama3
+        layer["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": low,
+            "high_freq_factor": high,
+            "original_max_position_embeddings": original,
+        }
     if fmt == "eagle3":
         layer["draft_vocab_size"] = c.draft_vocab_size
         layer["eagle_aux_hidden_state_layer_ids"] = list(c.feature_layers)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -35,6 +36,8 @@ from draftwise.targets.lean.linears import VnniLinear
 
 # (frontier width, pairs in the head's cache before, seconds) of one draft-head call
 StepHook = Callable[[int, int, float], None]
+# rotary base and Llama 3 scaling (DraftHeadConfig.rope_llama3) or None
+Rope = tuple[float, tuple[float, float, float, int] | None]
 
 
 # the variant flags' values in draftwise's own layout, EAGLE-3 as SafeAILab's cnets.py computes it
@@ -70,6 +73,12 @@ class DraftHeadConfig:
     norm_before_fc: bool = False
     fc_norm: bool = False
     norm_output: bool = False
+    # Llama 3's rotary scaling: (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
+    rope_llama3: tuple[float, float, float, int] | None = None
+
+    @property
+    def rope(self) -> Rope:
+        return (self.rope_theta, self.rope_llama3)
 
     @property
     def is_eagle3(self) -> bool:
@@ -93,28 +102,44 @@ class DraftHeadConfig:
         )
 
 
+def _inverse_frequencies(rope: Rope, half: int, device: str) -> Tensor:
+    theta, llama3 = rope
+    inv_freq = 1.0 / theta ** (torch.arange(0, half, device=device, dtype=torch.float32) / half)
+    if llama3 is None:
+        return inv_freq
+    # Llama 3.1's scaling, as transformers' _compute_llama3_parameters: long wavelengths slowed by `factor`,
+    # short ones kept, the band between interpolated
+    factor, low, high, original = llama3
+    wavelength = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelength - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelength >= original / high) & (wavelength <= original / low)
+    return torch.where(medium, smoothed, scaled)
+
+
 @functools.cache
-def _rotary_table(theta: float, dim: int, length: int, dtype: torch.dtype, device: str) -> tuple[Tensor, Tensor]:
+def _rotary_table(rope: Rope, dim: int, length: int, dtype: torch.dtype, device: str) -> tuple[Tensor, Tensor]:
     """cos and signed sin (length, dim) of every position: computed once, not on every draft call (where the
     angles' cos and sin took a quarter of a call)."""
     half = dim // 2
-    inv_freq = 1.0 / theta ** (torch.arange(0, half, device=device, dtype=torch.float32) / half)
+    inv_freq = _inverse_frequencies(rope, half, device)
     angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq[None]
     cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
     # rotate_half(x) * sin == roll(x, half) * [-sin_low, sin_high]
     return cos.to(dtype), torch.cat([-sin[:, :half], sin[:, half:]], -1).to(dtype)
 
 
-def rotary_rows(positions: Tensor, dim: int, theta: float, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
+def rotary_rows(positions: Tensor, dim: int, rope: Rope, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
     """cos and signed sin (N, dim) at integer `positions` (N,), from a cached table."""
     top = int(positions.max()) + 1 if positions.numel() else 1
-    cos, signed_sin = _rotary_table(theta, dim, 1 << (top - 1).bit_length(), dtype, str(device))
+    cos, signed_sin = _rotary_table(rope, dim, 1 << (top - 1).bit_length(), dtype, str(device))
     return cos[positions], signed_sin[positions]
 
 
-def rotate(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+def rotate(x: Tensor, positions: Tensor, rope: Rope) -> Tensor:
     """Llama rotary embedding of x (..., N, D) at integer `positions` (N,)."""
-    cos, signed_sin = rotary_rows(positions, x.shape[-1], theta, x.dtype, x.device)
+    cos, signed_sin = rotary_rows(positions, x.shape[-1], rope, x.dtype, x.device)
     return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
@@ -284,12 +309,12 @@ class DraftHead(nn.Module):
         if self.packed is not None and self._on_kernel(hidden):
             return self._kernel_step(hidden, token_ids, positions, cache, mask)
         q, k, v, residual = self.project(hidden, token_ids)
-        theta = self.config.rope_theta
-        keys, values = cache.append(rotate(k, positions, theta), v)
+        rope = self.config.rope
+        keys, values = cache.append(rotate(k, positions, rope), v)
         heads, n, dim = q.shape
         kv_heads = keys.shape[0]
         group = heads // kv_heads
-        q = rotate(q, positions, theta)
+        q = rotate(q, positions, rope)
         if self._on_kernel(q):
             attended = self.kernel.attention(q.transpose(0, 1), keys, values, keys.shape[1], mask)
             attended = attended.view(n, heads, dim).transpose(0, 1)
@@ -306,7 +331,7 @@ class DraftHead(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """`step` as one decoder_layer call: the same layer on the same quantized weights."""
         c, n = self.config, hidden.shape[0]
-        cos, signed_sin = rotary_rows(positions, c.head_dim, c.rope_theta, hidden.dtype, hidden.device)
+        cos, signed_sin = rotary_rows(positions, c.head_dim, c.rope, hidden.dtype, hidden.device)
         cache.reserve(n)
         out = self.kernel.decoder_layer(
             hidden.contiguous(),
@@ -336,10 +361,10 @@ class DraftHead(nn.Module):
         hidden = self.fuse(features[:n])
         q, k, v, residual = self.project(hidden, token_ids[1 : n + 1])
         positions = torch.arange(n, device=token_ids.device)
-        k0 = self._expand_kv(rotate(k, positions, c.rope_theta))
+        k0 = self._expand_kv(rotate(k, positions, c.rope))
         v0 = self._expand_kv(v)
         causal = torch.ones(n, n, dtype=torch.bool, device=token_ids.device).tril()
-        attended = F.scaled_dot_product_attention(rotate(q, positions, c.rope_theta), k0, v0, attn_mask=causal)
+        attended = F.scaled_dot_product_attention(rotate(q, positions, c.rope), k0, v0, attn_mask=causal)
         normed, hidden = self.finish(residual, attended)
         out, diag_keys, diag_values = [normed], [], []
         for step in range(1, steps):
@@ -349,8 +374,8 @@ class DraftHead(nn.Module):
             hidden = hidden[:m]
             q, k, v, residual = self.project(hidden, token_ids[step + 1 : step + 1 + m])
             positions = torch.arange(step, step + m, device=token_ids.device)
-            q = rotate(q, positions, c.rope_theta)
-            diag_keys = [d[:, :m] for d in diag_keys] + [self._expand_kv(rotate(k, positions, c.rope_theta))]
+            q = rotate(q, positions, c.rope)
+            diag_keys = [d[:, :m] for d in diag_keys] + [self._expand_kv(rotate(k, positions, c.rope))]
             diag_values = [d[:, :m] for d in diag_values] + [self._expand_kv(v)]
             context_scores = (q @ k0[:, :m].transpose(1, 2)) * scale  # (heads, m, m): pairs j <= t
             context_scores = context_scores.masked_fill(~causal[:m, :m], float("-inf"))
@@ -377,6 +402,8 @@ class DraftHead(nn.Module):
             raise DraftwiseError(f"no draft head in {directory} (needs head.safetensors and config.json)")
         raw = json.loads((directory / "config.json").read_text())
         raw["feature_layers"] = tuple(raw["feature_layers"])
+        if raw.get("rope_llama3") is not None:
+            raw["rope_llama3"] = tuple(raw["rope_llama3"])
         # built in the target's dtype, not loaded into fp32: bf16 halves a head call on CPUs with bf16 units
         head = cls(DraftHeadConfig(**raw)).to(dtype)
         state = load_file(str(directory / "head.safetensors"))
