@@ -61,8 +61,10 @@ def run(
     sampling: Sampling | None = None,
     seed: int = 0,
     target_class=HFTarget,
+    backoff=None,
 ) -> tuple[list[int], GenerationStats]:
-    """Generate with the engine's loop on `target_class` (HFTarget or LeanTarget); returns (new tokens, stats)."""
+    """Generate with the engine's loop on `target_class` (HFTarget or LeanTarget), with `backoff` (a
+    draftwise.core.backoff.Backoff, or None: always speculate); returns (new tokens, stats)."""
     stats = GenerationStats(method=drafter.name)
     generator = torch.Generator().manual_seed(seed)
     tokens: list[int] = []
@@ -74,6 +76,7 @@ def run(
         sampling=sampling or Sampling(),
         stats=stats,
         generator=generator,
+        backoff=backoff,
     ):
         tokens.extend(chunk)
     return tokens, stats

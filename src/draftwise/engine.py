@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from draftwise.core.backoff import Backoff
 from draftwise.core.decode import GenerationStats, generate_tokens
 from draftwise.core.drafter import Drafter
 from draftwise.core.errors import DraftwiseError
@@ -110,6 +111,9 @@ class TextStream:
         self._chunks.close()
 
 
+BACKOFF_CHOICES = ("on", "off")
+
+
 def choose_engine(engine: str, method: str) -> str:
     """The backend `engine` names for `method` (see targets.load.backend_for); llama.cpp exposes no hidden features,
     so the methods that read them cannot run there."""
@@ -122,11 +126,22 @@ def choose_engine(engine: str, method: str) -> str:
 class Engine:
     """A target model plus drafters, by method name. Drafters are built once and reused.
 
-    `model` is the HF model (None when `target` runs elsewhere, as with llama.cpp); `config` its HF config."""
+    `model` is the HF model (None when `target` runs elsewhere, as with llama.cpp); `config` its HF config.
+    `backoff` ("on" | "off"): whether rounds where speculation does not pay verify the root alone (core/backoff.py)."""
 
     def __init__(
-        self, model, tokenizer, model_name: str = "custom", method: str = "pld", target=None, **method_options
+        self,
+        model,
+        tokenizer,
+        model_name: str = "custom",
+        method: str = "pld",
+        target=None,
+        backoff: str = "off",
+        **method_options,
     ):
+        if backoff not in BACKOFF_CHOICES:
+            raise DraftwiseError(f"backoff must be one of {', '.join(BACKOFF_CHOICES)}, got {backoff!r}")
+        self.backoff = backoff
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.target: Target = target if target is not None else HFTarget(model)
         self.engine_name = self.target.backend  # who runs the target: hf, lean or llama
@@ -144,13 +159,17 @@ class Engine:
         dtype: str = "auto",
         device: str = "cpu",
         engine: str = "auto",
+        backoff: str = "off",
         **method_options,
     ) -> Engine:
         """Load a model and return an Engine (see Engine.generate / Engine.stream). `engine`: auto | lean | hf |
-        llama; `method_options` go to the method's drafter."""
+        llama; `backoff`: on | off (rounds where speculation does not pay verify the root alone, docs/backoff.md);
+        `method_options` go to the method's drafter."""
         choose_engine(engine, method)  # before the slow load
         hf_model, tokenizer, target = load_target(model, engine, dtype, device)
-        return cls(hf_model, tokenizer, model_name=model, method=method, target=target, **method_options)
+        return cls(
+            hf_model, tokenizer, model_name=model, method=method, target=target, backoff=backoff, **method_options
+        )
 
     @property
     def dtype_name(self) -> str:
@@ -186,6 +205,8 @@ class Engine:
                 prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in messages),
                 add_special_tokens=True,
             )["input_ids"]
+        if not ids:  # e.g. "\x16": byte-level vocabularies can lack a token for a control byte
+            raise DraftwiseError("the prompt has no tokens: the tokenizer drops every character of it")
         if len(ids) >= self.target.max_length:
             raise DraftwiseError(
                 f"the prompt is {len(ids)} tokens; the model's context window is {self.target.max_length}"
@@ -232,6 +253,7 @@ class Engine:
             stats=stats,
             stop_token_ids=self.stop_token_ids,
             generator=generator,
+            backoff=Backoff() if self.backoff == "on" else None,
         )
         return TextStream(self, chunks, stats, [s for s in (stop or []) if s])
 

@@ -53,11 +53,13 @@ def turn(
     draft_calls: int = 0,
     accepted: list[int] | None = None,
     engine: bool = True,
+    plain_rounds: int = 0,
 ) -> dict:
     """A turn record as the runner writes it; `engine=False` for a peer without engine stats."""
     accepted = accepted if accepted is not None else [1] * len(tokens)
     stats = {
         "rounds": len(accepted),
+        "plain_rounds": plain_rounds,
         "accepted": accepted,
         "draft_calls": draft_calls,
         "verified_tokens": sum(accepted) + len(accepted),
@@ -120,7 +122,7 @@ def test_aggregate_spec_bench_conventions():
         record(0, "qa", "ar", [turn([1] * 10, 1.0)]),
         record(1, "rag", "ar", [turn([1] * 30, 1.0)]),
         record(0, "qa", "pld", [turn([1] * 10, 0.5, draft_calls=0, accepted=[2] * 5)]),
-        record(1, "rag", "pld", [turn([1] * 30, 0.5, draft_calls=0, accepted=[3] * 10)]),
+        record(1, "rag", "pld", [turn([1] * 30, 0.5, draft_calls=0, accepted=[3] * 10, plain_rounds=6)]),
         record(0, "qa", "hf", [turn([1] * 10, 0.25, engine=False)]),
         record(1, "rag", "hf", [], error="too long"),
     ]
@@ -134,6 +136,8 @@ def test_aggregate_spec_bench_conventions():
     assert overall["pld"]["tau"] == pytest.approx((10 + 30) / 15)  # pooled over rounds, not over questions
     assert overall["pld"]["verified_per_round"] == pytest.approx((40 + 15) / 15)
     assert overall["pld"]["draft_calls_per_round"] == 0
+    assert overall["pld"]["plain_round_share"] == pytest.approx(6 / 15) and overall["ar"]["plain_round_share"] == 0
+    assert overall["hf"]["plain_round_share"] is None
     assert overall["pld"]["time_split_s"]["verify_s"] == pytest.approx(0.6)
     assert (overall["pld"]["identical"], overall["pld"]["near_tie"], overall["pld"]["mismatch"]) == (1, 1, 0)
     assert overall["hf"]["errors"] == 1 and overall["hf"]["questions"] == 1
@@ -167,6 +171,7 @@ def test_report_flags_mismatches_loudly():
     assert "LOSSLESSNESS FAILURE: 1 of 1" in text
     assert "| pld | ar | 100 | qa | MISMATCH | 1 | 1 |" in text
     assert "| gone | **unavailable:** not installed |" in text
+    assert "## Rounds without speculation (back-off) by category" in text and "| 0% |" in text
 
 
 def write_jsonl(path, items: list[dict]) -> None:

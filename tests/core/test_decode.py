@@ -16,6 +16,7 @@ from conftest import (
 )
 from scipy.stats import chisquare
 
+from draftwise.core.backoff import ForcedBackoff
 from draftwise.core.drafter import Drafter, NoDraft
 from draftwise.core.tree import DraftTree
 from draftwise.core.verify import Sampling
@@ -84,6 +85,19 @@ def test_greedy_output_equals_plain_decoding_for_every_drafter(tiny_model, promp
         assert out == reference, f"{drafter.name} diverged from plain decoding"
         assert stats.new_tokens == max_new_tokens
         assert sum(stats.accepted) >= max_new_tokens
+
+
+@pytest.mark.parametrize("target_class", [HFTarget, LeanTarget], ids=["hf", "lean"])
+@pytest.mark.parametrize("prompt", PROMPTS[:2])
+def test_greedy_output_equals_plain_decoding_with_backoff_switching_often(tiny_model, prompt, target_class):
+    """Every drafter, with half its rounds (at random) verifying the root alone without asking it: a drafter that
+    keeps state per committed token (a draft head's cache, a draft model's) stays in step."""
+    truth = greedy_reference(tiny_model, prompt, 70)
+    for i, drafter in enumerate(drafters_for(tiny_model, prompt, truth)):
+        backoff = ForcedBackoff(plain_share=0.5, seed=i)
+        out, stats = run(tiny_model, drafter, prompt, 40, target_class=target_class, backoff=backoff)
+        assert out == truth[:40], f"{drafter.name} diverged from plain decoding under back-off"
+        assert 0 < stats.plain_rounds < stats.rounds
 
 
 @pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-6])
@@ -176,13 +190,24 @@ CASES = [(SAMPLING_CASES[0], name) for name in SAMPLING_MAKERS] + [
 
 
 LEAN_CASES = [(SAMPLING_CASES[0], "wide", "lean"), (SAMPLING_CASES[1], "eagle", "lean")]
+# every drafter again with the back-off forced to switch often (ar has nothing to back off from)
+BACKOFF_CASES = [(SAMPLING_CASES[0], name, "hf") for name in SAMPLING_MAKERS if name != "ar"] + [
+    (SAMPLING_CASES[2], "eagle", "hf"),
+    LEAN_CASES[1],
+]
 
 
 @pytest.mark.parametrize(
-    ("sampling", "name", "engine"), [(s, n, "hf") for s, n in CASES] + LEAN_CASES, ids=lambda v: str(v)
+    ("sampling", "name", "engine", "backoff"),
+    [(s, n, "hf", "speculate") for s, n in CASES]
+    + [(*case, "speculate") for case in LEAN_CASES]
+    + [(*case, "forced-backoff") for case in BACKOFF_CASES],
+    ids=lambda v: str(v),
 )
-def test_sampling_preserves_the_target_distribution(sampling, name, engine):
-    """Chi-square goodness of fit of the first two sampled tokens against the exact law (p > 1e-4)."""
+def test_sampling_preserves_the_target_distribution(sampling, name, engine, backoff):
+    """Chi-square goodness of fit of the first two sampled tokens against the exact law (p > 1e-4); with a
+    forced back-off, each round verifies the root alone with probability 1/2, drawn apart from the sampling
+    generator."""
     vocab, trials = 8, 1200
     model = tiny_llama(vocab, seed=3)
     with torch.no_grad():
@@ -194,7 +219,8 @@ def test_sampling_preserves_the_target_distribution(sampling, name, engine):
     target_class = HFTarget if lean is None else (lambda *_: lean)
     counts = torch.zeros(vocab * vocab)
     for seed in range(trials):
-        out, _ = run(model, drafter, prompt, max_new_tokens=2, sampling=sampling, seed=seed, target_class=target_class)
+        forced = ForcedBackoff(plain_share=0.5, seed=trials + seed) if backoff == "forced-backoff" else None
+        out, _ = run(model, drafter, prompt, 2, sampling, seed, target_class, backoff=forced)
         counts[out[0] * vocab + out[1]] += 1
     support = law > 0
     assert counts[~support].sum() == 0, f"{name}: sampled a token outside the target's support"

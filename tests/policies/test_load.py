@@ -54,21 +54,25 @@ def test_missing_policy_files_are_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("native_bf16", [True, False])
-def test_shipped_policies_are_chosen_by_the_target_compute(monkeypatch, native_bf16):
+def test_the_users_fits_come_first_then_the_shipped_one(monkeypatch, tmp_path, native_bf16):
+    """radar and ltd read the user's own fit for the target's compute (what `profile` and `train-policy` write,
+    under the user cache) before the shipped fit, which serves every compute that has no fit of its own."""
+    from draftwise.policies.cost import POLICIES_DIR
     from draftwise.policies.load import policy_dir
 
+    monkeypatch.setenv("DRAFTWISE_CACHE", str(tmp_path))
     monkeypatch.setattr("draftwise.policies.cost.cpu_has_native_bf16", lambda: native_bf16)
-    default = policy_dir("smollm2-135m")
-    assert (default / "cost.json").exists()
-    assert policy_dir("smollm2-135m", ComputeMode("float32")) == default  # no separate fit: the default one
-    lean = policy_dir("smollm2-135m", ComputeMode("bfloat16", "int4"))
-    assert lean == default / ("bfloat16-int4" if native_bf16 else "bfloat16-int4-avx2")
-    assert (lean / "radar.safetensors").exists()
-    assert json.loads((lean / "cost.json").read_text())["meta"]["engine"] == "lean"
-    bf16 = policy_dir("smollm2-135m", ComputeMode("bfloat16"))
-    assert json.loads((bf16 / "cost.json").read_text())["meta"]["engine"] == "hf"
-    for name in ("float32+w4a8", "float32+int4"):  # every shipped fit is found by the mode a target reports
-        assert policy_dir("smollm2-135m", ComputeMode.parse(name)).name == name.replace("+", "-")
+    shipped = POLICIES_DIR / "smollm2-135m" / "float32-w4a8"
+    assert (shipped / "ltd.safetensors").exists() and (shipped / "sampling" / "radar.safetensors").exists()
+    for name in ("float32", "float32+w4a8", "float32+int4", "bfloat16", "bfloat16+int4"):
+        assert policy_dir("smollm2-135m", ComputeMode.parse(name), "ltd") == shipped
+    mine = tmp_path / "policies" / "smollm2-135m" / ("bfloat16-int4" if native_bf16 else "bfloat16-int4-avx2")
+    mine.mkdir(parents=True)
+    (mine / "cost.json").write_text("{}")  # profiled, not yet trained: ltd still comes from the shipped fit
+    assert policy_dir("smollm2-135m", ComputeMode("bfloat16", "int4"), "ltd") == shipped
+    (mine / "ltd.safetensors").write_bytes(b"")
+    assert policy_dir("smollm2-135m", ComputeMode("bfloat16", "int4"), "ltd") == mine
+    assert policy_dir("smollm2-135m", ComputeMode("bfloat16", "int4"), "radar") == shipped
 
 
 def test_per_mode_fits_serve_their_own_decoding_mode(tmp_path, tiny_model):

@@ -70,12 +70,18 @@ def running(app) -> Iterator[Server]:
 
 
 def call(
-    server: Server, method: str, path: str, body: dict | bytes | None = None, content_type: str = "application/json"
+    server: Server,
+    method: str,
+    path: str,
+    body: dict | bytes | None = None,
+    content_type: str = "application/json",
+    headers: dict[str, str] | None = None,
+    timeout: float = 60,
 ) -> tuple[int, dict | str]:
     """One raw HTTP request; JSON answers come back parsed."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
     data = body if isinstance(body, bytes | None) else json.dumps(body).encode()
-    conn.request(method, path, body=data, headers={"Content-Type": content_type})
+    conn.request(method, path, body=data, headers={"Content-Type": content_type, **(headers or {})})
     response = conn.getresponse()
     raw = response.read().decode()
     conn.close()

@@ -71,3 +71,24 @@ def test_radar_keeps_the_fastest_run_that_keeps_tau():
     assert fastest_keeping_tau([fast_lossy, slow_lossy], 0.01)[2] == "slow but keeps more"  # the least τ lost
     never_stops = (0.99, -4.0, "never stops", {"tau_ratio": 1.0})
     assert fastest_keeping_tau([fast_lossy, never_stops], 0.01)[2] == "fast"
+
+
+def test_profile_and_train_policy_never_write_into_the_package(monkeypatch, tmp_path):
+    """Their default outputs are under the user cache: the installed package may be read-only, and a reinstall
+    would lose what was written there."""
+    from draftwise.core.errors import DraftwiseError
+    from draftwise.core.target import ComputeMode
+    from draftwise.policies.cost import POLICIES_DIR, default_cost_path
+    from draftwise.training.train_policy import profiled_cost, writable_fit_dir
+
+    monkeypatch.setenv("DRAFTWISE_CACHE", str(tmp_path))
+    cost = default_cost_path("smollm2-135m", ComputeMode.parse("float32+w4a8"))
+    assert cost == tmp_path / "policies" / "smollm2-135m" / "float32-w4a8" / "cost.json"
+    shipped = POLICIES_DIR / "smollm2-135m" / "float32-w4a8" / "cost.json"
+    assert writable_fit_dir(shipped) == tmp_path / "policies" / "smollm2-135m" / "float32-w4a8"
+    assert writable_fit_dir(tmp_path / "x" / "cost.json") == tmp_path / "x"
+    with pytest.raises(DraftwiseError, match="draftwise profile"):
+        profiled_cost("smollm2-135m")
+    cost.parent.mkdir(parents=True)
+    cost.write_text("{}")
+    assert profiled_cost("smollm2-135m") == cost

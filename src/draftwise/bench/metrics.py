@@ -119,6 +119,10 @@ def summarize(records: list[dict]) -> dict:
         "tau": sum(accepted) / len(accepted) if accepted else None,  # bonus token included
         "draft_calls_per_round": _ratio(sum(s["draft_calls"] for s in stats), rounds),
         "verified_per_round": _ratio(sum(s["verified_tokens"] for s in stats), rounds),
+        # rounds the back-off ran without drafting (draftwise.core.backoff); None for peers and runs before it existed
+        "plain_round_share": _ratio(sum(s["plain_rounds"] for s in stats), rounds)
+        if stats and all("plain_rounds" in s for s in stats)
+        else None,
         # a tree policy's own time per query, measured in place (None for methods without one)
         "policy_ms_per_query": _ratio(
             1000 * sum(s.get("policy_s", 0.0) for s in stats), sum(s.get("policy_queries", 0) for s in stats)

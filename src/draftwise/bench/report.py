@@ -102,6 +102,7 @@ def overall_table(summary: dict, methods: list[str], unavailable: dict[str, str]
         "τ",
         "draft calls/round",
         "verified/round",
+        "plain rounds",
         "policy ms/query",
         "prefill",
         "draft",
@@ -127,6 +128,7 @@ def overall_table(summary: dict, methods: list[str], unavailable: dict[str, str]
             fmt(row["tau"]),
             fmt(row["draft_calls_per_round"]),
             fmt(row["verified_per_round"], ".1f"),
+            fmt(row.get("plain_round_share"), ".0%"),
             fmt(row.get("policy_ms_per_query"), ".3f"),
             *time_split_cells(row["time_split_s"]),
             fmt(row["peak_rss_mb"], ".0f"),
@@ -235,6 +237,8 @@ def render_report(run: BenchRun, epsilon: float, plots: list[str]) -> str:
         parts.append(losslessness_section(records, epsilon))
     parts += [
         "## Overall",
+        "Plain rounds: share of rounds the back-off ran without drafting, verifying the root alone because "
+        "speculation was not paying (docs/backoff.md). "
         "Time split: share of the engine's own generation time (prefill, drafting, verification, the rest). "
         "Peers outside the engine report only wall time. Peak RSS is the process high-water mark during a "
         "question (weights included).",
@@ -245,6 +249,8 @@ def render_report(run: BenchRun, epsilon: float, plots: list[str]) -> str:
         category_table(summary, [m for m in methods if m not in unavailable], "tokens_per_s", ".1f"),
         "## τ (mean accepted length) by category",
         category_table(summary, [m for m in methods if m not in unavailable], "tau", ".2f"),
+        "## Rounds without speculation (back-off) by category",
+        category_table(summary, [m for m in methods if m not in unavailable], "plain_round_share", ".0%"),
     ]
     if errors:
         parts += [

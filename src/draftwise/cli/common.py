@@ -22,7 +22,8 @@ def add_model_arg(parser: argparse.ArgumentParser, help: str | None = None) -> N
 
 
 def add_model_args(parser: argparse.ArgumentParser, method_default: str = "pld") -> None:
-    """--model / --method / --dtype / --device and the drafter knobs, shared by every command that loads a model."""
+    """--model / --method / --dtype / --device, the drafter knobs and --backoff, shared by every command that loads
+    a model."""
     add_model_arg(parser)
     parser.add_argument(
         "--method",
@@ -61,6 +62,14 @@ def add_model_args(parser: argparse.ArgumentParser, method_default: str = "pld")
         default=None,
         help="tree policy for --method eagle or rasd, how deep to draft and how much to verify each round: "
         "fixed | threshold | heuristic | radar | ltd",
+    )
+    parser.add_argument(
+        "--backoff",
+        choices=("on", "off"),
+        default="off",
+        help="on: a round where speculation is not expected to pay (measured per generation) verifies the root "
+        "alone, as plain decoding does, and speculation is probed again later; off: always speculate (default: off, "
+        "until it is measured not to cost where speculation pays: docs/backoff.md)",
     )
 
 
@@ -101,6 +110,7 @@ def load_engine(args: argparse.Namespace) -> Engine:
         dtype=args.dtype,
         device=args.device,
         engine=args.engine,
+        backoff=args.backoff,
         **method_options(args),
     )
 

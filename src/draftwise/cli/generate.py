@@ -44,8 +44,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(
             f"\n--- {stats.new_tokens} tokens in {stats.total_s:.2f} s: {stats.tokens_per_s:.1f} tok/s | "
-            f"method {stats.method} | rounds {stats.rounds} | τ {stats.mean_accepted:.2f} | "
-            f"draft calls {stats.draft_calls} | verified {stats.verified_tokens}",
+            f"method {stats.method} | rounds {stats.rounds} ({stats.plain_rounds} plain) | "
+            f"τ {stats.mean_accepted:.2f} | draft calls {stats.draft_calls} | verified {stats.verified_tokens}",
             file=sys.stderr,
         )
     return 0

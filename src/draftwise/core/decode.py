@@ -9,8 +9,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from draftwise.core.drafter import DraftContext, Drafter, RoundResult
+from draftwise.core.backoff import Backoff
+from draftwise.core.drafter import DraftContext, Drafter, NoDraft, RoundResult
 from draftwise.core.target import Target
+from draftwise.core.tree import DraftTree
 from draftwise.core.verify import Sampling, accept_greedy, accept_sampling, rows_on_demand, top_two
 
 
@@ -22,6 +24,7 @@ class GenerationStats:
     prompt_tokens: int = 0
     new_tokens: int = 0
     rounds: int = 0
+    plain_rounds: int = 0  # rounds the back-off verified the root alone without drafting (backoff.py)
     draft_calls: int = 0
     verified_tokens: int = 0
     accepted: list[int] = field(default_factory=list)  # tokens committed per round, bonus included
@@ -47,6 +50,10 @@ class GenerationStats:
         return self.new_tokens / self.total_s if self.total_s > 0 else 0.0
 
     @property
+    def plain_round_share(self) -> float:
+        return self.plain_rounds / self.rounds if self.rounds else 0.0
+
+    @property
     def overhead_s(self) -> float:
         return max(0.0, self.total_s - self.prefill_s - self.draft_s - self.verify_s)
 
@@ -58,6 +65,7 @@ class GenerationStats:
             wall_s=self.total_s,
             mean_accepted=self.mean_accepted,
             tokens_per_s=self.tokens_per_s,
+            plain_round_share=self.plain_round_share,
             overhead_s=self.overhead_s,
         )
         return out
@@ -73,12 +81,15 @@ def generate_tokens(
     stats: GenerationStats,
     stop_token_ids: frozenset[int] = frozenset(),
     generator: torch.Generator | None = None,
+    backoff: Backoff | None = None,
 ) -> Iterator[list[int]]:
     """Yield the newly committed tokens of every round. `stats` is filled in as it goes.
 
     The target's cache holds all committed tokens but the newest, which roots the next tree; so the prompt's
-    last token is the first root and prefill covers the rest.
+    last token is the first root and prefill covers the rest. A `backoff` decides before each round whether to
+    draft at all (None: always).
     """
+    backoff = None if isinstance(drafter, NoDraft) else backoff
     start = time.perf_counter()
     tokens: Tensor = torch.tensor(prompt_ids, dtype=torch.long)
     stats.prompt_tokens = len(prompt_ids)
@@ -95,7 +106,10 @@ def generate_tokens(
         t0 = time.perf_counter()
         if stats.rounds:  # the last round, with whatever its consumer did with the tokens
             stats.round_s.append(t0 - round_start)
+            if backoff is not None:
+                backoff.record(stats.accepted[-1], stats.round_s[-1])
         round_start = t0
+        speculate = backoff is None or backoff.speculate()
         calls_before = drafter.draft_calls
         context = DraftContext(
             tokens,
@@ -105,7 +119,7 @@ def generate_tokens(
             generator=generator,
             verify_cost=target.verify_cost,
         )
-        tree = drafter.propose(context)
+        tree = drafter.propose(context) if speculate else DraftTree.root_only(int(tokens[-1]))
         if tree.size > context.budget:
             tree = tree.select_top(context.budget)
         while target.max_leaves and tree.size > target.max_leaves and len(tree.leaves()) > target.max_leaves:
@@ -130,9 +144,14 @@ def generate_tokens(
         tokens = torch.cat([tokens, torch.tensor(new, dtype=torch.long)])
         feats = out.features[path] if out.features is not None else None
         t3 = time.perf_counter()
-        drafter.observe(RoundResult(tree, path, bonus, feats))
+        result = RoundResult(tree, path, bonus, feats)
+        if speculate:
+            drafter.observe(result)
+        else:
+            drafter.observe_plain(result)
         t4 = time.perf_counter()
         stats.rounds += 1
+        stats.plain_rounds += not speculate
         stats.round_draft_calls.append(drafter.draft_calls - calls_before)
         stats.draft_calls += stats.round_draft_calls[-1]
         stats.verified_tokens += tree.size

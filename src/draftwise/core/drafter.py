@@ -56,7 +56,11 @@ class Drafter(ABC):
         """A tree whose root is context.tokens[-1], with at most context.budget nodes."""
 
     def observe(self, result: RoundResult) -> None:
-        """Called after every verification."""
+        """Called after every verification of a proposed tree."""
+
+    def observe_plain(self, result: RoundResult) -> None:
+        """Called instead of `observe` after a round the back-off (core/backoff.py) ran without asking `propose`: the
+        root alone was verified. A drafter that keeps state per committed token must keep it in step here."""
 
     def policy_queries(self) -> tuple[int, float]:
         """A tree policy's own queries so far and their seconds (part of drafting, reported apart); none here."""

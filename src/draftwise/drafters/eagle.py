@@ -82,6 +82,9 @@ class EagleDrafter(Drafter):
         self.pending.append(result.features)
         self.policy.observe(result)
 
+    def observe_plain(self, result: RoundResult) -> None:
+        self.pending.append(result.features)  # the next round's catch-up reads it; the policy shaped no tree
+
     def policy_queries(self) -> tuple[int, float]:
         return self.policy.queries, self.policy.query_s
 

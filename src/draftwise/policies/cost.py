@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from draftwise.core.errors import DraftwiseError
-from draftwise.core.machine import cpu_has_native_bf16
+from draftwise.core.files import write_atomic
+from draftwise.core.machine import cache_dir, cpu_has_native_bf16
 from draftwise.core.target import ComputeMode
 
 POLICIES_DIR = Path(__file__).resolve().parent.parent / "data" / "policies"
@@ -124,8 +125,7 @@ class CostModel:
         }
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        write_atomic(path, json.dumps(self.to_json(), indent=2) + "\n")
 
     @classmethod
     def from_json(cls, raw: dict) -> CostModel:
@@ -141,17 +141,30 @@ class CostModel:
         return cls.from_json(json.loads(path.read_text()))
 
 
-def fit_dir(model_name: str, compute: ComputeMode | None = None) -> Path:
-    """Where a model's cost model and policies for a target computing in `compute` live: the model's directory
-    for fp32 (the original fit), a subdirectory per compute otherwise (e.g. `bfloat16-int4/`, the lean engine's).
-    bf16 int4 on a CPU without native bf16 (where the grid kernel could not be built) gets its own
-    (`bfloat16-int4-avx2/`): the same weights cost very differently there (docs/results.md). fp32 on the GGUF grid
-    (`float32-int4/`) runs only on such CPUs."""
-    directory = POLICIES_DIR / Path(model_name).name
+# The one fit that ships, for the default engine on CPUs with AVX-512 VNNI; fits for other compute modes are made
+# on the machine itself (`profile`, then `train-policy`) and live in the user's cache.
+SHIPPED_FIT = "float32-w4a8"
+
+
+def user_policies_dir() -> Path:
+    """Where `profile` and `train-policy` write: the user's cache, never the installed package."""
+    return cache_dir() / "policies"
+
+
+def fit_subdir(model_name: str, compute: ComputeMode | None = None) -> Path:
+    """A model's fit for a target computing in `compute`, relative to a policies root: the model's directory for
+    fp32, a subdirectory per compute otherwise (e.g. `bfloat16-int4/`). bf16 int4 on a CPU without native bf16
+    gets its own (`bfloat16-int4-avx2/`): the same weights cost very differently there (docs/results.md)."""
+    directory = Path(Path(model_name).name)
     if compute is None or compute == ComputeMode("float32"):
         return directory
     emulated_bf16 = compute == ComputeMode("bfloat16", "int4") and not cpu_has_native_bf16()
     return directory / (f"{compute.dir_name}-avx2" if emulated_bf16 else compute.dir_name)
+
+
+def fit_dir(model_name: str, compute: ComputeMode | None = None) -> Path:
+    """The user's own fit directory for `model_name` and `compute`."""
+    return user_policies_dir() / fit_subdir(model_name, compute)
 
 
 def default_cost_path(model_name: str, compute: ComputeMode | None = None) -> Path:

@@ -20,7 +20,7 @@ from draftwise.core.target import ComputeMode
 from draftwise.drafters.eagle import EAGLE2_TREE, FLOAT32, default_shape
 from draftwise.drafters.tree_policy import TreePolicy
 from draftwise.policies.baselines import ConfidenceThreshold, HeuristicSchedule
-from draftwise.policies.cost import fit_dir
+from draftwise.policies.cost import POLICIES_DIR, SHIPPED_FIT, fit_subdir, user_policies_dir
 from draftwise.policies.ltd import LtdPolicy
 from draftwise.policies.per_mode import PerMode
 from draftwise.policies.radar import RadarPolicy
@@ -29,12 +29,15 @@ POLICY_NAMES = ("fixed", "threshold", "heuristic", "radar", "ltd")
 SAMPLING_FIT = "sampling"  # a policy directory's subdirectory: the same policies fitted to sampled text
 
 
-def policy_dir(model_name: str, compute: ComputeMode | None = None) -> Path:
-    """The shipped policies for a model: those fitted to the cost model of the target's `compute` on this kind of
-    CPU where they exist (`cost.fit_dir`), else those for the compute, else the model's default (fp32) fit."""
-    fitted = fit_dir(model_name, compute)
-    candidates = [fitted, fitted.with_name(fitted.name.removesuffix("-avx2")), fit_dir(model_name)]
-    return next(d for d in candidates if (d / "cost.json").exists() or d == candidates[-1])
+def policy_dir(model_name: str, compute: ComputeMode | None = None, name: str | None = None) -> Path:
+    """Where policy `name` (any, if None) is loaded from: the user's own fit for the target's `compute` (made by
+    `profile` and `train-policy`) where there is one, else the shipped fit for it, else the shipped default."""
+    fitted = fit_subdir(model_name, compute)
+    relatives = [fitted, fitted.with_name(fitted.name.removesuffix("-avx2"))]
+    candidates = [root / r for root in (user_policies_dir(), POLICIES_DIR) for r in relatives]
+    candidates.append(POLICIES_DIR / Path(model_name).name / SHIPPED_FIT)
+    marker = f"{name}.safetensors" if name else "cost.json"
+    return next(d for d in candidates if (d / marker).exists() or d == candidates[-1])
 
 
 def load_fits(load: Callable[[Path], TreePolicy], directory: Path) -> TreePolicy:
@@ -70,9 +73,10 @@ def make_policy(
     if name == "heuristic":
         return HeuristicSchedule(max_calls=depth)
     if name == "radar":
-        return load_fits(functools.partial(RadarPolicy.load, seed=seed), directory or policy_dir(model_name, compute))
+        radar_dir = directory or policy_dir(model_name, compute, "radar")
+        return load_fits(functools.partial(RadarPolicy.load, seed=seed), radar_dir)
     if name == "ltd":
-        return load_fits(LtdPolicy.load, directory or policy_dir(model_name, compute))
+        return load_fits(LtdPolicy.load, directory or policy_dir(model_name, compute, "ltd"))
     raise DraftwiseError(f"unknown policy '{name}'; choose one of {', '.join(POLICY_NAMES)}")
 
 

@@ -17,10 +17,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from draftwise.core.errors import DraftwiseError
+from draftwise.core.files import write_atomic
 from draftwise.core.tree import DraftTree
 from draftwise.drafters.tree_policy import TreePolicy
 from draftwise.policies.scores import SCORE_FLOOR
@@ -150,11 +151,10 @@ class LtdPolicy(TreePolicy):
         return min(size, budget)
 
     def save(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
         tensors = {f"depth.{k}": v for k, v in self.depth_actor.state_dict().items()}
         tensors.update({f"size.{k}": v for k, v in self.size_actor.state_dict().items()})
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "ltd.safetensors"))
-        (directory / "ltd.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        write_atomic(directory / "ltd.safetensors", save({k: v.contiguous() for k, v in tensors.items()}))
+        write_atomic(directory / "ltd.json", json.dumps(asdict(self.config), indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: Path) -> LtdPolicy:

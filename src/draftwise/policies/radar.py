@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from draftwise.core.errors import DraftwiseError
+from draftwise.core.files import write_atomic
 from draftwise.drafters.tree_policy import TreePolicy
 from draftwise.policies.scores import SCORE_FLOOR
 
@@ -100,9 +101,9 @@ class RadarPolicy(TreePolicy):
         return not stop
 
     def save(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(directory / "radar.safetensors"))
-        (directory / "radar.json").write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        tensors = {k: v.contiguous() for k, v in self.net.state_dict().items()}
+        write_atomic(directory / "radar.safetensors", save(tensors))  # each file whole, never half-written
+        write_atomic(directory / "radar.json", json.dumps(asdict(self.config), indent=2) + "\n")
 
     @classmethod
     def load(cls, directory: Path, seed: int = 0) -> RadarPolicy:

@@ -6,7 +6,9 @@ Handlers on the event loop only validate, queue and format; the worker thread (w
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,23 +20,28 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from draftwise.core.errors import DraftwiseError
 from draftwise.engine import Engine, Generation, Prompt
 from draftwise.server.metrics import CountRequests, Metrics
 from draftwise.server.schemas import (
+    DEFAULT_MAX_TOKENS,
     APIError,
     ChatRequest,
     CompletionRequest,
     GenerationRequest,
+    Limits,
     Reply,
+    check_request,
     validation_error,
 )
 from draftwise.server.worker import Job, Worker
 
 GRACEFUL_SHUTDOWN_S = 30.0  # how long Ctrl-C waits for in-flight requests before cancelling them
+OPEN_ENDPOINTS = frozenset({"/health"})  # answered without the API key: load balancers probe it
 T = TypeVar("T")
 
 
@@ -50,6 +57,24 @@ async def next_event(job: Job) -> tuple[str, Any]:
     if kind == "error":
         raise value
     return kind, value
+
+
+async def started(job: Job, worker: Worker, queue_timeout: float | None) -> None:
+    """Wait until the engine has accepted the prompt. A job still queued after `queue_timeout` seconds leaves
+    the queue with a 503; once the worker has picked it up, it is waited for however long that takes."""
+    start = asyncio.ensure_future(next_event(job))
+    try:
+        await asyncio.wait({start}, timeout=queue_timeout)
+        if not start.done() and worker.withdraw(job):
+            raise APIError(
+                503,
+                f"the request waited {queue_timeout:g} s for the model without starting; retry later",
+                "server_error",
+                code="queue_timeout",
+            )
+        await start
+    finally:
+        start.cancel()
 
 
 async def finished(job: Job) -> Generation:
@@ -114,16 +139,82 @@ async def unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
     raise ClientGone
 
 
+# --- access and size
+
+
+class RequireAPIKey:
+    """ASGI middleware: every path but OPEN_ENDPOINTS needs `Authorization: Bearer <key>`, or gets a 401 before
+    its body is read. Keys are compared as SHA-256 digests in constant time, so neither their bytes nor their
+    length leak through timing."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.digest = app, hashlib.sha256(api_key.encode()).digest()
+
+    def authorized(self, scope: Scope) -> bool:
+        scheme, _, key = Headers(scope=scope).get("authorization", "").partition(" ")
+        given = hashlib.sha256(key.strip().encode("latin-1")).digest()  # headers are latin-1; keys UTF-8 bytes
+        return secrets.compare_digest(given, self.digest) and scheme.lower() == "bearer"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_ENDPOINTS or self.authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        sent = Headers(scope=scope).get("authorization")
+        message = "incorrect API key" if sent else "no API key: send the header Authorization: Bearer <key>"
+        await APIError(401, message, code="invalid_api_key").response()(scope, receive, send)
+
+
+class LimitBody:
+    """ASGI middleware: a request body over `max_bytes` gets a 413 in OpenAI's shape, refused on its
+    Content-Length before any of it is read, or (chunked) as soon as the bytes received pass the limit.
+    (Starlette's RequestBodyLimitMiddleware answers plain text, which OpenAI clients cannot parse.)"""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def error(self) -> APIError:
+        return APIError(413, f"the request body is over this server's limit of {self.max_bytes} bytes")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self.error().response()(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:  # FastAPI passes an HTTPException raised while reading through
+                    raise HTTPException(413, self.error().message)
+            return message
+
+        await self.app(scope, limited, send)
+
+
 # --- the app
 
 
-def create_app(engine: Engine | Callable[[], Engine], max_queue: int = 16) -> FastAPI:
+def create_app(
+    engine: Engine | Callable[[], Engine],
+    max_queue: int = 16,
+    *,
+    api_key: str | None = None,
+    limits: Limits | None = None,
+) -> FastAPI:
     """The HTTP app around `engine` (or a loader of one, run on the worker thread). Up to `max_queue` requests
-    wait behind the running one; more get 429."""
+    wait behind the running one; more get 429. With `api_key`, every endpoint but /health needs it."""
+    limits = Limits() if limits is None else limits
     metrics = Metrics()
     worker = Worker(engine, max_queue, metrics)
     engine = worker.engine
-    started = int(time.time())
+    methods = limits.methods_for(engine.default_method)
+    created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -132,6 +223,9 @@ def create_app(engine: Engine | Callable[[], Engine], max_queue: int = 16) -> Fa
         await asyncio.to_thread(worker.close)  # in-flight requests have finished or been cancelled by now
 
     app = FastAPI(title="draftwise", summary="OpenAI-compatible speculative decoding", lifespan=lifespan)
+    app.add_middleware(LimitBody, max_bytes=limits.max_body_bytes)  # the last added runs first
+    if api_key is not None:
+        app.add_middleware(RequireAPIKey, api_key=api_key)
     app.add_middleware(CountRequests, counter=metrics.requests)
 
     @app.exception_handler(APIError)
@@ -158,13 +252,18 @@ def create_app(engine: Engine | Callable[[], Engine], max_queue: int = 16) -> Fa
         max_tokens: int | None,
         chat_template: bool,
     ) -> Response:
+        check_request(body, limits, methods)
+        options = body.stream_kwargs(max_tokens or min(DEFAULT_MAX_TOKENS, limits.max_tokens))
         job = Job(
-            prompt, {**body.stream_kwargs(max_tokens), "chat_template": chat_template}, asyncio.get_running_loop()
+            prompt,
+            {**options, "chat_template": chat_template},
+            asyncio.get_running_loop(),
+            time_limit=limits.request_timeout,
         )
         worker.submit(job)
         streaming = False
         try:
-            await unless_disconnected(request, next_event(job))  # "start": the engine accepted the prompt
+            await unless_disconnected(request, started(job, worker, limits.queue_timeout))
             if body.stream:
                 streaming = True
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -199,12 +298,13 @@ def create_app(engine: Engine | Callable[[], Engine], max_queue: int = 16) -> Fa
     async def models() -> dict:
         return {
             "object": "list",
-            "data": [{"id": engine.model_name, "object": "model", "created": started, "owned_by": "draftwise"}],
+            "data": [{"id": engine.model_name, "object": "model", "created": created, "owned_by": "draftwise"}],
         }
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        status = "shutting down" if worker.closed else "ok"
+        """200 while requests can be served; 503 while shutting down or once the worker has died."""
+        status = "worker stopped" if worker.dead else "shutting down" if worker.closed else "ok"
         return JSONResponse(
             {
                 "status": status,
@@ -213,7 +313,7 @@ def create_app(engine: Engine | Callable[[], Engine], max_queue: int = 16) -> Fa
                 "queue_length": worker.queue_length,
                 "busy": worker.busy,
             },
-            status_code=503 if worker.closed else 200,
+            status_code=200 if status == "ok" else 503,
         )
 
     @app.get("/metrics")

@@ -37,6 +37,9 @@ class Metrics:
         )
         self.queue_length = Gauge("draftwise_queue_length", "requests waiting for the model", registry=r)
         self.busy = Gauge("draftwise_busy", "1 while a generation is running", registry=r)
+        self.timed_out = Counter(
+            "draftwise_timed_out_generations", "generations ended early by the server's request timeout", registry=r
+        )
         self._rounds = self._accepted = self._draft_calls = 0
 
     def observe(self, stats: GenerationStats) -> None:

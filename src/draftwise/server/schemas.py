@@ -3,6 +3,7 @@ OpenAI clients work unchanged and raise their usual exceptions."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -13,10 +14,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from draftwise.core.decode import GenerationStats
+from draftwise.core.errors import DraftwiseError
 from draftwise.engine import Generation
 from draftwise.methods import METHODS
 
 DEFAULT_MAX_TOKENS = 256
+MAX_STOP_SEQUENCES = 4  # as OpenAI's API
+MAX_STOP_CHARS = 256  # the held-back stop prefix is searched every round: bound the work a request can ask for
 FINISH_REASONS = {"stop": "stop", "length": "length", "context": "length"}  # draftwise's -> OpenAI's
 
 
@@ -54,7 +58,11 @@ class GenerationRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
+    stop: (
+        Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+        | Annotated[list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP_SEQUENCES)]
+        | None
+    ) = None
     n: int | None = Field(None, ge=1, le=1, description="only one choice per request")
     stream: bool | None = None
     stream_options: StreamOptions | None = None
@@ -70,17 +78,88 @@ class GenerationRequest(BaseModel):
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k or 0,
             seed=self.seed,
-            stop=[self.stop] if isinstance(self.stop, str) else self.stop,
+            stop=self.stops(),
         )
+
+    def stops(self) -> list[str] | None:
+        return [self.stop] if isinstance(self.stop, str) else self.stop
+
+    def prompt_texts(self) -> list[tuple[str, str]]:
+        """(field path, text) of every string that reaches the tokenizer; each endpoint names its own."""
+        raise NotImplementedError
 
 
 class ChatRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)  # newer clients' name for max_tokens
 
+    def prompt_texts(self) -> list[tuple[str, str]]:
+        return [(f"messages.{i}.content", m.for_template()["content"]) for i, m in enumerate(self.messages)]
+
 
 class CompletionRequest(GenerationRequest):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+
+    def prompt_texts(self) -> list[tuple[str, str]]:
+        return [("prompt", self.prompt if isinstance(self.prompt, str) else self.prompt[0])]
+
+
+# --- limits
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the server; `draftwise serve` sets each with the flag of the same name."""
+
+    max_body_bytes: int = 4 * 2**20
+    max_prompt_chars: int = 200_000  # counted before tokenising, which runs on the one worker thread
+    max_tokens: int = 4096  # a request asking for more gets 400; one asking for none gets min(256, this)
+    request_timeout: float | None = 300.0  # seconds a generation may run; then it ends with finish_reason "length"
+    queue_timeout: float | None = 120.0  # seconds a request may wait for the model; then 503 with Retry-After
+    allowed_methods: frozenset[str] | None = None  # None: the engine's own method and ar; the engine's is always in
+
+    def methods_for(self, engine_method: str) -> frozenset[str]:
+        """The methods requests may name. `draft-model` loads a second full model, so it is in only when named."""
+        methods = {engine_method, *(self.allowed_methods or {"ar"})}
+        unknown = sorted(methods - set(METHODS))
+        if unknown:
+            raise DraftwiseError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        return frozenset(methods)
+
+
+def check_request(body: GenerationRequest, limits: Limits, methods: frozenset[str]) -> None:
+    """The limits checked on the event loop, before a request is queued: cheap, and no tokenising."""
+    if body.method is not None and body.method in METHODS and body.method not in methods:
+        enabled = ", ".join(sorted(methods))
+        raise APIError(
+            400,
+            f"method '{body.method}' is not enabled on this server; enabled: {enabled} (see serve --allowed-methods)",
+            param="method",
+        )
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = getattr(body, name, None)
+        if value is not None and value > limits.max_tokens:
+            raise APIError(400, f"{name} is {value}; this server generates at most {limits.max_tokens}", param=name)
+    texts = body.prompt_texts()
+    chars = sum(len(text) for _, text in texts)
+    if chars > limits.max_prompt_chars:
+        raise APIError(
+            400,
+            f"the prompt is {chars} characters; this server accepts at most {limits.max_prompt_chars}",
+            param=texts[0][0].split(".")[0],
+            code="context_length_exceeded",
+        )
+    for path, text in [*texts, *(("stop", s) for s in body.stops() or [])]:
+        if not text.isascii():
+            try:
+                text.encode()
+            except UnicodeEncodeError as exc:  # JSON allows "\ud800"; the tokenizer (and UTF-8) does not
+                raise APIError(
+                    400,
+                    f"{path} holds a lone UTF-16 surrogate ({text[exc.start]!r} at character {exc.start}), "
+                    "which is not a Unicode character",
+                    param=path.split(".")[0],
+                ) from None
 
 
 # --- errors
@@ -104,20 +183,37 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        headers = {"Retry-After": "1"} if self.status == 429 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        headers = {"Retry-After": "1"} if self.status in (429, 503) else {}
+        if self.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return ASCIIJSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+class ASCIIJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: an error message may quote a request's lone surrogate,
+    which has no UTF-8 encoding."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode()
 
 
 def validation_error(exc: RequestValidationError, content_type: str) -> APIError:
     """Malformed JSON is a 400. Well-formed JSON with wrong fields is a 422 whose `param` is the first bad
     top-level field, as in OpenAI's errors, and whose message gives the full path of every problem."""
-    if content_type and "json" not in content_type:  # FastAPI left the body unparsed; `curl -d` without -H
+    if "json" not in content_type:  # FastAPI left the body unparsed; `curl -d` without -H, or no Content-Type
         return APIError(400, "send the request body as JSON, with the header Content-Type: application/json")
     errors = exc.errors()
     bad_json = [e for e in errors if e["type"] == "json_invalid"]
     if bad_json:
         return APIError(400, f"the request body is not valid JSON: {bad_json[0].get('ctx', {}).get('error')}")
     paths = [[str(p) for p in e["loc"][1:]] for e in errors]  # loc starts with "body"
+    surrogates = [path for path, e in zip(paths, errors, strict=True) if e["type"] == "string_unicode"]
+    if surrogates:  # pydantic refuses them in length-checked strings; check_request in the others
+        return APIError(
+            400,
+            f"{surrogates[0][0]} holds a lone UTF-16 surrogate, which is not a Unicode character",
+            param=surrogates[0][0],
+        )
     problems = zip(paths, errors, strict=True)
     message = "; ".join(f"{'.'.join(path) or 'request body'}: {e['msg']}" for path, e in problems)
     return APIError(422, message, param=paths[0][0] if paths[0] else None)

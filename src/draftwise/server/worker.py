@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
+
+from jinja2 import TemplateError, TemplateSyntaxError  # torch requires jinja2; chat templates are jinja
 
 from draftwise.core.errors import DraftwiseError
 from draftwise.engine import Engine, Prompt
@@ -23,17 +26,23 @@ log = logging.getLogger(__name__)
 @dataclass(eq=False)
 class Job:
     """One generation, handed from a handler to the worker. The worker answers through `events`:
-    ("start", None), then ("piece", str)..., then ("done", Generation) or ("error", APIError)."""
+    ("start", None), then ("piece", str)..., then ("done", Generation) or ("error", APIError).
+    A generation running longer than `time_limit` seconds ends there, as if it had reached max_tokens."""
 
     prompt: Prompt
     options: dict[str, Any]
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    time_limit: float | None = None
 
     def emit(self, kind: str, value: Any = None) -> None:
         with suppress(RuntimeError):  # the loop is closed: nobody is listening any more
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+
+def worker_stopped() -> APIError:
+    return APIError(503, "the model worker has stopped; the server needs a restart", "server_error")
 
 
 class Worker:
@@ -46,6 +55,7 @@ class Worker:
         self.engine = engine if isinstance(engine, Engine) else None
         self._loader = None if isinstance(engine, Engine) else engine
         self._load_error: BaseException | None = None
+        self.failure: BaseException | None = None  # what killed the worker thread, if anything did
         self.closed = False
         self._waiting: deque[Job] = deque()
         self._running: Job | None = None
@@ -68,13 +78,21 @@ class Worker:
     def busy(self) -> bool:
         return self._running is not None
 
+    @property
+    def dead(self) -> bool:
+        """The worker thread stopped without being asked to: nothing queued will ever run."""
+        started = self._thread.ident is not None
+        return self.failure is not None or (started and not self._thread.is_alive() and not self.closed)
+
     def start(self) -> None:
-        if not self._thread.is_alive():
+        if not self._thread.is_alive() and self._thread.ident is None:
             self._thread.start()
 
     def submit(self, job: Job) -> None:
         """Queue `job`, or refuse it at once (429) when `max_queue` requests are already waiting."""
         with self._changed:
+            if self.dead:
+                raise worker_stopped()
             if self.closed:
                 raise APIError(503, "the server is shutting down", "server_error")
             if len(self._waiting) >= self.max_queue:
@@ -92,6 +110,15 @@ class Worker:
         job.cancelled.set()
         with self._changed, suppress(ValueError):
             self._waiting.remove(job)
+
+    def withdraw(self, job: Job) -> bool:
+        """Take `job` out of the queue if it is still waiting there (True); a running job is left alone."""
+        with self._changed:
+            if job not in self._waiting:
+                return False
+            self._waiting.remove(job)
+            job.cancelled.set()
+            return True
 
     def close(self, timeout: float = 10.0) -> None:
         """Refuse new work, cancel what is left, and wait for the current round to end."""
@@ -115,6 +142,18 @@ class Worker:
                 return
             finally:
                 self._loaded.set()
+        try:
+            self._serve()
+        except BaseException as exc:  # a bug in this loop, or a BaseException out of the engine: fail every waiter
+            log.critical("the model worker stopped; /health now answers 503", exc_info=True)
+            with self._changed:
+                self.failure = exc
+                left = [*self._waiting, *([self._running] if self._running else [])]
+                self._waiting.clear()
+            for job in left:
+                job.emit("error", worker_stopped())
+
+    def _serve(self) -> None:
         while True:
             with self._changed:
                 while not self._waiting and not self.closed:
@@ -122,12 +161,11 @@ class Worker:
                 if self.closed:
                     return
                 job = self._running = self._waiting.popleft()
-            try:
-                self._generate(job)
-            finally:
-                self._running = None
+            self._generate(job)
+            self._running = None
 
     def _generate(self, job: Job) -> None:
+        """Run `job`. Messages of unexpected exceptions stay in the log: clients get a generic one."""
         if job.cancelled.is_set():  # cancelled between leaving the queue and getting here
             return
         try:
@@ -135,11 +173,19 @@ class Worker:
         except DraftwiseError as exc:  # prompt too long or empty, bad sampling values, drafter failed to load
             job.emit("error", APIError(400, str(exc)))
             return
-        except Exception as exc:
+        except TemplateError as exc:  # the template's raise_exception: roles out of order, say
+            if isinstance(exc, TemplateSyntaxError):
+                log.exception("the model's chat template does not compile")
+                job.emit("error", APIError(500, "the model's chat template is broken", "server_error"))
+            else:
+                job.emit("error", APIError(400, f"the model's chat template rejected the messages: {exc}"))
+            return
+        except Exception:
             log.exception("could not start a generation")
-            job.emit("error", APIError(500, f"internal error: {exc}", "server_error"))
+            job.emit("error", APIError(500, "internal error: the generation could not start", "server_error"))
             return
         job.emit("start")
+        deadline = None if job.time_limit is None else time.monotonic() + job.time_limit
         pieces = iter(stream)
         try:
             for piece in pieces:
@@ -147,11 +193,17 @@ class Worker:
                 if job.cancelled.is_set():
                     self.metrics.cancelled.inc()
                     return
+                if deadline is not None and time.monotonic() > deadline:
+                    stream.close()  # no more rounds; what is left of `pieces` is the text of the tokens so far
+                    for rest in pieces:
+                        job.emit("piece", rest)
+                    self.metrics.timed_out.inc()
+                    break
             assert stream.generation is not None
             self.metrics.observe(stream.generation.stats)
             job.emit("done", stream.generation)
-        except Exception as exc:
+        except Exception:
             log.exception("generation failed")
-            job.emit("error", APIError(500, f"internal error: {exc}", "server_error"))
+            job.emit("error", APIError(500, "internal error: the generation failed", "server_error"))
         finally:
             stream.close()  # the decode loop is never resumed, so a cancelled generation does no more work

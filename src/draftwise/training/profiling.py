@@ -44,7 +44,7 @@ def profile(
     load = os.getloadavg()[0]
     if load > 1.0:
         log(f"warning: load average {load:.1f}: other work on this machine will inflate the timings")
-    engine = Engine.load(model, method="ar", dtype=dtype, engine=engine_name)
+    engine = Engine.load(model, method="ar", dtype=dtype, engine=engine_name, backoff="off")  # time every shape
     try:
         head = load_head(engine.target, engine.model, engine.model_name, draft_head)
         head_source = draft_head or "shipped"

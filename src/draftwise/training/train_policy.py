@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from draftwise.core.errors import DraftwiseError
+from draftwise.core.files import write_atomic
 from draftwise.policies.baselines import DEFAULT_THRESHOLD
-from draftwise.policies.cost import CostModel, default_cost_path
+from draftwise.policies.cost import POLICIES_DIR, CostModel, user_policies_dir
 from draftwise.policies.learn import ltd as ltd_learn
 from draftwise.policies.learn import radar as radar_learn
 from draftwise.policies.learn.baselines import heuristic_calls, threshold_calls
@@ -38,7 +39,6 @@ from draftwise.policies.learn.offline import (
     logged_settings,
     simulate,
 )
-from draftwise.policies.load import policy_dir
 from draftwise.policies.ltd import LtdConfig, LtdPolicy, actors
 from draftwise.policies.radar import RadarConfig, RadarNet, RadarPolicy
 
@@ -200,7 +200,26 @@ def write_card(out: Path, model: str) -> None:
             "Config: `" + json.dumps(data["config"]) + "`",
             "",
         ]
-    (out / "README.md").write_text("\n".join(lines))
+    write_atomic(out / "README.md", "\n".join(lines))
+
+
+def profiled_cost(model_name: str) -> Path:
+    """The cost model `draftwise profile` left for this model in the user's cache, when there is exactly one."""
+    found = sorted((user_policies_dir() / Path(model_name).name).rglob("cost.json"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise DraftwiseError(f"no cost model for {model_name} yet: run `draftwise profile` first, or pass --cost")
+    raise DraftwiseError(f"several cost models for {model_name} ({', '.join(map(str, found))}): pass --cost")
+
+
+def writable_fit_dir(cost_path: Path) -> Path:
+    """Policies go beside their cost model, or, for a shipped one, to the same place in the user's cache: the
+    installed package is never written to."""
+    shipped = cost_path.resolve().parent
+    if shipped.is_relative_to(POLICIES_DIR.resolve()):
+        return user_policies_dir() / shipped.relative_to(POLICIES_DIR.resolve())
+    return cost_path.parent
 
 
 def train_policy(args: argparse.Namespace) -> int:
@@ -209,8 +228,9 @@ def train_policy(args: argparse.Namespace) -> int:
     rounds_dir = Path(args.rounds)
     if not rounds_dir.is_dir():
         raise DraftwiseError(f"no logged rounds at {rounds_dir}; run `draftwise log-rounds --out {rounds_dir}` first")
-    cost = CostModel.load(Path(args.cost) if args.cost else default_cost_path(args.model))
-    out = Path(args.out) if args.out else Path(args.cost).parent if args.cost else policy_dir(args.model)
+    cost_path = Path(args.cost) if args.cost else profiled_cost(args.model)
+    cost = CostModel.load(cost_path)
+    out = Path(args.out) if args.out else writable_fit_dir(cost_path)
     start = time.perf_counter()
     rounds = load_rounds(rounds_dir)
     if args.depth > rounds.depth:
@@ -243,7 +263,7 @@ def train_policy(args: argparse.Namespace) -> int:
         logged=logged_settings(rounds_dir),
     )
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.method}-validation.json").write_text(json.dumps(record, indent=2, default=float) + "\n")
+    write_atomic(out / f"{args.method}-validation.json", json.dumps(record, indent=2, default=float) + "\n")
     cost_copy = out / "cost.json"
     if args.cost and Path(args.cost).resolve() != cost_copy.resolve():
         cost.save(cost_copy)  # the policy ships with the cost model it was trained for

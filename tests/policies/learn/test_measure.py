@@ -87,7 +87,8 @@ def test_profile_times_rounds_of_random_shapes_in_place():
     from draftwise.targets.models import resolve_model
 
     model = tiny_llama(49152, max_positions=512, peaked=False)
-    engine = Engine(model, AutoTokenizer.from_pretrained(resolve_model("smollm2-135m")), model_name="tiny", method="ar")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+    engine = Engine(model, tokenizer, model_name="tiny", method="ar", backoff="off")  # as training/profiling.py
     head = tiny_eagle(model).head
     rounds = random_shape_rounds(engine, head, ["Name three colours.", "Count to five."], 12)
     assert len(rounds.generations) == 2

@@ -1,0 +1,114 @@
+"""Back-off: a round where speculation does not pay verifies the root alone, as plain decoding does (issue 35).
+
+Before each round the decode loop asks `Backoff.speculate()`. A speculative round commits τ tokens (bonus
+included) in s_spec seconds, a plain round 1 token in s_plain; all three are exponential moving averages of this
+generation's own rounds, timed in place (drafting, verification and whatever runs until the next round), so they
+follow the request's temperature, top-p and top-k, the drafter and its tree policy, and the machine:
+
+    speculate  ⇔  (τ + z·σ_τ/√n) / s_spec ≥ 1 / s_plain
+
+with σ_τ the spread of τ round to round, n the rounds its mean rests on (at most what the moving average weighs)
+and z = `confidence`: a small benefit of the doubt, since τ varies a lot between rounds and a back-off that a
+few short rounds set off would cost where speculation pays.
+
+s_plain is always measured, never estimated from a speculative round: a tree of several nodes costs more to
+verify than the root alone, so a speculative round less its drafting overstates s_plain and keeps speculation
+going where it does not pay. So the first round speculates (untimed: a draft head reads the prompt then), the
+second, the first timed one, runs plain, and the next `warmup` rounds always speculate. After that, when
+speculation does not pay, `interval` rounds run plain, then one speculative round probes again: a probe that
+pays resumes speculation, one that does not doubles `interval` (4, 8, ... 64 rounds), so a sequence that becomes
+predictable (a quotation, a code block) gets speculation back. How deep to draft and how much to verify stays
+the drafter's and its policy's (sizing, RADAR, LTD): this is only a floor under them.
+
+Lossless at any temperature: the decision reads only rounds already verified, never this round's draft (a
+sampled draft kept or dropped by what it drew would bias the output) nor its verdict. See docs/backoff.md.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+
+class Backoff:
+    """One generation's decision, round by round, to speculate or to verify the root alone."""
+
+    def __init__(
+        self,
+        min_interval: int = 4,
+        max_interval: int = 64,
+        warmup: int = 4,
+        smoothing: float = 0.1,
+        confidence: float = 0.25,
+    ):
+        self.min_interval, self.max_interval = min_interval, max_interval
+        self.warmup, self.smoothing, self.confidence = warmup, smoothing, confidence
+        self.weighed = (2 - smoothing) / smoothing  # rounds a moving average rests on, in the long run
+        self.interval = min_interval  # plain rounds before the next probe
+        self.plain_left = 0  # of this back-off's plain rounds, those still to run
+        self.backed_off = self.probing = False
+        self.speculated = True  # the last decision
+        self.recorded = self.spec_rounds = self.spec_timed = self.plain_timed = 0
+        self.tokens = self.tokens_sq = 0.0  # τ: tokens a speculative round commits, bonus included; and τ²
+        self.spec_s = 0.0  # seconds a speculative round takes
+        self.plain_s = 0.0  # seconds a plain round takes
+
+    def _mean(self, mean: float, value: float, count: int) -> float:
+        """The running mean after its `count`-th value: plain at first, then exponential (no weight on a start)."""
+        return mean + max(self.smoothing, 1 / count) * (value - mean)
+
+    def pays(self) -> bool:
+        """Whether speculative rounds commit tokens at least as fast as plain ones would, by the estimates."""
+        if not (self.spec_timed and self.plain_timed):  # nothing to compare: keep speculating
+            return True
+        spread = max(self.tokens_sq - self.tokens * self.tokens, 0.0)
+        tokens = self.tokens + self.confidence * math.sqrt(spread / min(self.spec_rounds, self.weighed))
+        return tokens * self.plain_s >= self.spec_s
+
+    def speculate(self) -> bool:
+        """Whether the coming round drafts; False: it verifies the root alone."""
+        if self.plain_left > 0:
+            self.plain_left -= 1
+            self.speculated = False
+        elif self.recorded == 1 and not self.plain_timed:  # the first timed round times plain decoding
+            self.probing, self.speculated = False, False
+        elif self.backed_off:  # the back-off's plain rounds are over: probe
+            self.backed_off, self.probing, self.speculated = False, True, True
+        elif self.spec_timed < self.warmup or self.pays():
+            self.probing, self.speculated = False, True
+        else:  # back off, this round included; after a probe that did not pay, twice as long as the last time
+            self.interval = min(2 * self.interval, self.max_interval) if self.probing else self.min_interval
+            self.plain_left = self.interval - 1
+            self.backed_off, self.probing, self.speculated = True, False, False
+        return self.speculated
+
+    def record(self, committed: int, round_s: float) -> None:
+        """The last round's outcome: tokens it committed (bonus included) and its wall seconds until the next
+        round began."""
+        self.recorded += 1
+        if not self.speculated:
+            self.plain_timed += 1
+            self.plain_s = self._mean(self.plain_s, round_s, self.plain_timed)
+            return
+        self.spec_rounds += 1
+        self.tokens = self._mean(self.tokens, committed, self.spec_rounds)
+        self.tokens_sq = self._mean(self.tokens_sq, committed * committed, self.spec_rounds)
+        if self.recorded > 1:  # the first round also pays one-off costs (a draft head reading the prompt)
+            self.spec_timed += 1
+            self.spec_s = self._mean(self.spec_s, round_s, self.spec_timed)
+
+
+class ForcedBackoff(Backoff):
+    """Verifies the root alone in a random `plain_share` of rounds, drawn from its own seeded generator (the
+    sampling generator is left alone): tests use it to switch between plain and speculative rounds often."""
+
+    def __init__(self, plain_share: float = 0.5, seed: int = 0):
+        super().__init__()
+        self.plain_share, self.rng = plain_share, random.Random(seed)
+
+    def speculate(self) -> bool:
+        self.speculated = self.rng.random() >= self.plain_share
+        return self.speculated
+
+
+__all__ = ["Backoff", "ForcedBackoff"]

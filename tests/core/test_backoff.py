@@ -1,0 +1,140 @@
+"""The back-off rule (core/backoff.py) on synthetic rounds, and in the decode loop on a tiny random llama."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from conftest import OracleDrafter, RandomDrafter, greedy_reference, run
+
+from draftwise.core.backoff import Backoff, ForcedBackoff
+from draftwise.core.drafter import DraftContext, NoDraft
+from draftwise.core.errors import DraftwiseError
+
+
+def simulate(backoff: Backoff, rounds: int, world) -> list[bool]:
+    """Decisions over `rounds` rounds, each recorded as `world(speculated, index)` says: (committed, seconds)."""
+    decisions = []
+    for i in range(rounds):
+        speculated = backoff.speculate()
+        decisions.append(speculated)
+        backoff.record(*world(speculated, i))
+    return decisions
+
+
+def plain_runs(decisions: list[bool]) -> list[int]:
+    """Lengths of the runs of plain rounds."""
+    runs, length = [], 0
+    for speculated in decisions:
+        if not speculated:
+            length += 1
+        elif length:
+            runs.append(length)
+            length = 0
+    return runs + ([length] if length else [])
+
+
+def test_never_backs_off_where_speculation_pays():
+    # 3 tokens in 1.5 s against 1 token in 1 s: twice plain decoding's rate
+    decisions = simulate(Backoff(), 300, lambda s, i: (3, 1.5) if s else (1, 1.0))
+    assert plain_runs(decisions) == [1] and not decisions[1]  # only the second round, which times plain decoding
+
+
+def test_backs_off_and_probes_at_doubling_intervals():
+    # 1 token in 1.5 s against 1 token in 1 s
+    decisions = simulate(Backoff(), 300, lambda s, i: (1, 1.5) if s else (1, 1.0))
+    assert decisions[:6] == [True, False, True, True, True, True]  # the plain round, then four warm-up rounds
+    assert plain_runs(decisions)[:7] == [1, 4, 8, 16, 32, 64, 64]
+    assert decisions.count(True) < 20
+
+
+def test_a_probe_that_pays_brings_speculation_back():
+    """A sequence that becomes predictable (a quotation) from round 100 on, and unpredictable again at 200."""
+
+    def world(speculated: bool, i: int):
+        if not speculated:
+            return 1, 1.0
+        return (6, 1.5) if 100 <= i < 200 else (1, 1.5)
+
+    decisions = simulate(Backoff(), 300, world)
+    first_back = decisions.index(True, 100)
+    assert first_back < 100 + 64 + 1  # within one back-off interval
+    assert all(decisions[first_back:200])
+    assert decisions.index(False, 200) < 240  # τ's running mean takes a while to fall below 1.5
+    assert plain_runs(decisions[200:])[0] == 4  # the interval was reset when the probe paid
+
+
+def test_the_second_round_times_plain_decoding():
+    backoff = Backoff(confidence=0.0)
+    assert backoff.pays()  # nothing measured: no reason to back off
+    assert backoff.speculate()
+    backoff.record(2, 9.0)  # the first round is not timed (one-off costs)
+    assert not backoff.speculate()  # the first timed round is plain: s_plain measured in place
+    backoff.record(1, 0.5)
+    assert backoff.plain_s == pytest.approx(0.5) and backoff.spec_timed == 0
+    for _ in range(4):  # warm-up: speculate whatever the rounds show
+        assert backoff.speculate()
+        backoff.record(1, 2.0)
+    assert not backoff.pays()  # τ (2 + 4·1)/5 = 1.2 in 2 s (0.6 tokens/s) against 1 token in 0.5 s (2)
+    assert not backoff.speculate()
+
+
+def test_a_tree_that_costs_more_to_verify_than_the_root_backs_off():
+    """2 tokens in 1.5 s, 0.1 s of it drafting, against 1 token in 0.7 s: a speculative round less its drafting
+    (1.4 s) would have passed for plain decoding's time and kept speculation going (1.33 against 0.71 tokens/s);
+    timed, plain decoding is faster (1.43 tokens/s)."""
+    decisions = simulate(Backoff(), 200, lambda s, i: (2, 1.5) if s else (1, 0.7))
+    assert decisions[:6] == [True, False, True, True, True, True] and not decisions[6]
+    assert decisions.count(True) < 20
+
+
+def test_a_spread_out_tau_gets_the_benefit_of_the_doubt():
+    """τ alternating 1 and 3 (mean 2) over speculative rounds of 2.1 s against 1 s plain: by the mean alone it
+    does not pay, but one standard error more (σ = 1 over the ~19 rounds the means rest on) it does."""
+
+    def alternating():
+        spec_rounds = 0
+
+        def world(speculated: bool, i: int):
+            nonlocal spec_rounds
+            spec_rounds += speculated
+            return (3 - 2 * (spec_rounds % 2), 2.1) if speculated else (1, 1.0)
+
+        return world
+
+    assert plain_runs(simulate(Backoff(confidence=1.0), 200, alternating())) == [1]
+    assert len(plain_runs(simulate(Backoff(confidence=0.0), 200, alternating()))) > 1
+
+
+def test_forced_backoff_draws_apart_from_the_sampling_generator():
+    a, b = ForcedBackoff(0.5, seed=3), ForcedBackoff(0.5, seed=3)
+    decisions = [a.speculate() for _ in range(200)]
+    assert decisions == [b.speculate() for _ in range(200)]
+    assert 60 < decisions.count(False) < 140
+
+
+class SlowRandom(RandomDrafter):
+    """Random drafts that take 5 ms to make: speculation cannot pay."""
+
+    def propose(self, context: DraftContext):
+        time.sleep(0.005)
+        return super().propose(context)
+
+
+def test_the_loop_backs_off_a_drafter_that_never_pays_and_keeps_one_that_does(tiny_model):
+    prompt = [5, 17, 3]
+    truth = greedy_reference(tiny_model, prompt, 160)
+    out, slow = run(tiny_model, SlowRandom(96), prompt, 60, backoff=Backoff())
+    assert out == truth[:60]
+    assert slow.plain_rounds > 30 and slow.summary()["plain_round_share"] == slow.plain_rounds / slow.rounds
+    out, oracle = run(tiny_model, OracleDrafter(prompt, truth, 96, depth=9), prompt, 150, backoff=Backoff())
+    assert out == truth[:150] and oracle.plain_rounds == 1  # the second round, timing plain decoding
+    _, plain = run(tiny_model, NoDraft(), prompt, 20, backoff=ForcedBackoff(1.0))
+    assert plain.plain_rounds == 0  # ar is plain decoding already: the back-off leaves it alone
+
+
+def test_engine_option_is_checked(tiny_model):
+    from draftwise.engine import Engine
+
+    with pytest.raises(DraftwiseError, match="backoff must be one of on, off"):
+        Engine(tiny_model, None, method="ar", backoff="sometimes")
