@@ -58,6 +58,10 @@ def draftwise_half(args, work: Path) -> dict:
             accepted += stats.accepted
             outputs.append(generation.token_ids)
             prompt_ids.append(engine.encode(prompt))
+            print(
+                f"draftwise {label}: prompt {len(outputs)}/{len(prompts)}, tau {sum(accepted) / len(accepted):.3f}",
+                flush=True,
+            )
         results[label] = {"tau": sum(accepted) / len(accepted), "rounds": len(accepted), "outputs": outputs}
     return {
         "model_dir": str(model_dir),
