@@ -48,7 +48,12 @@ def add_model_args(parser: argparse.ArgumentParser, method_default: str = "pld")
         "auto = lean where it applies, else hf (with a notice)",
     )
     parser.add_argument("--draft-model", default=None, help="draft model for --method draft-model")
-    parser.add_argument("--draft-head", default=None, help="draft head directory for --method eagle (default: shipped)")
+    parser.add_argument(
+        "--draft-head",
+        default=None,
+        help="draft head for the eagle-family methods: a directory or hub id, in draftwise's format or EAGLE-1, "
+        "EAGLE-3 or speculators (default: shipped)",
+    )
     parser.add_argument("--datastore", default=None, help="retrieval datastore name or directory for --method rest")
     parser.add_argument("--total-tokens", type=int, default=None, help="tree size verified per round")
     parser.add_argument("--depth", type=int, default=None, help="draft depth (expansion calls)")

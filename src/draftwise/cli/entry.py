@@ -10,6 +10,7 @@ from draftwise.cli import (
     chat,
     datastore,
     distill,
+    export_head,
     generate,
     log_rounds,
     profile,
@@ -20,7 +21,19 @@ from draftwise.cli import (
 from draftwise.core.errors import DraftwiseError
 
 # in the order `draftwise --help` lists them
-COMMANDS = (generate, chat, bench, serve, distill, train_draft, datastore, profile, log_rounds, train_policy)
+COMMANDS = (
+    generate,
+    chat,
+    bench,
+    serve,
+    distill,
+    train_draft,
+    export_head,
+    datastore,
+    profile,
+    log_rounds,
+    train_policy,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
