@@ -41,7 +41,7 @@ def test_hub_id_downloads_safetensors_only_into_the_hf_cache(tmp_path, monkeypat
         calls.append((repo_id, options))
         return str(snapshot)
 
-    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    monkeypatch.setattr(models, "snapshot_download", snapshot_download)
     assert models.resolve_model("owner/tiny-llama") == snapshot
     model, tokenizer = models.load_model("owner/tiny-llama", dtype="fp32")
     assert model.config.model_type == "llama" and tokenizer("w3 w5").input_ids == [3, 5]
@@ -56,7 +56,7 @@ def test_hub_id_downloads_safetensors_only_into_the_hf_cache(tmp_path, monkeypat
 def test_a_local_directory_wins_over_a_hub_id(tmp_path, monkeypatch):
     local = save_tiny_model(tmp_path / "owner" / "name")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda *a, **k: pytest.fail("went to the hub"))
+    monkeypatch.setattr(models, "snapshot_download", lambda *a, **k: pytest.fail("went to the hub"))
     assert models.resolve_model("owner/name") == Path("owner/name")
     assert local.is_dir()
 
@@ -80,14 +80,14 @@ def test_hub_errors_are_one_line(capsys, monkeypatch, error, message):
     def snapshot_download(repo_id, **options):
         raise error
 
-    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    monkeypatch.setattr(models, "snapshot_download", snapshot_download)
     line = error_of(capsys, ["generate", "hi", "--model", "owner/missing", "--engine", "hf"])
     assert message in line and "owner/missing" in line
 
 
 def test_a_hub_model_without_safetensors_is_refused(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text("{}")
-    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda *a, **k: str(tmp_path))
+    monkeypatch.setattr(models, "snapshot_download", lambda *a, **k: str(tmp_path))
     with pytest.raises(DraftwiseError, match="no safetensors weights; draftwise does not load pickled"):
         models.resolve_model("owner/pickled")
 

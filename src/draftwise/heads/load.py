@@ -10,6 +10,7 @@ from draftwise.core.target import Target
 from draftwise.heads.formats import is_native, load_published
 from draftwise.heads.model import DraftHead
 from draftwise.targets.lean.linears import quantize_draft_linears
+from draftwise.targets.models import download_hub_snapshot
 
 HEADS_DIR = Path(__file__).resolve().parent.parent / "data" / "heads"
 
@@ -27,21 +28,7 @@ def resolve_head_dir(draft_head: str) -> Path:
         return path
     if draft_head.count("/") != 1 or draft_head.startswith((".", "/", "~")):
         raise DraftwiseError(f"no draft head directory '{draft_head}' (and it is not a hub id owner/name)")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        local = snapshot_download(
-            draft_head, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"]
-        )
-    except LocalEntryNotFoundError as exc:
-        raise DraftwiseError(
-            f"draft head '{draft_head}' is not in the Hugging Face cache and cannot be downloaded (offline: "
-            "HF_HUB_OFFLINE=1 or no network)"
-        ) from exc
-    except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise DraftwiseError(f"cannot download draft head '{draft_head}': {str(exc).splitlines()[0]}") from exc
-    return Path(local)
+    return download_hub_snapshot(draft_head, ["config.json", "*.safetensors", "*.safetensors.index.json"], "draft head")
 
 
 def read_head(directory: Path, model, dtype) -> DraftHead:

@@ -24,6 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+)
 from safetensors.torch import save_file
 from transformers.utils import logging as hf_logging
 
@@ -254,43 +262,40 @@ HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.model"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def download_hub_model(repo_id: str) -> Path:
-    """The local snapshot of hub model `repo_id`: from the HF cache, else downloaded there (huggingface_hub's own
-    progress bars). Offline without a cached copy, one error naming the id and how to fetch it."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-    )
-
+def download_hub_snapshot(repo_id: str, patterns: list[str], what: str = "model") -> Path:
+    """The local snapshot of hub repository `repo_id` (only files matching `patterns`): from the HF cache, else
+    downloaded there (huggingface_hub's own progress bars). Offline without a cached copy, one error naming the id and
+    how to fetch it. `what` names the thing in errors ("model", "draft head")."""
     try:
-        path = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+        path = Path(snapshot_download(repo_id, allow_patterns=patterns))
     except GatedRepoError as exc:
         raise DraftwiseError(
-            f"model '{repo_id}' is gated: accept its terms on https://huggingface.co/{repo_id} and log in "
+            f"{what} '{repo_id}' is gated: accept its terms on https://huggingface.co/{repo_id} and log in "
             "with `hf auth login`"
         ) from exc
     except RepositoryNotFoundError as exc:
+        hint = f"not an embedded model ({', '.join(EMBEDDED)}), " if what == "model" else ""
         raise DraftwiseError(
-            f"unknown model '{repo_id}': not an embedded model ({', '.join(EMBEDDED)}), a local directory or "
-            "GGUF file, nor a Hugging Face hub repository (a private one needs `hf auth login`)"
+            f"unknown {what} '{repo_id}': {hint}not a local directory{' or GGUF file' if hint else ''}, nor a "
+            "Hugging Face hub repository (a private one needs `hf auth login`)"
         ) from exc
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError) as exc:
         raise DraftwiseError(
-            f"model '{repo_id}' is not in the Hugging Face cache and the hub cannot be reached (offline). Fetch it "
+            f"{what} '{repo_id}' is not in the Hugging Face cache and the hub cannot be reached (offline). Fetch it "
             f"where there is network with `hf download {repo_id}` and copy the HF cache (~/.cache/huggingface) "
-            "here, or pass --model a local directory"
+            "here, or pass a local directory"
         ) from exc
     except HfHubHTTPError as exc:
-        raise DraftwiseError(f"could not download model '{repo_id}' from the Hugging Face hub: {exc}") from exc
+        raise DraftwiseError(f"could not download {what} '{repo_id}' from the Hugging Face hub: {exc}") from exc
     if not any(path.glob("*.safetensors")):
         raise DraftwiseError(
-            f"model '{repo_id}' publishes no safetensors weights; draftwise does not load pickled .bin checkpoints"
+            f"{what} '{repo_id}' publishes no safetensors weights; draftwise does not load pickled .bin checkpoints"
         )
     return path
+
+
+def download_hub_model(repo_id: str) -> Path:
+    return download_hub_snapshot(repo_id, HUB_PATTERNS, "model")
 
 
 def _is_converted(out_dir: Path) -> bool:
