@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -10,7 +11,9 @@ import torch
 from draftwise.cli.common import add_model_arg
 from draftwise.core.errors import DraftwiseError
 from draftwise.core.target import ComputeMode
+from draftwise.integrations.vllm import CLASS_PATH
 from draftwise.policies.cost import default_cost_path
+from draftwise.training.profile_vllm import profile_vllm
 from draftwise.training.profiling import profile
 
 
@@ -18,7 +21,14 @@ def register(commands) -> None:
     parser = commands.add_parser("profile", help="measure this machine's round cost model (for tree policies)")
     add_model_arg(parser)
     parser.add_argument("--dtype", default="auto", help="auto | bf16 | fp32 (default: auto, what generation uses)")
-    parser.add_argument("--engine", default="auto", help="auto | lean | hf: the engine whose costs to measure")
+    parser.add_argument(
+        "--engine",
+        default="auto",
+        help="auto | lean | hf: the engine whose costs to measure; vllm: fit vLLM's step time, the learned draft "
+        "length and the per-batch-size schedule of the vLLM proposer (docs/vllm.md)",
+    )
+    parser.add_argument("--k-max", type=int, default=6, help="vllm: the longest draft logged and scheduled")
+    parser.add_argument("--datastore", default=None, help="vllm: a REST datastore the proposer also drafts from")
     parser.add_argument("--draft-head", default=None, help="draft head directory (default: shipped)")
     parser.add_argument(
         "--out",
@@ -38,6 +48,8 @@ def register(commands) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         raise DraftwiseError("--repeats must be >= 1")
+    if args.engine == "vllm":
+        return run_vllm(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     options = (args.draft_head, args.repeats, args.prompts, args.max_new_tokens)
@@ -55,4 +67,25 @@ def run(args: argparse.Namespace) -> int:
     for n in (1, 2, 4, 8, 16, 32, 64):
         print(f"verify N={n:>2}, context 300: {cost.verify(n, 300):6.1f} ms")
     print(f"saved {out}; fit policies to it with `draftwise train-policy --method radar|ltd --cost {out}`")
+    return 0
+
+
+def run_vllm(args: argparse.Namespace) -> int:
+    if not 1 <= args.k_max <= 16:
+        raise DraftwiseError("--k-max must be between 1 and 16")
+    dtype = {"auto": "bfloat16", "bf16": "bfloat16", "fp32": "float32"}.get(args.dtype, args.dtype)
+    out = Path(args.out) if args.out else None
+    path, schedule = profile_vllm(
+        args.model, args.k_max, dtype, args.max_new_tokens, args.prompts * 2, args.datastore, out
+    )
+    config = {
+        "method": "custom_class",
+        "model": CLASS_PATH,
+        "num_speculative_tokens": args.k_max,
+        "num_speculative_tokens_per_batch_size": schedule,
+    }
+    print(f"schedule (batch sizes from, to, draft length): {schedule}")
+    print(f"saved {path} and {path.parent / 'schedule.json'}; serve with the learned length:")
+    print(f'  DRAFTWISE_VLLM=\'{{"length": "learned", "policy": "{path}"}}\' \\')
+    print(f"  vllm serve {args.model} --speculative-config '{json.dumps(config)}'")
     return 0

@@ -18,7 +18,6 @@ because vLLM builds the proposer from its config alone, in its engine process.
 from __future__ import annotations
 
 import atexit
-import hashlib
 import json
 import os
 import time
@@ -35,7 +34,7 @@ from draftwise.drafters.retrieval import Datastore, resolve_datastore
 ENV = "DRAFTWISE_VLLM"
 CLASS_PATH = "draftwise.integrations.vllm.Proposer"
 SOURCES = ("prompt", "outputs", "datastore")
-FINGERPRINT_TOKENS = 64  # a request is told apart by its first tokens and its length (vLLM passes no request ids)
+PREFIX_TOKENS = 64  # a request is recognised by its first tokens and its length (vLLM passes no request ids)
 
 
 @dataclass
@@ -240,16 +239,15 @@ class LengthPolicy:
 
 @dataclass
 class _Request:
+    id: int
+    prefix: np.ndarray  # its first tokens, to recognise it in a row (vLLM passes no request ids)
     length: int  # tokens known after the last step
     drafted: int = 0
     pending: list | None = None  # features of the last draft, logged once its verdict is known
+    own: NgramStore | None = None  # where each n-gram of its prompt and output ends
     acceptance: float = 0.5  # running share of drafted tokens accepted
     accepted_sum: float = 0.0
     drafted_sum: float = 0.0
-
-
-def _fingerprint(tokens: np.ndarray) -> int:
-    return int.from_bytes(hashlib.blake2b(tokens[:FINGERPRINT_TOKENS].tobytes(), digest_size=8).digest(), "little")
 
 
 class Proposer:
@@ -277,7 +275,9 @@ class Proposer:
                 )
         self.policy = LengthPolicy.load(s.policy) if s.length == "learned" else None
         self.outputs = NgramStore(s.max_ngram, s.min_ngram, s.outputs_tokens)
-        self.requests: dict[int, _Request] = {}
+        self.tail = max(s.max_ngram, self.datastore.max_span if self.datastore is not None else 0)  # tokens read
+        self.requests: dict[int, _Request] = {}  # by row of the batch
+        self.next_id = 0
         self.last_step: tuple[float, int, int] | None = None  # (time, tokens scheduled, batch) of the last call
         self.log_lines: list[str] = []
         self.steps = 0
@@ -287,10 +287,11 @@ class Proposer:
     def load_model(self, *args, **kwargs) -> None:  # vLLM calls it on every drafter; there is nothing to load
         pass
 
-    def candidates(self, key: int, context: list[int]) -> list[tuple[str, int, list[list[int]]]]:
-        s, found = self.settings, []
-        if "prompt" in self.sources:
-            found.append(("prompt", *_own_lookup(context, s.max_ngram, s.min_ngram, self.k)))
+    def candidates(self, request: _Request, context: list[int]) -> list[tuple[str, int, list[list[int]]]]:
+        """Each source's (match length, continuations) for the request whose last tokens are `context`."""
+        found = []
+        if request.own is not None:
+            found.append(("prompt", *request.own.lookup(context, self.k, limit=4)))
         if "outputs" in self.sources:
             found.append(("outputs", *self.outputs.lookup(context, self.k)))
         if self.datastore is not None:
@@ -306,51 +307,70 @@ class Proposer:
             then, tokens, batch = self.last_step
             self._log({"step_ms": (now - then) * 1e3, "batch": batch, "tokens": tokens})
         seen: dict[int, _Request] = {}
-        chains: dict[int, tuple[int, Chain]] = {}
+        chains: dict[int, tuple[_Request, Chain]] = {}
+        unclaimed = dict(self.requests)
         for i in active:
             n = int(num_tokens_no_spec[i])
             row = token_ids_cpu[i, :n]
-            key = _fingerprint(row)
             sampled = list(sampled_token_ids[i])
-            request = self.requests.get(key)
-            if request is None or request.length + len(sampled) != n:
-                request = _Request(length=n)  # a new request (or one the fingerprint cannot follow)
-                # its prompt is the request's own; only what it generates joins the cross-request store
+            request = self._find(unclaimed, i, row, n - len(sampled))
+            if request is None:  # a new request: its prompt is its own; only what it generates is shared
+                request = _Request(self.next_id, np.array(row[:PREFIX_TOKENS]), n)
+                self.next_id += 1
+                if "prompt" in self.sources:  # prompt lookup: an n-gram index of its own tokens, grown each step
+                    request.own = NgramStore(self.settings.max_ngram, self.settings.min_ngram, 1 << 62)
+                    request.own.extend(0, row.tolist())
             else:
                 self._verdict(request, len(sampled) - 1)
+                if request.own is not None:
+                    request.own.extend(0, sampled)
                 if "outputs" in self.sources:
-                    self.outputs.extend(key, sampled)
+                    self.outputs.extend(request.id, sampled)
             request.length = n
-            seen[key] = request
+            seen[i] = request
             room = min(self.k, self.max_model_len - n - 1)
             if room <= 0:
                 continue
-            context = row.tolist()
-            chain = fuse(self.candidates(key, context), room)
+            chain = fuse(self.candidates(request, row[-self.tail :].tolist()), room)
             if chain.tokens:
-                chains[i] = (key, chain)
+                chains[i] = (request, chain)
         self.requests = seen
         drafts = [[] for _ in sampled_token_ids]
         if self.policy is not None and chains:
             rows = list(chains)
             lengths = self.policy.lengths(
-                [self.policy.survival(chains[i][1], seen[chains[i][0]].acceptance) for i in rows]
+                [self.policy.survival(chain, request.acceptance) for request, chain in chains.values()]
             )
             for i, length in zip(rows, lengths, strict=True):
                 drafts[i] = chains[i][1].tokens[:length]
         else:
             for i, (_, chain) in chains.items():
                 drafts[i] = chain.tokens
-        for i, (key, chain) in chains.items():
-            request = seen[key]
+        for i, (request, chain) in chains.items():
             request.drafted = len(drafts[i])
             if self.settings.log and request.drafted:
                 request.pending = [features(chain, d, request.acceptance) for d in range(request.drafted)]
         self.last_step = (time.perf_counter(), len(active) + sum(map(len, drafts)), len(active))
         self.steps += 1
-        if self.settings.log and self.steps % 256 == 0:
+        if self.settings.log and self.steps % 16 == 0:
             self.flush()
         return drafts
+
+    @staticmethod
+    def _find(unclaimed: dict[int, _Request], row_index: int, row: np.ndarray, before: int) -> _Request | None:
+        """The request now in this row: the one that was there if it fits (its length then plus what was just
+        sampled, and its first tokens), else any earlier one that fits (vLLM moves rows when requests finish)."""
+
+        def fits(request: _Request) -> bool:
+            return request.length == before and np.array_equal(row[: len(request.prefix)], request.prefix)
+
+        request = unclaimed.get(row_index)
+        if request is not None and fits(request):
+            return unclaimed.pop(row_index)
+        for index, request in unclaimed.items():
+            if fits(request):
+                return unclaimed.pop(index)
+        return None
 
     def _verdict(self, request: _Request, accepted: int) -> None:
         if not request.drafted:
@@ -374,20 +394,6 @@ class Proposer:
         with open(self.settings.log, "a", encoding="utf-8") as out:  # appended by each step's owner, never rewritten
             out.write("\n".join(self.log_lines) + "\n")
         self.log_lines = []
-
-
-def _own_lookup(context: list[int], max_ngram: int, min_ngram: int, length: int) -> tuple[int, list[list[int]]]:
-    """Prompt lookup: continuations of the latest earlier occurrences of the context's trailing n-gram."""
-    array = np.asarray(context)
-    for n in range(max_ngram, min_ngram - 1, -1):
-        if len(array) <= n:
-            continue
-        tail = array[-n:]
-        windows = np.lib.stride_tricks.sliding_window_view(array[:-1], n)
-        hits = np.flatnonzero((windows == tail).all(axis=1))
-        if hits.size:
-            return n, [context[h + n : h + n + length] for h in hits[::-1][:4]]
-    return 0, []
 
 
 def speculative_config(num_speculative_tokens: int = 4, schedule=None, **settings) -> dict:
