@@ -123,7 +123,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--methods", default="plain,ngram,dw,dw-learned,dw-schedule,draftwise")
     parser.add_argument("--concurrency", default="1,4,16")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per (concurrency, prompt set)")
+    parser.add_argument("--rounds", default="3,3,2", help="rounds per prompt set at each concurrency")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--k", type=int, default=4, help="draft length of ngram and dw")
     parser.add_argument("--k-max", type=int, default=6, help="longest draft of dw-learned and dw-schedule")
@@ -155,16 +155,18 @@ def main() -> None:
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     levels = [int(c) for c in args.concurrency.split(",")]
-    prompts = prompts_by_set(tokenizer, max(levels) * args.rounds)
+    rounds = [int(r) for r in args.rounds.split(",")]
+    rounds += rounds[-1:] * (len(levels) - len(rounds))
+    prompts = prompts_by_set(tokenizer, max(c * r for c, r in zip(levels, rounds, strict=True)))
     # warm-up: one round of every method
     for method, engine in engines.items():
         batch = prompts["sharegpt"][:2]
         (run_draftwise if method == "draftwise" else run_vllm)(engine, batch, 16)
     results = []
     turn = 0
-    for c in levels:
+    for c, level_rounds in zip(levels, rounds, strict=True):
         for name in SETS:
-            for r in range(args.rounds):
+            for r in range(level_rounds):
                 batch = [prompts[name][(r * c + j) % len(prompts[name])] for j in range(c)]
                 order = methods[turn % len(methods) :] + methods[: turn % len(methods)]
                 turn += 1

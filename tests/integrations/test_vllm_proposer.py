@@ -116,7 +116,7 @@ def test_the_outputs_store_forgets_the_oldest_sequences_past_its_capacity():
 
 
 def _policy(base_ms: float, per_token_ms: float, weights=(3.0, 0, 0, 0, 0, 0)) -> LengthPolicy:
-    return LengthPolicy(list(weights), [1, 64], [base_ms, base_ms], [per_token_ms, per_token_ms])
+    return LengthPolicy(list(weights), [base_ms, 0.0, per_token_ms, 0.0])
 
 
 def test_the_learned_length_drafts_less_when_tokens_cost_more():
@@ -128,14 +128,20 @@ def test_the_learned_length_drafts_less_when_tokens_cost_more():
     assert _policy(20.0, 200.0).lengths(likely) == [0, 0, 0, 0]
     # a batch whose step costs more per token than a likely token returns takes only the likeliest
     assert _policy(20.0, 4.0).lengths([[0.99, 0.98], [0.2, 0.1]]) == [2, 0]
+    # a token costs more in a bigger step (compute-bound): the same chains get shorter as the batch grows
+    rising = LengthPolicy([3.0, 0, 0, 0, 0, 0], [20.0, 0.0, 0.5, 0.02])
+    assert sum(rising.lengths([[0.8, 0.6, 0.4]] * 2)) / 2 > sum(rising.lengths([[0.8, 0.6, 0.4]] * 32)) / 32
 
 
 def test_a_learned_policy_file_loads_and_bad_files_are_one_error(tmp_path):
     path = tmp_path / "policy.json"
     _policy(10.0, 1.0).save(path)
-    assert LengthPolicy.load(path).cost_base_ms == [10.0, 10.0]
+    assert LengthPolicy.load(path).step_ms(4, 10) == 20.0
     path.write_text(json.dumps({"weights": [1]}))
     with pytest.raises(DraftwiseError, match="cannot read the vLLM length policy"):
+        LengthPolicy.load(path)
+    path.write_text(json.dumps({"weights": [1], "cost": [1, 0, 1, 0]}))
+    with pytest.raises(DraftwiseError, match="wrong number of weights"):
         LengthPolicy.load(path)
 
 

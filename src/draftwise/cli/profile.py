@@ -13,7 +13,7 @@ from draftwise.core.errors import DraftwiseError
 from draftwise.core.target import ComputeMode
 from draftwise.integrations.vllm import CLASS_PATH
 from draftwise.policies.cost import default_cost_path
-from draftwise.training.profile_vllm import profile_vllm
+from draftwise.training.profile_vllm import default_vllm_dir, fit_log, profile_vllm
 from draftwise.training.profiling import profile
 
 
@@ -29,6 +29,9 @@ def register(commands) -> None:
     )
     parser.add_argument("--k-max", type=int, default=6, help="vllm: the longest draft logged and scheduled")
     parser.add_argument("--datastore", default=None, help="vllm: a REST datastore the proposer also drafts from")
+    parser.add_argument(
+        "--from-log", type=Path, default=None, help="vllm: re-fit to a proposer log (rounds.jsonl) without running vLLM"
+    )
     parser.add_argument("--draft-head", default=None, help="draft head directory (default: shipped)")
     parser.add_argument(
         "--out",
@@ -75,9 +78,12 @@ def run_vllm(args: argparse.Namespace) -> int:
         raise DraftwiseError("--k-max must be between 1 and 16")
     dtype = {"auto": "bfloat16", "bf16": "bfloat16", "fp32": "float32"}.get(args.dtype, args.dtype)
     out = Path(args.out) if args.out else None
-    path, schedule = profile_vllm(
-        args.model, args.k_max, dtype, args.max_new_tokens, args.prompts * 2, args.datastore, out
-    )
+    if args.from_log:
+        path, schedule = fit_log(args.from_log, out or default_vllm_dir(args.model), args.k_max)
+    else:
+        path, schedule = profile_vllm(
+            args.model, args.k_max, dtype, args.max_new_tokens, args.prompts * 2, args.datastore, out
+        )
     config = {
         "method": "custom_class",
         "model": CLASS_PATH,
@@ -85,6 +91,9 @@ def run_vllm(args: argparse.Namespace) -> int:
         "num_speculative_tokens_per_batch_size": schedule,
     }
     print(f"schedule (batch sizes from, to, draft length): {schedule}")
+    print("tokens/s on the logged drafts (fixed k, learned length, an oracle that knows each verdict):")
+    for batch, rates in json.loads(path.read_text())["meta"]["offline_tokens_per_s"].items():
+        print(f"  batch {batch}: " + ", ".join(f"{name} {rate}" for name, rate in rates.items()))
     print(f"saved {path} and {path.parent / 'schedule.json'}; serve with the learned length:")
     print(f'  DRAFTWISE_VLLM=\'{{"length": "learned", "policy": "{path}"}}\' \\')
     print(f"  vllm serve {args.model} --speculative-config '{json.dumps(config)}'")

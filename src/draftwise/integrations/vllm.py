@@ -187,33 +187,32 @@ def features(chain: Chain, depth: int, acceptance: float) -> list[float]:
 @dataclass
 class LengthPolicy:
     """The learned draft length: P(token j accepted | tokens before it accepted) = sigmoid(w · features), and vLLM's
-    step time t(tokens scheduled) = base + per_token * tokens at each measured batch size (interpolated). Per step
-    it sends the draft tokens that raise the batch's expected tokens per second (a fractional knapsack over every
-    request's survival probabilities), so a large batch, whose extra tokens cost more, drafts less."""
+    step time t(batch, tokens scheduled) = c0 + c1·batch + c2·tokens + c3·tokens² (a token costs more as the step
+    turns compute-bound). Per step it sends the draft tokens that raise the batch's expected tokens per second (the
+    survival probabilities of every request's chain, ranked, taken while they pay), so a large batch, whose extra
+    tokens cost more, drafts less."""
 
     weights: list[float]
-    cost_batch: list[int]
-    cost_base_ms: list[float]
-    cost_per_token_ms: list[float]
+    cost: list[float]  # c0..c3 in ms
     meta: dict = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | Path) -> LengthPolicy:
         try:
             raw = json.loads(Path(path).read_text())
-            return cls(**raw)
+            policy = cls(**raw)
         except (OSError, json.JSONDecodeError, TypeError) as exc:
             raise DraftwiseError(f"cannot read the vLLM length policy '{path}': {exc}") from exc
+        if len(policy.weights) != len(features(Chain([0], 0, [1.0], [1]), 0, 0.5)) or len(policy.cost) != 4:
+            raise DraftwiseError(f"the vLLM length policy '{path}' has the wrong number of weights or cost terms")
+        return policy
 
     def save(self, path: Path) -> None:
         write_atomic(path, json.dumps(asdict(self), indent=1))
 
-    def step_cost(self, batch: int) -> tuple[float, float]:
-        b = np.asarray(self.cost_batch, dtype=float)
-        return (
-            float(np.interp(batch, b, self.cost_base_ms)),
-            float(np.interp(batch, b, self.cost_per_token_ms)),
-        )
+    def step_ms(self, batch, tokens):
+        c0, c1, c2, c3 = self.cost
+        return c0 + c1 * batch + c2 * tokens + c3 * tokens * tokens
 
     def survival(self, chain: Chain, acceptance: float) -> list[float]:
         w = np.asarray(self.weights)
@@ -225,14 +224,14 @@ class LengthPolicy:
 
     def lengths(self, survivals: list[list[float]]) -> list[int]:
         """Draft lengths per request maximising (expected tokens) / (step time) for the whole batch."""
-        base, per_token = self.step_cost(len(survivals))
-        gain, cost = float(len(survivals)), base + per_token * len(survivals)
+        batch = len(survivals)
+        gain, tokens = float(batch), batch
         ranked = sorted(((q, i) for i, qs in enumerate(survivals) for q in qs), reverse=True)
-        taken = [0] * len(survivals)
+        taken = [0] * batch
         for q, i in ranked:  # q falls along each chain, so each request's taken tokens stay a prefix
-            if q * cost <= gain * per_token:
-                break
-            gain, cost = gain + q, cost + per_token
+            if (gain + q) * self.step_ms(batch, tokens) <= gain * self.step_ms(batch, tokens + 1):
+                break  # and a token's cost only grows: nothing further down pays either
+            gain, tokens = gain + q, tokens + 1
             taken[i] += 1
         return taken
 
