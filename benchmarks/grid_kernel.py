@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 import draftwise
-import draftwise.kernels
+import draftwise.core.kernels
 from draftwise.bench.datasets import load_questions
+from draftwise.core.machine import cpu_flags
 
 
 def verify_ms(target, nodes: int, context: int = 300) -> float:
@@ -103,7 +104,7 @@ def main() -> None:
         "pld_identical_to_ar": identical,
         "questions": len(questions),
         "max_new_tokens": args.max_new_tokens,
-        "cpu": sorted({"avx2", "avx512_bf16", "avx512_vnni"} & draftwise.kernels.cpu_flags()),
+        "cpu": sorted({"avx2", "avx512_bf16", "avx512_vnni"} & cpu_flags()),
     }
     print(json.dumps(report, indent=1))
     args.out.write_text(json.dumps({**report, "records": records}, indent=1) + "\n")

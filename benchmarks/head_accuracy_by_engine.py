@@ -13,7 +13,7 @@ import argparse
 import torch
 
 import draftwise
-from draftwise.models import load_model
+from draftwise.targets.models import load_model
 from draftwise.training.distill import untrained_sharegpt_prompts
 from draftwise.training.train_draft import sequence_loss
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from draftwise.engine import llama_parts
-from draftwise.tree import DraftTree
+from draftwise.core.tree import DraftTree
+from draftwise.targets.load import llama_parts
 
 
 def chain(ids: list[int]) -> DraftTree:

@@ -16,22 +16,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from draftwise.drafters.eagle import EagleDrafter, load_head
+from draftwise.drafters.eagle import EagleDrafter, TreeEagleDrafter
 from draftwise.engine import Engine
-from draftwise.policies import TreeEagleDrafter
-from draftwise.profile import RandomShapes
+from draftwise.heads.load import load_head
+from draftwise.policies.learn.measure import RandomShapes
 from draftwise.training.distill import untrained_sharegpt_prompts
 
 
 def forward_ms_by_size(engine: Engine, prompts: list[str], max_new_tokens: int) -> dict[str, dict[int, float]]:
     """Median `forward_tree` ms per tree size for each shape, generations interleaved per prompt."""
-    head, target = load_head(engine), engine.target
+    head, target = load_head(engine.target, engine.model, engine.model_name), engine.target
     shapes = {
         "random": TreeEagleDrafter(
             head, policy=RandomShapes(3, (1, 2, 3, 4, 6, 8, 12, 16)), top_k=8, depth=3, total_tokens=16
@@ -41,25 +40,21 @@ def forward_ms_by_size(engine: Engine, prompts: list[str], max_new_tokens: int) 
         "d3 V6": EagleDrafter(head, top_k=8, depth=3, total_tokens=6),
     }
     samples: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    forward, shape = target.forward_tree, {"now": ""}
+    shape = {"now": ""}
 
-    def timed_forward(tree):
-        start = time.perf_counter()
-        out = forward(tree)
-        samples[shape["now"]][tree.size].append(1000 * (time.perf_counter() - start))
-        return out
+    def timed(size: int, context: int, seconds: float) -> None:  # the target's timing hook
+        samples[shape["now"]][size].append(1000 * seconds)
 
-    for name, drafter in shapes.items():
-        engine._drafters[name] = drafter
-        engine.generate("Say hi.", method=name, max_new_tokens=8)  # warm-up
-    target.forward_tree = timed_forward
+    for drafter in shapes.values():
+        engine.generate("Say hi.", drafter=drafter, max_new_tokens=8)  # warm-up
+    target.on_forward = timed
     try:
         for prompt in prompts:
-            for name in shapes:
+            for name, drafter in shapes.items():
                 shape["now"] = name
-                engine.generate(prompt, method=name, max_new_tokens=max_new_tokens)
+                engine.generate(prompt, drafter=drafter, max_new_tokens=max_new_tokens)
     finally:
-        del target.forward_tree
+        target.on_forward = None
     return {
         name: {n: statistics.median(ms) for n, ms in sorted(by_size.items()) if len(ms) >= 10}
         for name, by_size in samples.items()

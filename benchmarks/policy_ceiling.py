@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from draftwise.policies.offline import RoundSet, best_choices, choice_table, load_rounds
-from draftwise.profile import CostModel, PiecewiseLinear
+from draftwise.policies.cost import CostModel, PiecewiseLinear
+from draftwise.policies.learn.offline import RoundSet, best_choices, choice_table, load_rounds
 
 
 def quantile_bins(values: np.ndarray, train: np.ndarray, bins: int) -> np.ndarray:

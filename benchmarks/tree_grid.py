@@ -40,10 +40,8 @@ def main() -> None:
         (int(d), int(t), int(k))
         for d, t, k in itertools.product(args.depths.split(","), args.totals.split(","), args.top_ks.split(","))
     ]
-    configs = {"ar": None, **{f"d{d}-t{t}-k{k}": (d, t, k) for d, t, k in grid}}
-    for name, c in configs.items():  # each configuration is a drafter the engine knows by its name
-        if c:
-            engine._drafters[name] = EagleDrafter(head, top_k=c[2], depth=c[0], total_tokens=c[1])
+    configs = {"ar": engine.drafter("ar")}
+    configs |= {f"d{d}-t{t}-k{k}": EagleDrafter(head, top_k=k, depth=d, total_tokens=t) for d, t, k in grid}
     records: dict[str, list[dict]] = {name: [] for name in configs}
     engine.generate("Say hi.", max_new_tokens=8)
     for i, prompt in enumerate(prompts):
@@ -51,7 +49,7 @@ def main() -> None:
         names = names[i % len(names) :] + names[: i % len(names)]
         for name in names:
             messages = [{"role": "user", "content": prompt}]
-            out = engine.generate(messages, method=name, max_new_tokens=args.max_new_tokens)
+            out = engine.generate(messages, drafter=configs[name], max_new_tokens=args.max_new_tokens)
             s = out.stats
             records[name].append({"tokens_per_s": s.tokens_per_s, "tau": s.mean_accepted, "tokens": out.token_ids})
         print(f"prompt {i + 1}/{len(prompts)} done", flush=True)

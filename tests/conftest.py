@@ -7,11 +7,13 @@ and so on; helpers that several of them use live here."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from draftwise.cli import main
 from draftwise.core.decode import GenerationStats, generate_tokens
@@ -20,9 +22,11 @@ from draftwise.core.tree import DraftTree
 from draftwise.core.verify import Sampling
 from draftwise.drafters.dynamic_tree import candidate_tree
 from draftwise.drafters.tree_policy import TreePolicy
+from draftwise.engine import Engine
 from draftwise.policies.cost import CostModel, PiecewiseLinear
 from draftwise.policies.learn.offline import RoundSet
 from draftwise.targets.hf import HFTarget
+from draftwise.targets.models import resolve_model
 
 
 def pytest_configure(config):
@@ -297,3 +301,17 @@ def error_of(capsys, argv: list[str]) -> str:
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, err
     return lines[0]
+
+
+@contextmanager
+def tiny_engine() -> Iterator[Engine]:
+    """A `pld` engine on a tiny random Llama behind the real SmolLM2 tokenizer (the server tests' engine), on one
+    torch thread: at width 64 more threads only add sync cost, the more so on a busy 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = tiny_llama(49152, max_positions=512, peaked=False)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+    try:
+        yield Engine(model, tokenizer, model_name="tiny", method="pld")
+    finally:
+        torch.set_num_threads(threads)

@@ -22,7 +22,7 @@ import pytest
 import torch
 import uvicorn
 from conftest import (
-    tiny_llama,
+    tiny_engine,
 )
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
@@ -109,12 +109,8 @@ def idle(server: Server) -> bool:
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Engine]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # at width 64 more threads only add sync cost, the more so on a busy 2-core box
-    model = tiny_llama(49152, max_positions=512, peaked=False)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
-    yield Engine(model, tokenizer, model_name="tiny", method="pld")
-    torch.set_num_threads(threads)
+    with tiny_engine() as engine:
+        yield engine
 
 
 @pytest.fixture(scope="module")
@@ -441,7 +437,6 @@ def test_text_stream_decodes_incrementally_to_the_full_text(seed):
     tokens, multi-byte characters split across rounds included; a stop string cuts the text where it starts."""
     from draftwise.core.decode import GenerationStats
     from draftwise.engine import TextStream
-    from draftwise.targets.models import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
     text = "Grüße, 東京! def f(x):\n    return x ** 2  # ✓ naïve café 🚀🚀 ünïcödé\n" * 3

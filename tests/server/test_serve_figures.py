@@ -10,28 +10,21 @@ import os
 from collections.abc import Iterator
 
 import pytest
-import torch
-from conftest import tiny_llama
+from conftest import tiny_engine
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_serve import CHAT, MESSAGES, TEXT, Server, call, chat, idle, metric, running, wait_until
-from transformers import AutoTokenizer
 
 from draftwise.engine import Engine
 from draftwise.methods import METHODS
 from draftwise.server.app import create_app
 from draftwise.server.schemas import Limits
-from draftwise.targets.models import resolve_model
 
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Engine]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    model = tiny_llama(49152, max_positions=512, peaked=False)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
-    yield Engine(model, tokenizer, model_name="tiny", method="pld")
-    torch.set_num_threads(threads)
+    with tiny_engine() as engine:
+        yield engine
 
 
 def is_openai_error(answer: dict | str) -> bool:

@@ -11,10 +11,8 @@ from collections.abc import Iterator
 
 import openai
 import pytest
-import torch
-from conftest import tiny_llama
+from conftest import tiny_engine
 from test_serve import CHAT, MESSAGES, TEXT, Server, call, chat, idle, metric, running, wait_until
-from transformers import AutoTokenizer
 
 from draftwise.cli import main
 from draftwise.cli import serve as serve_command
@@ -23,7 +21,6 @@ from draftwise.engine import Engine
 from draftwise.server import app as server_app
 from draftwise.server.app import create_app
 from draftwise.server.schemas import DEFAULT_MAX_TOKENS, APIError, Limits
-from draftwise.targets.models import resolve_model
 
 KEY = "sk-draftwise-test-key"
 BEARER = {"Authorization": f"Bearer {KEY}"}
@@ -31,12 +28,8 @@ BEARER = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Engine]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    model = tiny_llama(49152, max_positions=512, peaked=False)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
-    yield Engine(model, tokenizer, model_name="tiny", method="pld")
-    torch.set_num_threads(threads)
+    with tiny_engine() as engine:
+        yield engine
 
 
 @pytest.fixture(scope="module")
