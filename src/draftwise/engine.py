@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from draftwise.core.backoff import Backoff
+from draftwise.core.backoff import BackoffMemory
 from draftwise.core.decode import GenerationStats, generate_tokens
 from draftwise.core.drafter import Drafter
 from draftwise.core.errors import DraftwiseError
@@ -142,6 +142,7 @@ class Engine:
         if backoff not in BACKOFF_CHOICES:
             raise DraftwiseError(f"backoff must be one of {', '.join(BACKOFF_CHOICES)}, got {backoff!r}")
         self.backoff = backoff
+        self.backoff_memory = BackoffMemory()  # what earlier generations learned about when speculation pays
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.target: Target = target if target is not None else HFTarget(model)
         self.engine_name = self.target.backend  # who runs the target: hf, lean or llama
@@ -253,7 +254,7 @@ class Engine:
             stats=stats,
             stop_token_ids=self.stop_token_ids,
             generator=generator,
-            backoff=Backoff() if self.backoff == "on" else None,
+            backoff=self.backoff_memory.backoff((drafter.name, sampling)) if self.backoff == "on" else None,
         )
         return TextStream(self, chunks, stats, [s for s in (stop or []) if s])
 

@@ -7,7 +7,7 @@ import time
 import pytest
 from conftest import OracleDrafter, RandomDrafter, greedy_reference, run
 
-from draftwise.core.backoff import Backoff, ForcedBackoff
+from draftwise.core.backoff import Backoff, BackoffMemory, ForcedBackoff
 from draftwise.core.drafter import DraftContext, NoDraft
 from draftwise.core.errors import DraftwiseError
 
@@ -62,6 +62,20 @@ def test_a_probe_that_pays_brings_speculation_back():
     assert all(decisions[first_back:200])
     assert decisions.index(False, 200) < 240  # τ's running mean takes a while to fall below 1.5
     assert plain_runs(decisions[200:])[0] == 4  # the interval was reset when the probe paid
+
+
+def test_a_generation_starts_from_what_the_last_one_learned():
+    memory = BackoffMemory()
+    never = lambda s, i: (1, 1.5) if s else (1, 1.0)  # noqa: E731 - speculation never pays
+    first = simulate(memory.backoff("pld@T1"), 200, never)
+    assert first[0] and first[2:6] == [True] * 4  # the first generation speculates and warms up
+    second = simulate(memory.backoff("pld@T1"), 200, never)
+    assert not any(second[:64])  # the next one starts backed off at the interval the first one reached
+    assert second.count(True) <= 4
+    assert simulate(memory.backoff("eagle@T1"), 10, never)[0]  # another drafter or law starts afresh
+    always = lambda s, i: (3, 1.5) if s else (1, 1.0)  # noqa: E731
+    simulate(memory.backoff("rasd"), 50, always)
+    assert all(simulate(memory.backoff("rasd"), 50, always))  # where it paid, the next generation speculates
 
 
 def test_the_second_round_times_plain_decoding():

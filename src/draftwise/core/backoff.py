@@ -20,6 +20,10 @@ pays resumes speculation, one that does not doubles `interval` (4, 8, ... 64 rou
 predictable (a quotation, a code block) gets speculation back. How deep to draft and how much to verify stays
 the drafter's and its policy's (sizing, RADAR, LTD): this is only a floor under them.
 
+A `BackoffMemory` carries the estimates from one generation to the next with the same drafter and sampling
+settings: a generation whose predecessors found that speculation did not pay starts backed off, so it neither
+speculates its first rounds nor has a draft head read its prompt before the first probe.
+
 Lossless at any temperature: the decision reads only rounds already verified, never this round's draft (a
 sampled draft kept or dropped by what it drew would bias the output) nor its verdict. See docs/backoff.md.
 """
@@ -28,6 +32,30 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+
+@dataclass
+class Remembered:
+    """The estimates a generation ended with (see `Backoff`)."""
+
+    tokens: float
+    tokens_sq: float
+    spec_s: float
+    plain_s: float
+    interval: int
+    paid: bool
+
+
+class BackoffMemory:
+    """What earlier generations learned, by (drafter, sampling settings): one per engine."""
+
+    def __init__(self) -> None:
+        self.entries: dict[Hashable, Remembered] = {}
+
+    def backoff(self, key: Hashable, **options) -> Backoff:
+        return Backoff(memory=self, key=key, **options)
 
 
 class Backoff:
@@ -40,6 +68,8 @@ class Backoff:
         warmup: int = 4,
         smoothing: float = 0.1,
         confidence: float = 0.25,
+        memory: BackoffMemory | None = None,
+        key: Hashable = None,
     ):
         self.min_interval, self.max_interval = min_interval, max_interval
         self.warmup, self.smoothing, self.confidence = warmup, smoothing, confidence
@@ -52,6 +82,22 @@ class Backoff:
         self.tokens = self.tokens_sq = 0.0  # τ: tokens a speculative round commits, bonus included; and τ²
         self.spec_s = 0.0  # seconds a speculative round takes
         self.plain_s = 0.0  # seconds a plain round takes
+        self.memory, self.key = memory, key
+        self.seeded = False
+        known = memory.entries.get(key) if memory is not None else None
+        if known is not None:  # start from the last generation's estimates, as if warmed up
+            self.seeded = True
+            self.tokens, self.tokens_sq, self.spec_s, self.plain_s = (
+                known.tokens,
+                known.tokens_sq,
+                known.spec_s,
+                known.plain_s,
+            )
+            self.spec_rounds = self.spec_timed = self.warmup
+            self.plain_timed = 1
+            self.interval = known.interval
+            if not known.paid:  # it did not pay: back off from the first round, probing after `interval`
+                self.plain_left, self.backed_off = known.interval, True
 
     def _mean(self, mean: float, value: float, count: int) -> float:
         """The running mean after its `count`-th value: plain at first, then exponential (no weight on a start)."""
@@ -86,7 +132,13 @@ class Backoff:
         """The last round's outcome: tokens it committed (bonus included) and its wall seconds until the next
         round began."""
         self.recorded += 1
+        if self.memory is not None and self.recorded > 1 and self.spec_timed and self.plain_timed:
+            self.memory.entries[self.key] = Remembered(
+                self.tokens, self.tokens_sq, self.spec_s, self.plain_s, self.interval, self.pays()
+            )
         if not self.speculated:
+            if self.seeded and self.recorded == 1:  # the first round's time includes the prefill
+                return
             self.plain_timed += 1
             self.plain_s = self._mean(self.plain_s, round_s, self.plain_timed)
             return
@@ -111,4 +163,4 @@ class ForcedBackoff(Backoff):
         return self.speculated
 
 
-__all__ = ["Backoff", "ForcedBackoff"]
+__all__ = ["Backoff", "BackoffMemory", "ForcedBackoff"]
