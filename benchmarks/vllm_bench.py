@@ -33,6 +33,7 @@ def prompts_by_set(tokenizer, per_set: int) -> dict[str, list[tuple[str, list[in
     """(text, chat-templated token ids) per set; prompts past 1536 tokens are left out."""
     from draftwise.bench.datasets import humaneval, load_questions
     from draftwise.training.distill import untrained_sharegpt_prompts
+    from draftwise.training.profile_vllm import chat_ids
 
     texts = {
         "sharegpt": untrained_sharegpt_prompts(6000, per_set),  # the profile reads from 5000 on, ~130 prompts
@@ -42,23 +43,16 @@ def prompts_by_set(tokenizer, per_set: int) -> dict[str, list[tuple[str, list[in
     }
     out = {}
     for name, items in texts.items():
-        encoded = []
-        for text in items:
-            ids = _ids(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True))
-            encoded.append((text, ids))
+        encoded = [(text, chat_ids(tokenizer, text)) for text in items]
         out[name] = [(t, ids) for t, ids in encoded if len(ids) <= 1536]
     return out
-
-
-def _ids(encoded) -> list[int]:
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
 def load_vllm(method: str, args, model_dir: Path):
     from vllm import LLM
 
     from draftwise.integrations.vllm import ENV, speculative_config
-    from draftwise.training.profile_vllm import _hf_overrides
+    from draftwise.training.profile_vllm import hf_overrides
 
     os.environ.pop(ENV, None)
     speculative = None
@@ -74,7 +68,7 @@ def load_vllm(method: str, args, model_dir: Path):
         speculative = speculative_config(args.k_max, schedule=schedule)
     return LLM(
         model=str(model_dir),
-        hf_overrides=_hf_overrides(model_dir),
+        hf_overrides=hf_overrides(model_dir),
         dtype=args.dtype,
         max_model_len=2048,
         seed=0,

@@ -33,26 +33,14 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Hashable
-from dataclasses import dataclass
-
-
-@dataclass
-class Remembered:
-    """The estimates a generation ended with (see `Backoff`)."""
-
-    tokens: float
-    tokens_sq: float
-    spec_s: float
-    plain_s: float
-    interval: int
-    paid: bool
 
 
 class BackoffMemory:
-    """What earlier generations learned, by (drafter, sampling settings): one per engine."""
+    """What earlier generations learned, by (drafter, sampling settings): one per engine. It keeps each key's
+    latest `Backoff`, whose estimates are where that generation got to (nothing is copied round by round)."""
 
     def __init__(self) -> None:
-        self.entries: dict[Hashable, Remembered] = {}
+        self.entries: dict[Hashable, Backoff] = {}
 
     def backoff(self, key: Hashable, **options) -> Backoff:
         return Backoff(memory=self, key=key, **options)
@@ -82,10 +70,9 @@ class Backoff:
         self.tokens = self.tokens_sq = 0.0  # τ: tokens a speculative round commits, bonus included; and τ²
         self.spec_s = 0.0  # seconds a speculative round takes
         self.plain_s = 0.0  # seconds a plain round takes
-        self.memory, self.key = memory, key
         self.seeded = False
         known = memory.entries.get(key) if memory is not None else None
-        if known is not None:  # start from the last generation's estimates, as if warmed up
+        if known is not None and known.spec_timed and known.plain_timed:  # start where it ended, as if warmed up
             self.seeded = True
             self.tokens, self.tokens_sq, self.spec_s, self.plain_s = (
                 known.tokens,
@@ -96,8 +83,10 @@ class Backoff:
             self.spec_rounds = self.spec_timed = self.warmup
             self.plain_timed = 1
             self.interval = known.interval
-            if not known.paid:  # it did not pay: back off from the first round, probing after `interval`
+            if not known.pays():  # it did not pay: back off from the first round, probing after `interval`
                 self.plain_left, self.backed_off = known.interval, True
+        if memory is not None:
+            memory.entries[key] = self
 
     def _mean(self, mean: float, value: float, count: int) -> float:
         """The running mean after its `count`-th value: plain at first, then exponential (no weight on a start)."""
@@ -132,10 +121,6 @@ class Backoff:
         """The last round's outcome: tokens it committed (bonus included) and its wall seconds until the next
         round began."""
         self.recorded += 1
-        if self.memory is not None and self.recorded > 1 and self.spec_timed and self.plain_timed:
-            self.memory.entries[self.key] = Remembered(
-                self.tokens, self.tokens_sq, self.spec_s, self.plain_s, self.interval, self.pays()
-            )
         if not self.speculated:
             if self.seeded and self.recorded == 1:  # the first round's time includes the prefill
                 return

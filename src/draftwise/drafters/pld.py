@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 from draftwise.core.drafter import DraftContext, Drafter, RoundResult
@@ -12,39 +14,76 @@ from draftwise.drafters.sizing import CostSizer
 PLD_TOTAL_TOKENS = 24  # nodes of the merged trie at most, before cost sizing
 
 
-class NgramIndex:
-    """Where every n-gram of the context ends, kept up to date as tokens are appended: a lookup costs O(new
-    tokens) instead of a scan of the whole context every round (a sizeable share of a round at long contexts).
-    `lookup` gives the continuations of earlier occurrences of the trailing n-gram, longest n first
-    (stopping at the first n that matches), most recent occurrence first."""
+class NgramStore:
+    """Where every n-gram (min_ngram..max_ngram long) of a set of token sequences ends, so that the continuations
+    of a context's trailing n-gram are a dictionary lookup. Sequences are appended to as they grow, and the oldest
+    are forgotten once more than `capacity` tokens are kept."""
 
-    def __init__(self, max_ngram: int, min_ngram: int) -> None:
+    def __init__(self, max_ngram: int, min_ngram: int, capacity: int) -> None:
         self.lengths = range(max_ngram, min_ngram - 1, -1)
-        self.tokens: list[int] = []
-        self.seen = torch.zeros(0, dtype=torch.long)  # the tokens last indexed, to tell a new sequence apart
-        self.ends: dict[tuple[int, ...], list[int]] = {}
+        self.capacity = capacity
+        self.sequences: OrderedDict[int, list[int]] = OrderedDict()
+        self.ends: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+        self.size = 0
+        self.evicted = False  # some sequence was forgotten: `ends` may name it
 
-    def _sync(self, tokens: torch.Tensor) -> None:
-        known = len(self.tokens)
-        if tokens.numel() < known or not torch.equal(tokens[:known], self.seen[:known]):  # another sequence
-            self.tokens, self.ends, known = [], {}, 0
-        self.seen = tokens
-        self.tokens += tokens[known:].tolist()
-        for end in range(known + 1, len(self.tokens) + 1):
+    def extend(self, key: int, tokens: list[int]) -> None:
+        seq = self.sequences.setdefault(key, [])
+        start = len(seq)
+        seq += tokens
+        self.size += len(tokens)
+        for end in range(start + 1, len(seq) + 1):
             for n in self.lengths:
                 if end >= n:
-                    self.ends.setdefault(tuple(self.tokens[end - n : end]), []).append(end)
+                    self.ends.setdefault(tuple(seq[end - n : end]), []).append((key, end))
+        while self.size > self.capacity and len(self.sequences) > 1:
+            _, old = self.sequences.popitem(last=False)
+            self.size -= len(old)  # their entries in `ends` are dropped on lookup
+            self.evicted = True
+
+    def lookup(self, context: list[int], length: int, limit: int = 8):
+        """(n, continuations) of the longest trailing n-gram of `context` that occurs with a continuation."""
+        for n in self.lengths:
+            if len(context) < n:
+                continue
+            ends = self.ends.get(tuple(context[-n:]))
+            if not ends:
+                continue
+            if self.evicted:
+                ends[:] = [(k, e) for k, e in ends if k in self.sequences]
+            found = []
+            for key, end in reversed(ends):
+                continuation = self.sequences[key][end : end + length]
+                if continuation:
+                    found.append(continuation)
+                if len(found) == limit:
+                    break
+            if found:
+                return n, found
+        return 0, []
+
+
+class NgramIndex:
+    """The n-gram index of one growing context: kept up to date as tokens are appended, so a lookup costs O(new
+    tokens) instead of a scan of the whole context every round (a sizeable share of a round at long contexts).
+    `lookup` gives the continuations of earlier occurrences of the trailing n-gram, longest n first (stopping at
+    the first n that matches), most recent occurrence first."""
+
+    def __init__(self, max_ngram: int, min_ngram: int) -> None:
+        self.lengths = (max_ngram, min_ngram)
+        self.seen = torch.zeros(0, dtype=torch.long)  # the tokens last indexed, to tell a new sequence apart
+        self.store = NgramStore(max_ngram, min_ngram, 1 << 62)
+
+    def _sync(self, tokens: torch.Tensor) -> None:
+        known = self.seen.numel()
+        if tokens.numel() < known or not torch.equal(tokens[:known], self.seen[:known]):  # another sequence
+            self.store, known = NgramStore(*self.lengths, 1 << 62), 0
+        self.seen = tokens
+        self.store.extend(0, tokens[known:].tolist())
 
     def lookup(self, tokens: torch.Tensor, length: int, max_matches: int) -> tuple[int, list[list[int]]]:
         self._sync(tokens)
-        total = len(self.tokens)
-        for n in self.lengths:
-            if total <= n:
-                continue
-            ends = self.ends.get(tuple(self.tokens[total - n :]), [])[:-1]  # the last is the trailing n-gram
-            if ends:
-                return n, [self.tokens[e : e + length] for e in reversed(ends[-max_matches:])]
-        return 0, []
+        return self.store.lookup(self.store.sequences.get(0, []), length, max_matches)
 
 
 class PromptLookupRetriever:

@@ -21,7 +21,6 @@ import atexit
 import json
 import os
 import time
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import numpy as np
 
 from draftwise.core.errors import DraftwiseError
 from draftwise.core.files import write_atomic
+from draftwise.drafters.pld import NgramStore
 from draftwise.drafters.retrieval import Datastore, resolve_datastore
 
 ENV = "DRAFTWISE_VLLM"
@@ -89,54 +89,6 @@ class Settings:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
-
-
-class NgramStore:
-    """Where every n-gram (min_ngram..max_ngram long) of a set of token sequences ends, so that the continuations
-    of a context's trailing n-gram are a dictionary lookup. Sequences are appended to as they grow, and the oldest
-    are forgotten once more than `capacity` tokens are kept."""
-
-    def __init__(self, max_ngram: int, min_ngram: int, capacity: int) -> None:
-        self.lengths = range(max_ngram, min_ngram - 1, -1)
-        self.capacity = capacity
-        self.sequences: OrderedDict[int, list[int]] = OrderedDict()
-        self.ends: dict[tuple[int, ...], list[tuple[int, int]]] = {}
-        self.size = 0
-
-    def extend(self, key: int, tokens: list[int]) -> None:
-        seq = self.sequences.setdefault(key, [])
-        start = len(seq)
-        seq += tokens
-        self.size += len(tokens)
-        for end in range(start + 1, len(seq) + 1):
-            for n in self.lengths:
-                if end >= n:
-                    self.ends.setdefault(tuple(seq[end - n : end]), []).append((key, end))
-        while self.size > self.capacity and len(self.sequences) > 1:
-            _, old = self.sequences.popitem(last=False)
-            self.size -= len(old)  # their entries in `ends` are skipped on lookup and dropped there
-
-    def lookup(self, context: list[int], length: int, limit: int = 8):
-        """(n, continuations) of the longest trailing n-gram of `context` that occurs with a continuation."""
-        for n in self.lengths:
-            if len(context) < n:
-                continue
-            ends = self.ends.get(tuple(context[-n:]))
-            if not ends:
-                continue
-            live = [(k, e) for k, e in ends if k in self.sequences]
-            if len(live) < len(ends):
-                ends[:] = live
-            found = []
-            for key, end in reversed(live):
-                continuation = self.sequences[key][end : end + length]
-                if continuation:
-                    found.append(continuation)
-                if len(found) == limit:
-                    break
-            if found:
-                return n, found
-        return 0, []
 
 
 @dataclass
@@ -244,9 +196,13 @@ class _Request:
     drafted: int = 0
     pending: list | None = None  # features of the last draft, logged once its verdict is known
     own: NgramStore | None = None  # where each n-gram of its prompt and output ends
-    acceptance: float = 0.5  # running share of drafted tokens accepted
-    accepted_sum: float = 0.0
+    accepted_sum: float = 0.0  # drafted and accepted tokens, decayed over its last few drafts
     drafted_sum: float = 0.0
+
+    @property
+    def acceptance(self) -> float:
+        """The running share of its drafted tokens accepted (0.5 before its first verdict)."""
+        return self.accepted_sum / self.drafted_sum if self.drafted_sum else 0.5
 
 
 class Proposer:
@@ -336,12 +292,9 @@ class Proposer:
         self.requests = seen
         drafts = [[] for _ in sampled_token_ids]
         if self.policy is not None and chains:
-            rows = list(chains)
-            lengths = self.policy.lengths(
-                [self.policy.survival(chain, request.acceptance) for request, chain in chains.values()]
-            )
-            for i, length in zip(rows, lengths, strict=True):
-                drafts[i] = chains[i][1].tokens[:length]
+            survivals = [self.policy.survival(chain, request.acceptance) for request, chain in chains.values()]
+            for (i, (_, chain)), length in zip(chains.items(), self.policy.lengths(survivals), strict=True):
+                drafts[i] = chain.tokens[:length]
         else:
             for i, (_, chain) in chains.items():
                 drafts[i] = chain.tokens
@@ -378,7 +331,6 @@ class Proposer:
         decay = 0.8  # the recent acceptance of this request, over its last few drafts
         request.accepted_sum = decay * request.accepted_sum + accepted
         request.drafted_sum = decay * request.drafted_sum + request.drafted
-        request.acceptance = request.accepted_sum / request.drafted_sum
         if request.pending is not None:
             self._log({"features": request.pending, "accepted": accepted})
             request.pending = None

@@ -178,14 +178,11 @@ def profile_vllm(
             max_model_len=2048,
             seed=0,
             speculative_config=config,
-            hf_overrides=_hf_overrides(model_dir),
+            hf_overrides=hf_overrides(model_dir),
         )
         params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
         tokenizer = llm.get_tokenizer()
-        chats = [  # as a chat server receives them
-            TokensPrompt(prompt_token_ids=_ids(tokenizer.apply_chat_template([message], add_generation_prompt=True)))
-            for message in ({"role": "user", "content": p} for p in prompts)
-        ]
+        chats = [TokensPrompt(prompt_token_ids=chat_ids(tokenizer, p)) for p in prompts]
         start = 0
         for _ in range(max(1, prompts_per_size // 4)):
             for size in BATCH_SIZES:
@@ -229,11 +226,13 @@ def fit_log(log: Path, out_dir: Path, k_max: int, meta: dict | None = None) -> t
     return out_dir / "policy.json", schedule
 
 
-def _ids(encoded) -> list[int]:
+def chat_ids(tokenizer, text: str) -> list[int]:
+    """The token ids a chat server feeds the model for one user turn."""
+    encoded = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
-def _hf_overrides(model_dir: Path) -> dict | None:
+def hf_overrides(model_dir: Path) -> dict | None:
     """vLLM picks its model class from `architectures`; the embedded GGUF's conversion names none it knows."""
     config = json.loads((model_dir / "config.json").read_text())
     if config.get("model_type") == "llama" and config.get("architectures") != ["LlamaForCausalLM"]:
