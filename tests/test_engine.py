@@ -36,6 +36,17 @@ def test_a_drafter_of_ones_own_runs_through_generate(tiny_model):
         engine.generate(prompt, method="pld", drafter=PromptLookup())
 
 
+def test_ignore_eos_generates_every_token_asked_for(tiny_model):
+    plain = Engine(tiny_model, CharTokenizer(), model_name="tiny", method="pld").generate("abcabc", max_new_tokens=16)
+    tokenizer = CharTokenizer()
+    tokenizer.eos_token_id = plain.token_ids[2]  # the model's third token now ends the text
+    engine = Engine(tiny_model, tokenizer, model_name="tiny", method="pld")
+    stopped = engine.generate("abcabc", max_new_tokens=16)
+    assert len(stopped.token_ids) <= 3 and stopped.stats.finish_reason == "stop"
+    whole = engine.generate("abcabc", max_new_tokens=16, ignore_eos=True)
+    assert whole.token_ids == plain.token_ids
+
+
 def test_import_draftwise_loads_no_optional_extra():
     extras = "fastapi uvicorn prometheus_client starlette pydantic stable_baselines3 gymnasium pyarrow matplotlib"
     code = (

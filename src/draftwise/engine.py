@@ -227,9 +227,11 @@ class Engine:
         chat_template: bool = True,
         stop: list[str] | None = None,
         drafter: Drafter | None = None,
+        ignore_eos: bool = False,
     ) -> TextStream:
         """Start a generation; iterate the result for text pieces. `drafter` runs a drafter of your own (any
-        draftwise.drafters.Drafter) instead of a method's."""
+        draftwise.drafters.Drafter) instead of a method's; `ignore_eos` generates max_new_tokens whatever the
+        model says (benchmarks: every method then times the same number of tokens)."""
         sampling = check_sampling(max_new_tokens, temperature, top_p, top_k)
         if drafter is not None and method is not None:
             raise DraftwiseError("pass a method or a drafter, not both")
@@ -252,7 +254,7 @@ class Engine:
             max_new_tokens=max_new_tokens,
             sampling=sampling,
             stats=stats,
-            stop_token_ids=self.stop_token_ids,
+            stop_token_ids=frozenset() if ignore_eos else self.stop_token_ids,
             generator=generator,
             backoff=self.backoff_memory.backoff((drafter.name, sampling)) if self.backoff == "on" else None,
         )

@@ -220,13 +220,16 @@ def render_report(run: BenchRun, epsilon: float, plots: list[str]) -> str:
     greedy = settings["temperature"] == 0
     errors = [r for r in records if r["error"]]
     gpu = f", {env['gpu']}" if env["gpu"] else ""
+    eos = " (end of text ignored: every question generates them all)" if settings.get("ignore_eos") else ""
+    nucleus = f", top-p {settings['top_p']:g}" if settings.get("top_p", 1.0) < 1 else ""
+    nucleus += f", top-k {settings['top_k']}" if settings.get("top_k") else ""
     parts = [
         "# draftwise bench",
         f"{env['model']} ({env.get('compute', env['dtype'])} on the {env.get('engine', 'hf')} engine, "
         f"{env['device']}{gpu}) on {env['cpu']}, {env['torch_threads']} "
         f"threads; torch {env['torch']}, transformers {env['transformers']}, draftwise {env['draftwise']}.",
         f"Prompts `{settings['prompts']}`: {settings['questions']} questions, max "
-        f"{settings['max_new_tokens']} new tokens, temperature {settings['temperature']:g}, seed "
+        f"{settings['max_new_tokens']} new tokens{eos}, temperature {settings['temperature']:g}{nucleus}, seed "
         f"{settings['seed']}. Methods alternate per question, after a warm-up. Tokens/s = total new tokens / "
         f"total wall time (Spec-Bench); speedup is against `{BASELINE}` in the same run, with a 95% bootstrap "
         "interval over the questions (how much it depends on which were asked, not on the machine's drift "

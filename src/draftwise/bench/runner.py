@@ -43,6 +43,7 @@ class Settings:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    ignore_eos: bool = False  # every method generates max_new_tokens: the same tokens timed at any temperature
 
 
 Runner = Callable[[Messages, Settings, int], dict]
@@ -76,6 +77,7 @@ def run_engine(engine: Engine, messages: Messages, settings: Settings, seed: int
         top_p=settings.top_p,
         top_k=settings.top_k,
         seed=seed,
+        ignore_eos=settings.ignore_eos,
     )
     wall_s = time.perf_counter() - start
     stats = generation.stats
@@ -104,6 +106,7 @@ def run_hf_generate(engine: Engine, messages: Messages, settings: Settings, seed
         **(warpers if sampling else {}),
         num_beams=1,
         min_length=0,
+        min_new_tokens=settings.max_new_tokens if settings.ignore_eos else 0,
         repetition_penalty=1.0,
         no_repeat_ngram_size=0,
         typical_p=1.0,
@@ -162,7 +165,7 @@ def run_llama_cpp(
     for token in llm.generate(prompt_ids, temp=settings.temperature, repeat_penalty=1.0, **warpers):
         ttft_s = ttft_s or time.perf_counter() - start
         token_ids.append(int(token))
-        if token in stop or len(token_ids) >= settings.max_new_tokens:
+        if (token in stop and not settings.ignore_eos) or len(token_ids) >= settings.max_new_tokens:
             break
     text = engine.tokenizer.decode(token_ids, skip_special_tokens=True)
     return turn_record(text, token_ids, time.perf_counter() - start, ttft_s=ttft_s)

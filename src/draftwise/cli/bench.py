@@ -67,6 +67,13 @@ def register(commands) -> None:
     add_sampling_args(bench)
     bench.set_defaults(max_new_tokens=None, seed=0)
     bench.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="generate --max-new-tokens on every question whatever the model says, so that every method times "
+        "the same number of tokens (sampled outputs otherwise end at different lengths, and a short one weighs "
+        "its prefill more)",
+    )
+    bench.add_argument(
         "--tie-epsilon",
         type=float,
         default=None,
@@ -140,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     if args.engine == "llama":
         raise DraftwiseError("bench runs llama.cpp per method: name them METHOD@llama, or the peer llama.cpp")
     model, tokenizer, target = load_target(args.model, args.engine, args.dtype, args.device)
-    settings = runner.Settings(max_new_tokens, sampling.temperature, args.top_p, args.top_k)
+    settings = runner.Settings(max_new_tokens, sampling.temperature, args.top_p, args.top_k, args.ignore_eos)
     runners, unavailable = runner.build_runners(names, model, tokenizer, args.model, options, target)
     print(f"[draftwise] warming up {', '.join(runners)}", file=sys.stderr, flush=True)
     unavailable.update(runner.warm_up(runners, settings, args.seed))
@@ -169,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
         "temperature": settings.temperature,
         "top_p": args.top_p,
         "top_k": args.top_k,
+        "ignore_eos": args.ignore_eos,
         "seed": args.seed,
         "tie_epsilon": epsilon,
         "options": options,

@@ -56,11 +56,14 @@ class Backoff:
         warmup: int = 4,
         smoothing: float = 0.1,
         confidence: float = 0.25,
+        prior_rounds: int = 2,
+        probe_budget: float = 0.02,
         memory: BackoffMemory | None = None,
         key: Hashable = None,
     ):
         self.min_interval, self.max_interval = min_interval, max_interval
         self.warmup, self.smoothing, self.confidence = warmup, smoothing, confidence
+        self.prior_rounds, self.probe_budget = prior_rounds, probe_budget
         self.weighed = (2 - smoothing) / smoothing  # rounds a moving average rests on, in the long run
         self.interval = min_interval  # plain rounds before the next probe
         self.plain_left = 0  # of this back-off's plain rounds, those still to run
@@ -80,11 +83,14 @@ class Backoff:
                 known.spec_s,
                 known.plain_s,
             )
-            self.spec_rounds = self.spec_timed = self.warmup
+            # the machine's costs carry over; what a round returns depends on the text, so a new prompt's probes
+            # outweigh the carried τ at once (it counts as `prior_rounds` rounds), and it is probed as soon as a
+            # first back-off ends: a code prompt after chat ones gets speculation back at its first probe
+            self.spec_timed, self.spec_rounds = self.warmup, min(known.spec_rounds, prior_rounds)
             self.plain_timed = 1
-            self.interval = known.interval
-            if not known.pays():  # it did not pay: back off from the first round, probing after `interval`
-                self.plain_left, self.backed_off = known.interval, True
+            if not known.pays():  # it did not pay: back off from the first round
+                self.interval = min(max(min_interval, self.affordable()), max_interval)
+                self.plain_left, self.backed_off = self.interval, True
         if memory is not None:
             memory.entries[key] = self
 
@@ -100,6 +106,14 @@ class Backoff:
         tokens = self.tokens + self.confidence * math.sqrt(spread / min(self.spec_rounds, self.weighed))
         return tokens * self.plain_s >= self.spec_s
 
+    def affordable(self) -> int:
+        """The fewest plain rounds between probes that keeps what a probe that does not pay loses (its time less
+        its tokens', in plain rounds) within `probe_budget` of the time: a deep tree is probed less often."""
+        if not (self.spec_timed and self.plain_timed):
+            return self.min_interval
+        loss = self.spec_s / self.plain_s - self.tokens
+        return math.ceil(loss / self.probe_budget) if loss > 0 else self.min_interval
+
     def speculate(self) -> bool:
         """Whether the coming round drafts; False: it verifies the root alone."""
         if self.plain_left > 0:
@@ -112,7 +126,8 @@ class Backoff:
         elif self.spec_timed < self.warmup or self.pays():
             self.probing, self.speculated = False, True
         else:  # back off, this round included; after a probe that did not pay, twice as long as the last time
-            self.interval = min(2 * self.interval, self.max_interval) if self.probing else self.min_interval
+            self.interval = max(2 * self.interval if self.probing else self.min_interval, self.affordable())
+            self.interval = min(self.interval, self.max_interval)
             self.plain_left = self.interval - 1
             self.backed_off, self.probing, self.speculated = True, False, False
         return self.speculated

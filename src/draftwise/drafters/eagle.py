@@ -88,9 +88,12 @@ class EagleDrafter(Drafter):
     def policy_queries(self) -> tuple[int, float]:
         return self.policy.queries, self.policy.query_s
 
-    def _call(self, hidden: Tensor, tokens: Tensor, positions: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    def _call(
+        self, hidden: Tensor, tokens: Tensor, positions: Tensor, mask: Tensor, last_only: bool = False
+    ) -> tuple[Tensor, Tensor]:
         self.draft_calls += 1
-        return self.head.step(hidden, tokens.to(hidden.device), positions.to(hidden.device), self.cache, mask)
+        device = hidden.device
+        return self.head.step(hidden, tokens.to(device), positions.to(device), self.cache, mask, last_only)
 
     @torch.inference_mode()
     def _catch_up(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
@@ -102,7 +105,7 @@ class EagleDrafter(Drafter):
             raise RuntimeError(f"draft head out of step: {start} + {n} pairs for {tokens.numel()} tokens")
         positions = torch.arange(start, start + n)
         mask = torch.ones(n, start + n, dtype=torch.bool).tril(start).to(features.device)
-        logits, hidden = self._call(self.head.fuse(features), tokens[start + 1 :], positions, mask)
+        logits, hidden = self._call(self.head.fuse(features), tokens[start + 1 :], positions, mask, last_only=True)
         return logits[-1], hidden[-1]
 
     @torch.inference_mode()

@@ -293,21 +293,28 @@ class DraftHead(nn.Module):
         self.packed = (weights, [group[0].nibbles for group in grids])
 
     def step(
-        self, hidden: Tensor, token_ids: Tensor, positions: Tensor, cache: KVCache, mask: Tensor
+        self,
+        hidden: Tensor,
+        token_ids: Tensor,
+        positions: Tensor,
+        cache: KVCache,
+        mask: Tensor,
+        last_only: bool = False,
     ) -> tuple[Tensor, Tensor]:
-        """Inference: N pairs appended to `cache`; `mask` (N, cache.length + N) bool, True = attend."""
+        """Inference: N pairs appended to `cache`; `mask` (N, cache.length + N) bool, True = attend. `last_only`:
+        logits of the last pair alone (a catch-up over many pairs needs no more, and the LM head is most of it)."""
         if self.on_step is not None:  # a timing hook: the same call, timed
             width, context, start = hidden.shape[0], cache.length, time.perf_counter()
-            out = self._step(hidden, token_ids, positions, cache, mask)
+            out = self._step(hidden, token_ids, positions, cache, mask, last_only)
             self.on_step(width, context, time.perf_counter() - start)
             return out
-        return self._step(hidden, token_ids, positions, cache, mask)
+        return self._step(hidden, token_ids, positions, cache, mask, last_only)
 
     def _step(
-        self, hidden: Tensor, token_ids: Tensor, positions: Tensor, cache: KVCache, mask: Tensor
+        self, hidden: Tensor, token_ids: Tensor, positions: Tensor, cache: KVCache, mask: Tensor, last_only: bool
     ) -> tuple[Tensor, Tensor]:
         if self.packed is not None and self._on_kernel(hidden):
-            return self._kernel_step(hidden, token_ids, positions, cache, mask)
+            return self._kernel_step(hidden, token_ids, positions, cache, mask, last_only)
         q, k, v, residual = self.project(hidden, token_ids)
         rope = self.config.rope
         keys, values = cache.append(rotate(k, positions, rope), v)
@@ -324,10 +331,10 @@ class DraftHead(nn.Module):
             folded = q.reshape(1, kv_heads, group * n, dim)
             attended = F.scaled_dot_product_attention(folded, keys[None], values[None], attn_mask=mask.repeat(group, 1))
         normed, hidden = self.finish(residual, attended.reshape(heads, n, dim))
-        return self.lm_head(normed), hidden
+        return self.lm_head(normed[-1:] if last_only else normed), hidden
 
     def _kernel_step(
-        self, hidden: Tensor, token_ids: Tensor, positions: Tensor, cache: KVCache, mask: Tensor
+        self, hidden: Tensor, token_ids: Tensor, positions: Tensor, cache: KVCache, mask: Tensor, last_only: bool
     ) -> tuple[Tensor, Tensor]:
         """`step` as one decoder_layer call: the same layer on the same quantized weights."""
         c, n = self.config, hidden.shape[0]
@@ -346,7 +353,7 @@ class DraftHead(nn.Module):
             self.attention_input(hidden, token_ids)[0],
         )
         cache.length += n
-        return self.lm_head(self._norm(self.final_norm, out)), out
+        return self.lm_head(self._norm(self.final_norm, out[-1:] if last_only else out)), out
 
     def unroll(self, features: Tensor, token_ids: Tensor, steps: int) -> list[Tensor]:
         """Training-time test (EAGLE-3): draft logits of `steps` unrolled predictions for one sequence.
