@@ -37,7 +37,16 @@ def plain_runs(decisions: list[bool]) -> list[int]:
 def test_never_backs_off_where_speculation_pays():
     # 3 tokens in 1.5 s against 1 token in 1 s: twice plain decoding's rate
     decisions = simulate(Backoff(), 300, lambda s, i: (3, 1.5) if s else (1, 1.0))
-    assert plain_runs(decisions) == [1] and not decisions[1]  # only the second round, which times plain decoding
+    assert not decisions[1]  # the second round times plain decoding
+    # and one round in 49 times it again; nothing else runs plain
+    assert set(plain_runs(decisions)) == {1} and decisions.count(False) == 1 + (300 - 2) // 49
+
+
+def test_one_slow_plain_round_does_not_decide_for_good():
+    """The round that times plain decoding hits a page fault: 10 s instead of 1. Retiming puts it right."""
+    decisions = simulate(Backoff(), 300, lambda s, i: (1, 1.5) if s else ((1, 10.0) if i == 1 else (1, 1.0)))
+    assert decisions[:8] == [True, False] + [True] * 6  # the slow sample makes speculation look worth it
+    assert decisions[150:].count(True) < 10  # until plain decoding is timed again
 
 
 def test_backs_off_and_probes_at_doubling_intervals():
@@ -59,7 +68,7 @@ def test_a_probe_that_pays_brings_speculation_back():
     decisions = simulate(Backoff(probe_budget=1.0), 300, world)  # probes priced as nearly free
     first_back = decisions.index(True, 100)
     assert first_back < 100 + 64 + 1  # within one back-off interval
-    assert all(decisions[first_back:200])
+    assert decisions[first_back:200].count(False) <= 2  # timing rounds
     assert decisions.index(False, 200) < 240  # τ's running mean takes a while to fall below 1.5
     assert plain_runs(decisions[200:])[0] == 4  # the interval was reset when the probe paid
 
@@ -76,7 +85,7 @@ def test_a_generation_starts_from_what_the_last_one_learned():
     assert simulate(memory.backoff("eagle@T1"), 10, never)[0]  # another drafter or law starts afresh
     always = lambda s, i: (3, 1.5) if s else (1, 1.0)  # noqa: E731
     simulate(memory.backoff("rasd"), 50, always)
-    assert all(simulate(memory.backoff("rasd"), 50, always))  # where it paid, the next generation speculates
+    assert all(simulate(memory.backoff("rasd"), 48, always))  # where it paid, the next generation speculates
 
 
 def test_a_prompt_where_speculation_pays_gets_it_back_at_its_first_probe():
@@ -86,7 +95,8 @@ def test_a_prompt_where_speculation_pays_gets_it_back_at_its_first_probe():
     for _ in range(3):
         simulate(memory.backoff("pld@T1"), 128, lambda s, i: (1, 1.2) if s else (1, 1.0))
     code = simulate(memory.backoff("pld@T1"), 128, lambda s, i: (3, 1.2) if s else (1, 1.0))
-    assert code[:11] == [False] * 10 + [True] and all(code[10:])  # a chat probe loses 0.2 rounds: 1 in 10
+    assert code[:11] == [False] * 10 + [True]  # a chat probe loses 0.2 rounds: one in 10 rounds
+    assert code[10:].count(False) <= 3  # from there on it speculates, but for a timing round in 49
 
 
 def test_the_second_round_times_plain_decoding():
@@ -127,8 +137,8 @@ def test_a_spread_out_tau_gets_the_benefit_of_the_doubt():
 
         return world
 
-    assert plain_runs(simulate(Backoff(confidence=1.0), 200, alternating())) == [1]
-    assert len(plain_runs(simulate(Backoff(confidence=0.0), 200, alternating()))) > 1
+    assert set(plain_runs(simulate(Backoff(confidence=1.0), 200, alternating()))) == {1}  # timing rounds only
+    assert max(plain_runs(simulate(Backoff(confidence=0.0), 200, alternating()))) > 1
 
 
 def test_forced_backoff_draws_apart_from_the_sampling_generator():

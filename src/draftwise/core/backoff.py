@@ -58,12 +58,14 @@ class Backoff:
         confidence: float = 0.25,
         prior_rounds: int = 2,
         probe_budget: float = 0.02,
+        retime: int = 48,
         memory: BackoffMemory | None = None,
         key: Hashable = None,
     ):
         self.min_interval, self.max_interval = min_interval, max_interval
         self.warmup, self.smoothing, self.confidence = warmup, smoothing, confidence
-        self.prior_rounds, self.probe_budget = prior_rounds, probe_budget
+        self.prior_rounds, self.probe_budget, self.retime = prior_rounds, probe_budget, retime
+        self.streak = 0  # speculative rounds since the last plain one
         self.weighed = (2 - smoothing) / smoothing  # rounds a moving average rests on, in the long run
         self.interval = min_interval  # plain rounds before the next probe
         self.plain_left = 0  # of this back-off's plain rounds, those still to run
@@ -98,6 +100,11 @@ class Backoff:
         """The running mean after its `count`-th value: plain at first, then exponential (no weight on a start)."""
         return mean + max(self.smoothing, 1 / count) * (value - mean)
 
+    @staticmethod
+    def _clip(seconds: float, mean: float, count: int) -> float:
+        """A round's time, at most twice the running mean (a page fault or a preempted round is not the rate)."""
+        return min(seconds, 2 * mean) if count else seconds
+
     def pays(self) -> bool:
         """Whether speculative rounds commit tokens at least as fast as plain ones would, by the estimates."""
         if not (self.spec_timed and self.plain_timed):  # nothing to compare: keep speculating
@@ -123,6 +130,8 @@ class Backoff:
             self.probing, self.speculated = False, False
         elif self.backed_off:  # the back-off's plain rounds are over: probe
             self.backed_off, self.probing, self.speculated = False, True, True
+        elif self.streak >= self.retime:  # time plain decoding again: one slow sample must not decide for good
+            self.probing, self.speculated = False, False
         elif self.spec_timed < self.warmup or self.pays():
             self.probing, self.speculated = False, True
         else:  # back off, this round included; after a probe that did not pay, twice as long as the last time
@@ -130,6 +139,7 @@ class Backoff:
             self.interval = min(self.interval, self.max_interval)
             self.plain_left = self.interval - 1
             self.backed_off, self.probing, self.speculated = True, False, False
+        self.streak = self.streak + 1 if self.speculated else 0
         return self.speculated
 
     def record(self, committed: int, round_s: float) -> None:
@@ -139,6 +149,9 @@ class Backoff:
         if not self.speculated:
             if self.seeded and self.recorded == 1:  # the first round's time includes the prefill
                 return
+            if round_s < self.plain_s / 2:  # far faster than the mean: the earlier samples were disturbed
+                self.plain_timed = 0
+            round_s = self._clip(round_s, self.plain_s, self.plain_timed)
             self.plain_timed += 1
             self.plain_s = self._mean(self.plain_s, round_s, self.plain_timed)
             return
@@ -146,6 +159,7 @@ class Backoff:
         self.tokens = self._mean(self.tokens, committed, self.spec_rounds)
         self.tokens_sq = self._mean(self.tokens_sq, committed * committed, self.spec_rounds)
         if self.recorded > 1:  # the first round also pays one-off costs (a draft head reading the prompt)
+            round_s = self._clip(round_s, self.spec_s, self.spec_timed)
             self.spec_timed += 1
             self.spec_s = self._mean(self.spec_s, round_s, self.spec_timed)
 
