@@ -8,8 +8,7 @@ same `c` requests to every method in turn, the order rotating between rounds, so
 on every method alike. A round's requests arrive together (`LLM.generate` on the batch), as `c` users would.
 
 Methods: vLLM plain; vLLM `ngram` (k = --k); draftwise's proposer with a fixed k (`dw`), with the learned length
-(`dw-learned`, the policy `draftwise profile --engine vllm` wrote), with the per-batch-size schedule (`dw-schedule`),
-and drafting nothing (`dw-null`: the floor of vLLM's speculative path, not in the default list);
+(`dw-learned`, the policy `draftwise profile --engine vllm` wrote), with the per-batch-size schedule (`dw-schedule`);
 and draftwise's own engine (`draftwise`, the `serve` worker's one-at-a-time loop: request j waits for those before
 it). Prompts: ShareGPT first turns outside any training and profiling data, Spec-Bench summarization and RAG, and
 HumanEval, chat-templated once and sent as the same token ids to every method. Reported per concurrency and set:
@@ -62,10 +61,6 @@ def load_vllm(method: str, args, model_dir: Path):
                        "prompt_lookup_min": 2}  # fmt: skip
     elif method == "dw":
         speculative = speculative_config(args.k)
-    elif method == "dw-null":  # drafts nothing: what vLLM's speculative path costs by itself
-        here = str(Path(__file__).resolve().parent)
-        os.environ["PYTHONPATH"] = os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])
-        speculative = {"method": "custom_class", "model": "vllm_bench.NullProposer", "num_speculative_tokens": args.k}
     elif method == "dw-learned":
         speculative = speculative_config(args.k_max, length="learned", policy=str(args.policy))
     elif method == "dw-schedule":
@@ -80,19 +75,6 @@ def load_vllm(method: str, args, model_dir: Path):
         speculative_config=speculative,
         disable_log_stats=False,
     )
-
-
-class NullProposer:
-    """A custom_class proposer that never drafts (`dw-null`)."""
-
-    def __init__(self, vllm_config=None) -> None:
-        pass
-
-    def load_model(self, *args, **kwargs) -> None:
-        pass
-
-    def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None):
-        return [[] for _ in sampled_token_ids]
 
 
 def spec_counters(llm) -> tuple[float, float]:

@@ -12,13 +12,14 @@ and z = `confidence`: a small benefit of the doubt, since τ varies a lot betwee
 few short rounds set off would cost where speculation pays.
 
 s_plain is always measured, never estimated from a speculative round: a tree of several nodes costs more to
-verify than the root alone, so a speculative round less its drafting overstates s_plain and keeps speculation
-going where it does not pay. So the first round speculates (untimed: a draft head reads the prompt then), the
-second, the first timed one, runs plain, and the next `warmup` rounds always speculate. After that, when
-speculation does not pay, `interval` rounds run plain, then one speculative round probes again: a probe that
-pays resumes speculation, one that does not doubles `interval` (4, 8, ... 64 rounds), so a sequence that becomes
-predictable (a quotation, a code block) gets speculation back. How deep to draft and how much to verify stays
-the drafter's and its policy's (sizing, RADAR, LTD): this is only a floor under them.
+verify than the root alone. So the first round speculates (untimed: a draft head reads the prompt then), the
+second runs plain, and the next `warmup` + 1 rounds always speculate (a round right after plain ones is never
+timed: a draft head catches up on them in it). After that, when speculation does not pay, `interval` rounds run
+plain, then `probe_rounds` speculative rounds probe again: a probe that pays resumes speculation, one that does
+not doubles `interval`, and intervals are long enough that probes which do not pay cost at most `probe_budget`
+of the time. While speculating, one round in `retime` + 1 runs plain, so that one disturbed plain sample cannot
+keep speculation on for good. How deep to draft and how much to verify stays the drafter's and its policy's
+(sizing, RADAR, LTD): this is only a floor under them.
 
 A `BackoffMemory` carries the estimates from one generation to the next with the same drafter and sampling
 settings: a generation whose predecessors found that speculation did not pay starts backed off, so it neither
@@ -59,6 +60,7 @@ class Backoff:
         prior_rounds: int = 2,
         probe_budget: float = 0.02,
         retime: int = 48,
+        probe_rounds: int = 2,
         memory: BackoffMemory | None = None,
         key: Hashable = None,
     ):
@@ -66,6 +68,8 @@ class Backoff:
         self.warmup, self.smoothing, self.confidence = warmup, smoothing, confidence
         self.prior_rounds, self.probe_budget, self.retime = prior_rounds, probe_budget, retime
         self.streak = 0  # speculative rounds since the last plain one
+        self.probe_rounds, self.probe_left = probe_rounds, 0
+        self.catching_up = False  # the last round speculated after plain ones
         self.weighed = (2 - smoothing) / smoothing  # rounds a moving average rests on, in the long run
         self.interval = min_interval  # plain rounds before the next probe
         self.plain_left = 0  # of this back-off's plain rounds, those still to run
@@ -118,11 +122,12 @@ class Backoff:
         its tokens', in plain rounds) within `probe_budget` of the time: a deep tree is probed less often."""
         if not (self.spec_timed and self.plain_timed):
             return self.min_interval
-        loss = self.spec_s / self.plain_s - self.tokens
-        return math.ceil(loss / self.probe_budget) if loss > 0 else self.min_interval
+        loss = self.probe_rounds * (self.spec_s / self.plain_s - self.tokens)
+        return math.ceil(loss / self.probe_budget - 1e-9) if loss > 0 else self.min_interval
 
     def speculate(self) -> bool:
         """Whether the coming round drafts; False: it verifies the root alone."""
+        before = self.speculated
         if self.plain_left > 0:
             self.plain_left -= 1
             self.speculated = False
@@ -130,6 +135,10 @@ class Backoff:
             self.probing, self.speculated = False, False
         elif self.backed_off:  # the back-off's plain rounds are over: probe
             self.backed_off, self.probing, self.speculated = False, True, True
+            self.probe_left = self.probe_rounds - 1
+        elif self.probe_left > 0:  # a probe's later rounds: the first one's time is a catch-up's, not a round's
+            self.probe_left -= 1
+            self.speculated = True
         elif self.streak >= self.retime:  # time plain decoding again: one slow sample must not decide for good
             self.probing, self.speculated = False, False
         elif self.spec_timed < self.warmup or self.pays():
@@ -140,6 +149,7 @@ class Backoff:
             self.plain_left = self.interval - 1
             self.backed_off, self.probing, self.speculated = True, False, False
         self.streak = self.streak + 1 if self.speculated else 0
+        self.catching_up = self.speculated and not before
         return self.speculated
 
     def record(self, committed: int, round_s: float) -> None:
@@ -158,7 +168,13 @@ class Backoff:
         self.spec_rounds += 1
         self.tokens = self._mean(self.tokens, committed, self.spec_rounds)
         self.tokens_sq = self._mean(self.tokens_sq, committed * committed, self.spec_rounds)
-        if self.recorded > 1:  # the first round also pays one-off costs (a draft head reading the prompt)
+        # the first round pays one-off costs (a draft head reading the prompt), and one after plain rounds a draft
+        # head's catch-up over them: neither is what a speculative round costs
+        if self.recorded > 1 and not self.catching_up:
+            if self.spec_timed < self.warmup:  # the least of the warm-up: an engine's first rounds pay one-off costs
+                self.spec_s = min(self.spec_s, round_s) if self.spec_timed else round_s
+                self.spec_timed += 1
+                return
             round_s = self._clip(round_s, self.spec_s, self.spec_timed)
             self.spec_timed += 1
             self.spec_s = self._mean(self.spec_s, round_s, self.spec_timed)
