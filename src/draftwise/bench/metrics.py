@@ -162,8 +162,8 @@ def speedup_interval(
 
 
 def aggregate(records: list[dict], methods: list[str]) -> dict:
-    """Per method, overall and per category, with speedup = tokens/s over the baseline's in the same scope (and,
-    overall, its bootstrap interval over questions)."""
+    """Per method, overall and per category, with speedup = tokens/s over the baseline's in the same scope and
+    its bootstrap interval over the scope's questions."""
 
     def scope(subset: list[dict], intervals: bool = False) -> dict[str, dict]:
         rows = {m: summarize([r for r in subset if r["method"] == m]) for m in methods}
@@ -177,5 +177,5 @@ def aggregate(records: list[dict], methods: list[str]) -> dict:
     categories = list(dict.fromkeys(r["category"] for r in records))
     return {
         "overall": scope(records, intervals=True),
-        "categories": {c: scope([r for r in records if r["category"] == c]) for c in categories},
+        "categories": {c: scope([r for r in records if r["category"] == c], intervals=True) for c in categories},
     }

@@ -146,7 +146,11 @@ def category_table(summary: dict, methods: list[str], key: str, spec: str, suffi
     scopes = {**summary["categories"], "**overall**": summary["overall"]}
     for category, rows_by_method in scopes.items():
         count = max((r["questions"] for r in rows_by_method.values()), default=0)
-        rows.append([category, str(count)] + [fmt(rows_by_method[m][key], spec, suffix) for m in methods])
+        cells = []
+        for m in methods:
+            cell, interval = fmt(rows_by_method[m][key], spec, suffix), rows_by_method[m].get(f"{key}_ci95")
+            cells.append(f"{cell} ({interval[0]:{spec}}–{interval[1]:{spec}})" if interval else cell)
+        rows.append([category, str(count), *cells])
     return table(["category", "n", *methods], rows)
 
 
@@ -247,6 +251,7 @@ def render_report(run: BenchRun, epsilon: float, plots: list[str]) -> str:
         "question (weights included).",
         overall_table(summary, methods, unavailable, greedy),
         "## Speedup by category",
+        "With a 95% bootstrap interval over the category's questions.",
         category_table(summary, [m for m in methods if m not in unavailable], "speedup", ".2f", "×"),
         "## Tokens/s by category",
         category_table(summary, [m for m in methods if m not in unavailable], "tokens_per_s", ".1f"),
