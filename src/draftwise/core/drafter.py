@@ -40,7 +40,7 @@ class Drafter(ABC):
 
     `feature_layers` names the target hidden states this drafter reads (see draftwise.core.target.Target). `draft_calls`
     counts forwards of a draft network, so the decode loop can report them. `free_proposal`: proposing costs next to
-    nothing and draws no random numbers (prompt lookup), so the back-off may look at the proposal before deciding: a
+    nothing and draws no random numbers (retrieval), so the back-off may look at the proposal before deciding: a
     round without a match is plain decoding by itself, and only rounds with one are weighed.
     """
 

@@ -14,6 +14,7 @@ class RestDrafter(Drafter):
     draftwise.drafters.retrieval); the root alone when nothing matches."""
 
     name = "rest"
+    free_proposal = True
 
     def __init__(
         self,
