@@ -182,22 +182,3 @@ def test_engine_option_is_checked(tiny_model):
 
     with pytest.raises(DraftwiseError, match="backoff must be one of on, off"):
         Engine(tiny_model, None, method="ar", backoff="sometimes")
-
-
-def test_rounds_without_a_match_time_plain_decoding_for_free():
-    """A retrieval drafter's proposal is free: a round where it found nothing is plain decoding by itself, times
-    it, and spares the back-off a plain round of its own."""
-    backoff = Backoff()
-    assert backoff.speculate()
-    backoff.record(2, 9.0)  # the first round: untimed
-    backoff.plain_by_itself()
-    backoff.record(1, 1.0)
-    assert backoff.plain_timed == 1 and backoff.plain_s == pytest.approx(1.0)
-    assert backoff.speculate()  # the next round with a match speculates: plain decoding is timed already
-    backoff.record(3, 1.2)
-    assert backoff.spec_timed == 1  # and it is timed: no draft head had anything to catch up on
-    for _ in range(100):  # matches now and then: no timing rounds of the back-off's own are needed
-        backoff.plain_by_itself()
-        backoff.record(1, 1.0)
-        assert backoff.speculate()
-        backoff.record(3, 1.2)

@@ -70,7 +70,6 @@ class Backoff:
         self.streak = 0  # speculative rounds since the last plain one
         self.probe_rounds, self.probe_left = probe_rounds, 0
         self.catching_up = False  # the last round speculated after plain ones
-        self.by_itself = False  # the last round was plain because the drafter proposed nothing
         self.weighed = (2 - smoothing) / smoothing  # rounds a moving average rests on, in the long run
         self.interval = min_interval  # plain rounds before the next probe
         self.plain_left = 0  # of this back-off's plain rounds, those still to run
@@ -126,15 +125,9 @@ class Backoff:
         loss = self.probe_rounds * (self.spec_s / self.plain_s - self.tokens)
         return math.ceil(loss / self.probe_budget - 1e-9) if loss > 0 else self.min_interval
 
-    def plain_by_itself(self) -> None:
-        """The coming round verifies the root alone because the drafter found nothing (a free proposal, see
-        `Drafter.free_proposal`): it times plain decoding and leaves the back-off's own schedule as it is."""
-        self.speculated, self.by_itself, self.streak = False, True, 0
-
     def speculate(self) -> bool:
         """Whether the coming round drafts; False: it verifies the root alone."""
-        before = self.speculated or self.by_itself  # a free proposal has no catch-up to leave out
-        self.by_itself = False
+        before = self.speculated
         if self.plain_left > 0:
             self.plain_left -= 1
             self.speculated = False

@@ -109,6 +109,7 @@ def generate_tokens(
             if backoff is not None:
                 backoff.record(stats.accepted[-1], stats.round_s[-1])
         round_start = t0
+        speculate = backoff is None or backoff.speculate()
         calls_before = drafter.draft_calls
         context = DraftContext(
             tokens,
@@ -118,19 +119,7 @@ def generate_tokens(
             generator=generator,
             verify_cost=target.verify_cost,
         )
-        if backoff is not None and drafter.free_proposal:
-            # the proposal is a function of the committed tokens alone: deciding on it is still lossless
-            tree = drafter.propose(context)
-            if tree.size == 1:
-                backoff.plain_by_itself()
-                speculate = True
-            elif not backoff.speculate():
-                tree, speculate = DraftTree.root_only(int(tokens[-1])), False
-            else:
-                speculate = True
-        else:
-            speculate = backoff is None or backoff.speculate()
-            tree = drafter.propose(context) if speculate else DraftTree.root_only(int(tokens[-1]))
+        tree = drafter.propose(context) if speculate else DraftTree.root_only(int(tokens[-1]))
         if tree.size > context.budget:
             tree = tree.select_top(context.budget)
         while target.max_leaves and tree.size > target.max_leaves and len(tree.leaves()) > target.max_leaves:

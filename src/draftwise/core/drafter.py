@@ -39,14 +39,11 @@ class Drafter(ABC):
     """Proposes a tree continuing the context; learns from each verification.
 
     `feature_layers` names the target hidden states this drafter reads (see draftwise.core.target.Target). `draft_calls`
-    counts forwards of a draft network, so the decode loop can report them. `free_proposal`: proposing costs next to
-    nothing and draws no random numbers (retrieval), so the back-off may look at the proposal before deciding: a
-    round without a match is plain decoding by itself, and only rounds with one are weighed.
+    counts forwards of a draft network, so the decode loop can report them.
     """
 
     name: str = "drafter"
     feature_layers: tuple[int, ...] = ()
-    free_proposal: bool = False
 
     def __init__(self) -> None:
         self.draft_calls = 0

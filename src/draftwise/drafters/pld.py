@@ -113,7 +113,6 @@ class PromptLookup(Drafter):
     their depth and whether every match agrees on them."""
 
     name = "pld"
-    free_proposal = True
 
     def __init__(
         self,

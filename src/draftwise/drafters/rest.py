@@ -14,7 +14,6 @@ class RestDrafter(Drafter):
     draftwise.drafters.retrieval); the root alone when nothing matches."""
 
     name = "rest"
-    free_proposal = True
 
     def __init__(
         self,
