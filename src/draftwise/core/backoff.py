@@ -66,7 +66,7 @@ class Backoff:
     ):
         self.min_interval, self.max_interval = min_interval, max_interval
         self.warmup, self.smoothing, self.confidence = warmup, smoothing, confidence
-        self.prior_rounds, self.probe_budget, self.retime = prior_rounds, probe_budget, retime
+        self.probe_budget, self.retime = probe_budget, retime
         self.streak = 0  # speculative rounds since the last plain one
         self.probe_rounds, self.probe_left = probe_rounds, 0
         self.catching_up = False  # the last round speculated after plain ones
@@ -83,12 +83,8 @@ class Backoff:
         known = memory.entries.get(key) if memory is not None else None
         if known is not None and known.spec_timed and known.plain_timed:  # start where it ended, as if warmed up
             self.seeded = True
-            self.tokens, self.tokens_sq, self.spec_s, self.plain_s = (
-                known.tokens,
-                known.tokens_sq,
-                known.spec_s,
-                known.plain_s,
-            )
+            self.tokens, self.tokens_sq = known.tokens, known.tokens_sq
+            self.spec_s, self.plain_s = known.spec_s, known.plain_s
             # the machine's costs carry over; what a round returns depends on the text, so a new prompt's probes
             # outweigh the carried τ at once (it counts as `prior_rounds` rounds), and it is probed as soon as a
             # first back-off ends: a code prompt after chat ones gets speculation back at its first probe

@@ -70,14 +70,14 @@ class NgramIndex:
     the first n that matches), most recent occurrence first."""
 
     def __init__(self, max_ngram: int, min_ngram: int) -> None:
-        self.lengths = (max_ngram, min_ngram)
+        self.ngram_range = (max_ngram, min_ngram)
         self.seen = torch.zeros(0, dtype=torch.long)  # the tokens last indexed, to tell a new sequence apart
         self.store = NgramStore(max_ngram, min_ngram, 1 << 62)
 
     def _sync(self, tokens: torch.Tensor) -> None:
         known = self.seen.numel()
         if tokens.numel() < known or not torch.equal(tokens[:known], self.seen[:known]):  # another sequence
-            self.store, known = NgramStore(*self.lengths, 1 << 62), 0
+            self.store, known = NgramStore(*self.ngram_range, 1 << 62), 0
         self.seen = tokens
         self.store.extend(0, tokens[known:].tolist())
 
